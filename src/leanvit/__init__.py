@@ -1,0 +1,14 @@
+"""leanvit: make Vision Transformers cheap to run (token reduction, token idling, tiny ViTs, distillation).
+
+Importing leanvit registers its reference models in timm (``leanvit_*``).
+"""
+from __future__ import annotations
+
+from . import models  # noqa: F401  (registers leanvit_* models in timm)
+from .errors import CheckpointError, ConfigError, DataError, LeanvitError, TrainingError, UnsupportedModelError
+from .models import create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "LeanvitError", "TrainingError", "UnsupportedModelError",
+           "create_model", "list_models", "__version__"]

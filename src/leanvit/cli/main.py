@@ -1,0 +1,48 @@
+"""The ``leanvit`` command: one verb per task (train, eval, bench, list-models, ...)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import LeanvitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import eval as eval_cmd, list_models, train
+
+    parser = argparse.ArgumentParser(prog="leanvit", description="Make Vision Transformers cheap to run.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"leanvit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in (train, eval_cmd, list_models):
+        mod.add_parser(sub)
+    try:
+        from . import bench
+        bench.add_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .common import parse_with_config
+
+    parser = build_parser()
+    try:
+        # the sub-command's own parser handles --config; find it from the first positional argument
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = parse_with_config(parser, argv)
+        import leanvit  # noqa: F401  (registers models)
+
+        return int(args.func(args) or 0)
+    except LeanvitError as e:
+        print(f"leanvit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanvit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Training, evaluation, checkpoints and distributed set-up."""
+from .checkpoint import load_checkpoint, load_into, load_weights, save_checkpoint, save_weights
+from .distributed import DistInfo, init_distributed
+from .evaluate import EvalResult, evaluate
+from .losses import CrossEntropyTerm, LogitKDTerm, LossTerm, StepContext
+from .train import Trainer, TrainConfig, TrainResult
+
+__all__ = ["CrossEntropyTerm", "DistInfo", "EvalResult", "LogitKDTerm", "LossTerm", "StepContext", "TrainConfig",
+           "TrainResult", "Trainer", "evaluate", "init_distributed", "load_checkpoint", "load_into", "load_weights",
+           "save_checkpoint", "save_weights"]

@@ -1,0 +1,116 @@
+"""Atomic checkpoints and weight files.
+
+A checkpoint is written to a temporary file in the destination folder, flushed to disk, then renamed over the old
+one (``os.replace`` is atomic on POSIX), so a run killed at any moment leaves either the previous checkpoint or the
+new one, never a torn file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+FORMAT = "leanvit-checkpoint-v1"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Atomically save a training checkpoint (a dict of state dicts, counters and RNG states)."""
+    state = {"format": FORMAT, **state}
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`; a torn or foreign file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a leanvit training checkpoint")
+    return state
+
+
+def save_weights(model_or_state: nn.Module | dict[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Atomically write model weights as safetensors (shared tensors are cloned so safetensors accepts them)."""
+    from safetensors.torch import save
+
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+    data = save(sd, metadata=metadata)
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors file, a leanvit checkpoint, or a plain torch state-dict file.
+
+    timm-style wrappers (``{"state_dict": ...}``, ``{"model": ...}``, ``{"model_ema": ...}`` is not chosen
+    implicitly) and a DDP ``module.`` prefix are handled.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"weights file {path} is corrupt ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"weights file {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no model state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+              strict: bool = True) -> None:
+    """``model.load_state_dict`` with one readable error that names missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shape = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if shape or (strict and (missing or unexpected)):
+        parts = []
+        if shape:
+            parts.append("shape mismatch: " + "; ".join(shape[:5]) + (" ..." if len(shape) > 5 else ""))
+        if strict and missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if strict and unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=strict)

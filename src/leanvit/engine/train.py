@@ -1,0 +1,356 @@
+"""The training loop: AdamW, warmup + cosine, label smoothing, mixup/cutmix, EMA, clipping, AMP on CUDA, DDP,
+atomic per-epoch checkpoints and exact resume.
+
+Exact resume: every epoch starts by seeding torch's RNG from ``(seed, epoch, rank)`` and the sampler from
+``(seed, epoch)``, and a checkpoint is written after every epoch. A run killed mid-epoch therefore resumes at the
+start of that epoch and replays it bit for bit; RNG states are saved too so that code drawing random numbers
+outside the epoch loop stays reproducible.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, TrainingError
+from .checkpoint import load_checkpoint, load_into, save_checkpoint, save_weights
+from .distributed import DistInfo, barrier, init_distributed
+from .evaluate import evaluate
+from .losses import CrossEntropyTerm, LossTerm, StepContext
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (per-process batch size; lr is for the global batch)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float = 0.0
+    clip_grad: float | None = 1.0
+    amp: bool = True
+    seed: int = 0
+    workers: int = 0
+    eval_batch_size: int = 256
+    frozen: Sequence[str] = ()
+    progress: bool = True
+    find_unused_parameters: bool = False
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and self.min_lr >= 0):
+            raise ConfigError(f"learning rates must be positive (lr={self.lr}, min_lr={self.min_lr})")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StepModule(nn.Module):
+    """Student + loss terms in one module, so DDP synchronises the gradients of both (e.g. projectors)."""
+
+    def __init__(self, model: nn.Module, terms: nn.ModuleList, teacher: nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.terms = terms
+        object.__setattr__(self, "_teacher", teacher)  # not a submodule: frozen, not synchronised or saved
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor):
+        if any(t.needs_features for t in self.terms):
+            f = self.model.forward_features(images)
+            features = self.model.forward_head(f, pre_logits=True)
+            logits = self.model.forward_head(f)
+        else:
+            features, logits = None, self.model(images)
+        ctx = StepContext(self.model, images, targets, logits, features, self._teacher)
+        parts = {t.name: t(ctx) for t in self.terms}
+        total = sum(t.weight * parts[t.name] for t in self.terms)
+        return total, parts, logits
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    output: Path | None = None
+
+
+class Trainer:
+    """Train ``model`` on ``train_set`` with pluggable loss terms and an optional frozen teacher.
+
+    Args:
+        model: the network to train (any timm-style classifier).
+        train_set, val_set: datasets yielding ``(image, label)``; ``val_set`` may be None.
+        cfg: hyper-parameters.
+        output: run folder; receives ``last.pt`` (resumable), ``log.csv``/``log.json``, ``model.safetensors``.
+        loss_terms: extra terms added to cross-entropy (e.g. distillation); ``ce_weight`` scales the CE term.
+        teacher: frozen teacher for distillation terms (moved to the device, set to eval, grads off).
+        run_info: free-form dict stored in the checkpoint and in ``config.json`` (model name, data spec, ...).
+    """
+
+    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
+                 output: str | Path, loss_terms: Sequence[LossTerm] = (), teacher: nn.Module | None = None,
+                 ce_weight: float = 1.0, run_info: dict[str, Any] | None = None, dist: DistInfo | None = None,
+                 on_epoch_end: Callable[[dict[str, Any]], None] | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.dist = dist or init_distributed()
+        self.device = self.dist.device
+        self.output = Path(output)
+        self.model = model.to(self.device)
+        self.run_info = run_info or {}
+        self.on_epoch_end = on_epoch_end
+        terms = [CrossEntropyTerm(ce_weight, cfg.label_smoothing)] if ce_weight > 0 else []
+        self.terms = nn.ModuleList([*terms, *loss_terms]).to(self.device)
+        if not len(self.terms):
+            raise ConfigError("no loss terms: ce_weight is 0 and no other term was given")
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = teacher.to(self.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        for name, p in self.model.named_parameters():
+            if any(name == f or name.startswith(f + ".") for f in cfg.frozen):
+                p.requires_grad_(False)
+
+        self.train_set, self.val_set = train_set, val_set
+        self.sampler = DistributedSampler(train_set, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                          shuffle=True, seed=cfg.seed, drop_last=True)
+        self.loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
+                                 num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=False)
+        if len(self.loader) == 0:
+            raise ConfigError(f"training set of {len(train_set)} images is smaller than one batch of "
+                              f"{cfg.batch_size} x {self.dist.world_size} processes")
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+
+        self.step_module = _StepModule(self.model, self.terms, self.teacher)
+        params = [p for p in self.step_module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]  # biases, norms, tokens: no weight decay (DeiT recipe)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr)
+        from timm.scheduler import CosineLRScheduler
+
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=self.total_steps, lr_min=cfg.min_lr,
+            warmup_t=int(cfg.warmup_epochs * self.steps_per_epoch), warmup_lr_init=cfg.lr * 1e-3,
+            warmup_prefix=True, t_in_epochs=False)
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            from timm.data import Mixup
+
+            num_classes = getattr(self.model, "num_classes", None)
+            if not num_classes:
+                raise ConfigError("mixup/cutmix needs a model with num_classes")
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                               num_classes=num_classes)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, device=self.device)
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.ddp = (DistributedDataParallel(self.step_module, device_ids=[self.device.index]
+                                            if self.device.type == "cuda" else None,
+                                            find_unused_parameters=cfg.find_unused_parameters)
+                    if self.dist.enabled else self.step_module)
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_top1 = -1.0
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def last_path(self) -> Path:
+        return self.output / "last.pt"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "loss_terms": self.terms.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "rng": _rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "best_top1": self.best_top1,
+            "config": asdict(self.cfg),
+            "run_info": self.run_info,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        load_into(self.model, state["model"], source)
+        self.terms.load_state_dict(state["loss_terms"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        self.best_top1 = float(state.get("best_top1", -1.0))
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load ``path`` (default ``output/last.pt``) if it exists; returns whether anything was loaded."""
+        path = Path(path) if path else self.last_path
+        if not path.is_file():
+            return False
+        state = load_checkpoint(path)
+        saved = state.get("config", {})
+        for key in ("batch_size", "epochs", "seed"):
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise ConfigError(f"cannot resume {path}: it was run with {key}={saved[key]}, now "
+                                  f"{key}={getattr(self.cfg, key)}; resume with the same settings")
+        self.load_state_dict(state, str(path))
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def _write_logs(self) -> None:
+        if not self.dist.is_main or not self.history:
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        with open(self.output / "log.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.history)
+        (self.output / "log.json").write_text(json.dumps(self.history, indent=1))
+
+    # ------------------------------------------------------------------ loop
+    def _train_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.ddp.train()
+        self.sampler.set_epoch(self.epoch)
+        _seed_all(cfg.seed * 100_003 + self.epoch * 1_009 + self.dist.rank)
+        sums: dict[str, float] = {}
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (cfg.progress and self.dist.is_main))
+        for images, targets in bar:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                total, parts, _ = self.ddp(images, targets)
+            if not torch.isfinite(total):
+                raise TrainingError(
+                    f"loss became {total.item()} at step {self.step + 1} (epoch {self.epoch + 1}); "
+                    f"lower the learning rate (now {self.optimizer.param_groups[0]['lr']:.3g}) or enable "
+                    f"gradient clipping; the last good checkpoint is {self.last_path}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            if cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            self.scheduler.step_update(num_updates=self.step)
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.step)
+            bs = images.shape[0]
+            seen += bs
+            sums["loss"] = sums.get("loss", 0.0) + total.item() * bs
+            for k, v in parts.items():
+                sums[f"loss_{k}"] = sums.get(f"loss_{k}", 0.0) + v.item() * bs
+            elapsed = time.perf_counter() - t0
+            ips = seen * self.dist.world_size / max(elapsed, 1e-9)
+            remaining = (self.total_steps - self.step) * bs * self.dist.world_size / max(ips, 1e-9)
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{ips:.0f}", eta=f"{remaining / 60:.0f}m")
+        elapsed = time.perf_counter() - t0
+        row = {k: v / seen for k, v in sums.items()}
+        row["images_per_s"] = seen * self.dist.world_size / elapsed
+        row["epoch_seconds"] = elapsed
+        return row
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        log = print if self.dist.is_main else (lambda *a, **k: None)
+        if self.epoch >= cfg.epochs:
+            log(f"nothing to do: {self.epoch} of {cfg.epochs} epochs already done ({self.last_path})")
+        while self.epoch < cfg.epochs:
+            row = {"epoch": self.epoch + 1, "step": 0, "lr": self.optimizer.param_groups[0]["lr"]}
+            row.update(self._train_epoch())
+            row["step"] = self.step
+            if self.val_set is not None and self.dist.is_main:
+                loader = DataLoader(self.val_set, batch_size=cfg.eval_batch_size, shuffle=False,
+                                    num_workers=cfg.workers)
+                res = evaluate(self.model, loader, self.device, amp=self.use_amp, progress=cfg.progress,
+                               desc="val")
+                row.update(val_top1=res.top1, val_top5=res.top5, val_loss=res.loss)
+                if self.ema is not None:
+                    res_ema = evaluate(self.ema.module, loader, self.device, amp=self.use_amp,
+                                       progress=cfg.progress, desc="val ema")
+                    row.update(val_ema_top1=res_ema.top1, val_ema_loss=res_ema.loss)
+            self.epoch += 1
+            self.history.append(row)
+            if self.dist.is_main:
+                if "val_top1" in row and row["val_top1"] > self.best_top1:
+                    self.best_top1 = row["val_top1"]
+                    save_weights(self.model, self.output / "best.safetensors")
+                save_checkpoint(self.state_dict(), self.last_path)
+                self._write_logs()
+                msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                log(f"[epoch {self.epoch}/{cfg.epochs}] {msg}")
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(row)
+            barrier(self.dist)
+        if self.dist.is_main:
+            meta = {k: str(v) for k, v in self.run_info.items()}
+            save_weights(self.model, self.output / "model.safetensors", metadata=meta)
+            if self.ema is not None:
+                save_weights(self.ema.module, self.output / "model_ema.safetensors", metadata=meta)
+        barrier(self.dist)
+        return TrainResult(self.history, self.output)
