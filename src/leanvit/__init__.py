@@ -7,8 +7,9 @@ from __future__ import annotations
 from . import models  # noqa: F401  (registers leanvit_* models in timm)
 from .errors import CheckpointError, ConfigError, DataError, LeanvitError, TrainingError, UnsupportedModelError
 from .models import create_model, list_models
+from .reduce import get_reducer, list_methods, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "LeanvitError", "TrainingError", "UnsupportedModelError",
-           "create_model", "list_models", "__version__"]
+           "create_model", "get_reducer", "list_methods", "list_models", "patch", "unpatch", "__version__"]

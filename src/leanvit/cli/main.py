@@ -17,11 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in (train, eval_cmd, list_models):
         mod.add_parser(sub)
-    try:
-        from . import bench
-        bench.add_parser(sub)
-    except ImportError:
-        pass
+    for name in ("bench", "compare", "vis"):
+        try:
+            mod = __import__(f"leanvit.cli.{name}", fromlist=["add_parser"])
+        except ImportError:  # a verb whose module is missing is simply not offered
+            continue
+        mod.add_parser(sub)
     return parser
 
 

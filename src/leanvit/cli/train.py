@@ -50,12 +50,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..data import build_dataset
     from ..engine import LogitKDTerm, Trainer, TrainConfig, init_distributed
     from ..models import create_model
 
     setup_runtime(args)
     dist = init_distributed(args.device)
+    # the initial weights follow --seed (torch seeds its generator randomly in each new process), so a run and
+    # its restart from scratch, or two runs with the same command, start from the same model
+    torch.manual_seed(args.seed)
     kwargs = {"drop_path_rate": args.drop_path} if args.drop_path is not None else {}
     model = build_model_from_args(args, **kwargs)
     train_set = build_dataset(args.data, args.split, model, train=True, limit=args.limit)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # a torn zip, garbage bytes (UnpicklingError, ImportError, ...), or a foreign file
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a leanvit training checkpoint")
@@ -84,7 +83,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"weights file {path} is corrupt ({e})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # a torn zip, garbage bytes (UnpicklingError, ImportError, ...), or a foreign file
         raise CheckpointError(f"weights file {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "module"):

@@ -55,6 +55,17 @@ def cleanup(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after the last step of an epoch every rank still holds
+    the statistics of its own last batch; this makes all ranks end the epoch with the same model.
+    """
+    if info.enabled:
+        for b in module.buffers():
+            dist.broadcast(b.data, src)
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, TrainingError
 from .checkpoint import load_checkpoint, load_into, save_checkpoint, save_weights
-from .distributed import DistInfo, barrier, init_distributed
+from .distributed import DistInfo, barrier, broadcast_buffers, init_distributed
 from .evaluate import evaluate
 from .losses import CrossEntropyTerm, LossTerm, StepContext
 
@@ -323,6 +323,7 @@ class Trainer:
         while self.epoch < cfg.epochs:
             row = {"epoch": self.epoch + 1, "step": 0, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update(self._train_epoch())
+            broadcast_buffers(self.step_module, self.dist)  # every rank ends the epoch with rank 0's BN statistics
             row["step"] = self.step
             if self.val_set is not None and self.dist.is_main:
                 loader = DataLoader(self.val_set, batch_size=cfg.eval_batch_size, shuffle=False,

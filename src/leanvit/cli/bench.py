@@ -1,0 +1,123 @@
+"""``leanvit bench``: GMACs, throughput and batch-1 latency of a model, dense or patched with a token-reduction method.
+
+Weights do not change the cost, so timm models are built without pretrained weights (nothing is downloaded);
+leanvit reference models load their shipped weights when present. Timings depend on the machine and its load:
+compare methods within one run of the Python API (``leanvit.analysis.compare_throughput``) on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+from ..errors import ConfigError
+from .common import add_config_arg, add_model_args, add_runtime_args, build_model_from_args, setup_runtime
+
+METHODS = ("dense", "gtp", "tome", "evit", "truncate")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="measure a model's GMACs, throughput and latency", description=__doc__)
+    add_config_arg(p)
+    add_model_args(p)
+    p.add_argument("--pretrained", dest="pretrained", action="store_true",
+                   help="load pretrained weights (default: only for leanvit_* models with shipped weights)")
+    # None = decide from the model name in run(); --no-pretrained / --pretrained force it
+    p.set_defaults(pretrained=None)
+    p.add_argument("--method", default="dense", choices=METHODS,
+                   help="token reduction method to patch in (default: %(default)s)")
+    p.add_argument("--r", type=int, default=None, help="tokens removed / merged per block (method's schedule)")
+    p.add_argument("--budget", type=float, default=None, help="fraction of the dense MACs to keep, e.g. 0.74")
+    p.add_argument("--batch-size", "-b", type=int, default=32, help="batch size for throughput (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default: %(default)s)")
+    p.add_argument("--json", default=None, help="write the result to this JSON file")
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _machine(device) -> dict:
+    processor = platform.processor()
+    if not processor:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    processor = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    info = {"processor": processor, "arch": platform.machine(), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _patch(model, args: argparse.Namespace):
+    try:
+        from .. import patch
+    except (ImportError, AttributeError):
+        raise ConfigError("token reduction methods are not available") from None
+    if not callable(patch):
+        raise ConfigError("token reduction methods are not available")
+    kwargs = {k: v for k, v in (("r", args.r), ("budget", args.budget)) if v is not None}
+    out = patch(model, args.method, **kwargs)
+    return model if out is None else out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..analysis import count_macs, measure_latency, measure_throughput
+    from ..zoo import has_weights
+
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--runs", args.runs, 1),
+                             ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}")
+    if args.method == "dense" and (args.r is not None or args.budget is not None):
+        raise ConfigError("--r and --budget set a token reduction schedule; pick a --method other than dense")
+    if args.pretrained is None:
+        args.pretrained = args.model.startswith("leanvit_") and has_weights(args.model)
+    setup_runtime(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model_from_args(args).to(device).eval()
+    if args.method != "dense":
+        model = _patch(model, args)
+
+    macs = count_macs(model, device=device)
+    tp = measure_throughput(model, batch_size=args.batch_size, warmup=args.warmup, runs=args.runs, device=device)
+    lat = measure_latency(model, warmup=args.warmup, runs=args.runs, device=device)
+    row = {
+        "model": args.model,
+        "method": args.method,
+        "r": args.r,
+        "budget": args.budget,
+        "gmacs": macs.gmacs,
+        "images_per_s": tp.images_per_s,
+        "latency_ms_b1": lat,
+        "batch_size": args.batch_size,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "threads": tp.threads,
+        "device": str(device),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": _machine(device),
+    }
+    schedule = ", ".join(f"{k}={v}" for k, v in (("r", args.r), ("budget", args.budget)) if v is not None)
+    print(f"model        {args.model}")
+    print(f"method       {args.method}{f' ({schedule})' if schedule else ''}")
+    print(f"GMACs        {macs.gmacs:.3f}")
+    print(f"images/s     {tp.images_per_s:.1f}  (batch {args.batch_size}, median of {args.runs} runs)")
+    print(f"latency      {lat:.2f} ms  (batch 1)")
+    print(f"threads      {tp.threads}  on {device}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(row, indent=1))
+    return 0

@@ -1,0 +1,58 @@
+"""``leanvit vis``: for one image, per block, which tokens each method kept, propagated (GTP, and into which
+neighbours), merged (ToMe) or pruned and fused (EViT), as one PNG grid."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args, setup_runtime
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("vis", help="draw per-block token maps of GTP / ToMe / EViT for one image",
+                       description=__doc__)
+    add_config_arg(p)
+    add_model_args(p)
+    add_data_args(p, split="test")
+    p.add_argument("--index", type=int, default=0, help="image index in the split (default: 0)")
+    p.add_argument("--methods", default="gtp,tome,evit", help="comma-separated methods (default: gtp,tome,evit)")
+    p.add_argument("--budget", type=float, default=0.6, help="fraction of dense MACs to keep (default: 0.6)")
+    p.add_argument("--r", type=int, default=None, help="tokens removed per block instead of --budget")
+    p.add_argument("--output", "-o", default="token_maps.png", help="PNG file to write")
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from ..data import build_dataset
+    from ..errors import ConfigError
+    from ..reduce import get_reducer, inspect_vit, patch
+    from ..vis import plot_token_maps
+
+    setup_runtime(args)
+    model = build_model_from_args(args).eval()
+    ds = build_dataset(args.data, args.split, model, train=False, limit=args.limit)
+    if not 0 <= args.index < len(ds):
+        raise ConfigError(f"--index {args.index} is outside the {len(ds)} images of {args.data} ({args.split})")
+    image, label = ds[args.index]
+    info = inspect_vit(model)
+    traces, preds = {}, {}
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        variant = copy.deepcopy(model)
+        amount = {"r": args.r} if args.r is not None else {"budget": args.budget}
+        patch(variant, method, trace=True, **amount)
+        with torch.no_grad():
+            logits = variant(image.unsqueeze(0))
+        preds[method] = int(logits.argmax(-1))
+        traces[method] = get_reducer(variant).trace_log
+    classes = getattr(ds, "classes", None)
+    name = (lambda i: classes[i]) if classes else str
+    title = f"{args.model}, image {args.index} (label {name(label)}); predictions: " + ", ".join(
+        f"{m} {name(p)}" for m, p in preds.items())
+    plot_token_maps(image, traces, info.grid, args.output, title=title)
+    print(f"token maps written to {args.output}")
+    return 0

@@ -1,0 +1,74 @@
+"""Token graphs for GTP: spatial (8-neighbourhood on the patch grid), semantic (k most cosine-similar tokens), mixed.
+
+Pure tensor functions; no model needed. Graphs are dense ``(B, N, N)`` adjacency tensors over image tokens only
+(prefix tokens are never part of the graph). Dense is the right layout here: N is a few hundred, the graph is
+sliced by index every block, and sparse gathers are slower than dense ones on both CPU and GPU at this size.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+GRAPHS = ("spatial", "semantic", "mixed")
+
+
+@lru_cache(maxsize=16)
+def _spatial_cpu(h: int, w: int) -> torch.Tensor:
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    dr = (rows[:, None] - rows[None, :]).abs()
+    dc = (cols[:, None] - cols[None, :]).abs()
+    adj = (dr <= 1) & (dc <= 1)
+    adj.fill_diagonal_(False)
+    return adj.float()
+
+
+def spatial_adjacency(grid: tuple[int, int], device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """0/1 adjacency ``(N, N)`` of the 8-neighbourhood on an ``(h, w)`` grid (row-major tokens, no self loops)."""
+    return _spatial_cpu(int(grid[0]), int(grid[1])).to(device=device, dtype=dtype)
+
+
+def semantic_adjacency(x: torch.Tensor, k: int = 8) -> torch.Tensor:
+    """0/1 directed adjacency ``(B, N, N)``: row i marks the ``k`` tokens most cosine-similar to token i.
+
+    Args:
+        x: image tokens ``(B, N, C)``.
+        k: neighbours per token (self excluded); capped at ``N - 1``.
+    """
+    B, N, _ = x.shape
+    k = min(k, N - 1)
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    sim = xn @ xn.transpose(1, 2)  # (B, N, N)
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    idx = sim.topk(k, dim=-1, sorted=False).indices  # (B, N, k)
+    adj = torch.zeros(B, N, N, device=x.device, dtype=torch.float32)
+    adj.scatter_(2, idx, 1.0)
+    return adj
+
+
+def normalize_adjacency(adj: torch.Tensor) -> torch.Tensor:
+    """Symmetric normalisation ``D^-1/2 A D^-1/2`` with D the row sums (isolated nodes keep zero rows)."""
+    deg = adj.sum(-1)
+    inv_sqrt = torch.where(deg > 0, deg.clamp_min(1e-12).rsqrt(), torch.zeros_like(deg))
+    return inv_sqrt.unsqueeze(-1) * adj * inv_sqrt.unsqueeze(-2)
+
+
+def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: int = 8) -> torch.Tensor:
+    """Normalised token graph ``(B, N, N)`` of image tokens ``x (B, N, C)`` laid out on ``grid``.
+
+    ``kind``: ``spatial``, ``semantic`` (k nearest by cosine) or ``mixed`` (their union).
+    """
+    B, N, _ = x.shape
+    if kind not in GRAPHS:
+        raise ValueError(f"unknown graph '{kind}'; choose one of {', '.join(GRAPHS)}")
+    if kind in ("spatial", "mixed") and grid[0] * grid[1] != N:
+        raise ValueError(f"grid {grid} has {grid[0] * grid[1]} cells but there are {N} image tokens")
+    if kind == "spatial":
+        adj = spatial_adjacency(grid, x.device).expand(B, N, N)
+    elif kind == "semantic":
+        adj = semantic_adjacency(x, k)
+    else:
+        adj = torch.maximum(semantic_adjacency(x, k), spatial_adjacency(grid, x.device))
+    return normalize_adjacency(adj)

@@ -1,0 +1,78 @@
+"""Token importance scores from a post-softmax attention map, and top-k splitting. Pure tensor functions.
+
+All scores are over image tokens only: ``attn`` is ``(B, H, N, N)`` over all tokens and ``num_prefix`` leading
+tokens (cls / dist / registers) are excluded from the result, which is ``(B, N - num_prefix)``; higher = keep.
+"""
+from __future__ import annotations
+
+import torch
+
+SCORES = ("mixed", "mixed_mean", "cls", "colsum", "diag", "random")
+
+
+def attention_score(attn: torch.Tensor, num_prefix: int, kind: str = "mixed", has_cls: bool = True) -> torch.Tensor:
+    """Importance of each image token.
+
+    Kinds (GTP paper, Sec. 3.3):
+        ``mixed``: regeneration difficulty x broadcasting ability, each maxed over heads: the diagonal ``A_ii`` (a
+            token that mostly attends to itself is hard to rebuild from others) times the column sum
+            ``sum_j A_ji`` (how much the other tokens draw on it). The paper's recommended score.
+        ``mixed_mean``: the same with the mean over heads.
+        ``cls``: attention from the cls token, mean over heads (EViT's score); needs a cls token.
+        ``colsum``: column sum, max over heads.
+        ``diag``: diagonal, max over heads.
+        ``random``: uniform random ranks (an ablation; uses torch's global RNG).
+    """
+    B, H, N, _ = attn.shape
+    if kind == "random":
+        return torch.rand(B, N - num_prefix, device=attn.device)
+    if kind == "cls":
+        if not has_cls:
+            raise ValueError("score 'cls' needs a model with a cls token")
+        return attn[:, :, 0, num_prefix:].mean(1)
+    diag = attn.diagonal(dim1=-2, dim2=-1)[..., num_prefix:]  # (B, H, N_img)
+    col = attn[..., num_prefix:].sum(-2)  # (B, H, N_img)
+    if kind == "mixed":
+        return diag.amax(1) * col.amax(1)
+    if kind == "mixed_mean":
+        return diag.mean(1) * col.mean(1)
+    if kind == "colsum":
+        return col.amax(1)
+    if kind == "diag":
+        return diag.amax(1)
+    raise ValueError(f"unknown score '{kind}'; choose one of {', '.join(SCORES)}")
+
+
+def split_topk(score: torch.Tensor, num_remove: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(kept (B, N - r), removed (B, r))`` of the highest and the ``num_remove`` lowest scores.
+
+    Kept indices are returned in ascending order so that kept tokens keep their relative order.
+    """
+    N = score.shape[1]
+    order = score.argsort(dim=1, descending=True)
+    kept = order[:, : N - num_remove].sort(dim=1).values
+    removed = order[:, N - num_remove:]
+    return kept, removed
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b]]`` for ``x (B, N, C)`` or ``(B, N)`` and ``idx (B, K)``."""
+    if x.dim() == 2:
+        return x.gather(1, idx)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def sparsify_attention(attn: torch.Tensor, theta: float) -> torch.Tensor:
+    """GTP attention sparsification: per head, zero the ``(1 - theta) N^2`` smallest entries (rows not renormalised).
+
+    ``theta`` in (0, 1]; 1 returns ``attn`` unchanged.
+    """
+    if theta >= 1.0:
+        return attn
+    B, H, N, M = attn.shape
+    k = int((1.0 - theta) * N * M)
+    if k < 1:
+        return attn
+    flat = attn.reshape(B, H, N * M)
+    thresh = flat.kthvalue(k, dim=-1, keepdim=True).values.unsqueeze(-1)  # (B, H, 1, 1)
+    return attn * (attn >= thresh)

@@ -1,0 +1,144 @@
+"""Token reduction for timm ViTs: ``leanvit.patch(model, method, r=... | budget=...)`` and ``leanvit.unpatch``.
+
+Methods: ``gtp`` (graph-based token propagation), ``tome`` (token merging), ``evit`` (keep attentive tokens,
+fuse the rest) and ``truncate`` (the zero-overhead ideal, for speed benchmarks only).
+
+Example:
+    >>> model = timm.create_model("deit_small_patch16_224", pretrained=True)
+    >>> leanvit.patch(model, "gtp", budget=0.74)   # keep 74% of the dense MACs
+    >>> leanvit.get_reducer(model).report           # schedule and the MACs it reached
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..ops.schedule import block_macs, check_schedule, parse_schedule, solve_budget
+from .base import TokenReducer
+from .compat import apply_patch, inspect_vit, remove_patch
+from .evit import EViTReducer, keep_schedule
+from .gtp import GTPReducer
+from .tome import ToMeReducer
+from .truncate import TruncateReducer
+
+METHODS: dict[str, type[TokenReducer]] = {
+    "gtp": GTPReducer,
+    "tome": ToMeReducer,
+    "evit": EViTReducer,
+    "truncate": TruncateReducer,
+}
+
+__all__ = ["METHODS", "TokenReducer", "get_reducer", "inspect_vit", "is_patched", "list_methods", "patch", "unpatch"]
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def _dense_macs(model: nn.Module) -> int:
+    from ..analysis import count_macs
+
+    return int(count_macs(model).macs)
+
+
+def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None = None, keep: float | None = None,
+          measure: bool = True, **options: Any) -> nn.Module:
+    """Patch a timm ViT in place so that it removes tokens with ``method``; returns the model.
+
+    Args:
+        model: a timm ``VisionTransformer`` (cls or no cls token, dist token, registers, LayerScale, q/k norm).
+        method: ``gtp``, ``tome``, ``evit`` or ``truncate``.
+        r: tokens removed per block: an int, a per-block list, or ToMe's ``(r, inflection)``.
+        budget: fraction of the dense model's MACs to keep (e.g. 0.74); the schedule is solved for it and the
+            MACs reached are measured and stored in ``get_reducer(model).report``.
+        keep: EViT's own keep rate at its three reduction blocks (EViT only).
+        measure: with ``budget``, count the patched model's MACs (one batch-1 forward) for the report.
+        options: method options (GTP: ``graph``, ``k``, ``score``, ``alpha``, ``prop_attn``, ``theta``;
+            ToMe: ``prop_attn``; EViT: ``fuse``; all: ``trace``).
+
+    Raises:
+        ConfigError: unknown method or option, impossible schedule or budget.
+        UnsupportedModelError: a model whose blocks leanvit does not know.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(METHODS)} (or 'dense' for none)")
+    cls = METHODS[method]
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "info", "schedule"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for '{method}'; it takes {', '.join(sorted(allowed))}")
+    given = [name for name, v in (("r", r), ("budget", budget), ("keep", keep)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError(f"give exactly one of r=, budget= or keep= (got {', '.join(given) or 'none'})")
+    if is_patched(model):
+        unpatch(model)
+    info = inspect_vit(model)
+    report: dict[str, Any] = {"method": method}
+    if budget is not None:
+        dense = _dense_macs(model)
+        other = dense - block_macs(info.blocks, [0] * info.depth, info.num_prefix, info.num_image)
+        report.update(budget=budget, dense_macs=dense)
+        target = budget
+        # the schedule is solved from token counts; the method's own work (graph, matching, propagation) costs
+        # MACs too, so tighten the target until the measured MACs of the patched model fit the budget
+        for _ in range(8):
+            schedule = solve_budget(target, info.blocks, info.num_prefix, info.num_image, other, max_fraction=0.5)
+            reducer = _build(cls, method, info, schedule, options)
+            reducer.report.update(report, schedule=schedule)
+            apply_patch(model, reducer)
+            if not measure:
+                break
+            reached = _dense_macs(model)
+            reducer.report.update(macs=reached, achieved=reached / dense)
+            if reached <= budget * dense or target <= 0.05:
+                break
+            remove_patch(model)
+            target -= reached / dense - budget + 1e-4
+        return model
+    if keep is not None:
+        if method != "evit":
+            raise ConfigError("keep= is EViT's keep rate; use r= or budget= for other methods")
+        schedule = keep_schedule(keep, info.depth, info.num_image, fuse=options.get("fuse", "mean") is not None)
+        report.update(keep=keep)
+    else:
+        schedule = parse_schedule(r, info.depth)
+    reducer = _build(cls, method, info, schedule, options)
+    reducer.report.update(report, schedule=schedule)
+    apply_patch(model, reducer)
+    return model
+
+
+def _build(cls: type[TokenReducer], method: str, info, schedule: list[int], options: dict[str, Any]) -> TokenReducer:
+    check_schedule(schedule, info.num_image, cls.max_fraction)
+    if method == "evit" and options.get("fuse", "mean") is not None and any(schedule):
+        check_schedule(schedule, info.num_image - 1, 1.0)  # room for the fused token
+    return cls(info, schedule, **options)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore a patched model exactly (classes and forward); returns it."""
+    remove_patch(model)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return "_leanvit_reducer" in model.__dict__
+
+
+def get_reducer(model: nn.Module) -> TokenReducer | None:
+    """The reducer attached to a patched model (its ``schedule``, ``report``, ``trace_log``), or None."""
+    return model.__dict__.get("_leanvit_reducer")
+
+
+@torch.no_grad()
+def tokens_per_block(model: nn.Module) -> list[int]:
+    """Tokens (prefix included) entering each block's MLP for the current patch (dense: all tokens)."""
+    info = inspect_vit(model)
+    red = get_reducer(model)
+    sched = red.schedule if red is not None else [0] * info.depth
+    counts = check_schedule(sched, info.num_image, 1.0)
+    return [c + info.num_prefix for c in counts[1:]]

@@ -1,0 +1,227 @@
+"""The one place that touches timm internals.
+
+Patching swaps the class of each timm ``Block`` for :class:`ReducingBlock` (a module-level subclass, so patched
+models still pickle, keep their state-dict keys and can be restored exactly) and, for average-pooling models, the
+model's class for one that pools with token sizes. The block's forward reuses the block's own sub-modules (norms,
+LayerScale, drop-path, MLP) and re-implements only the attention call, to expose the attention map, keys and a
+size bias; that is the part that depends on timm's ``Attention`` layout, checked here before anything is patched.
+Anything not recognised (post-norm blocks, parallel blocks, RoPE attention, another model family) raises
+:class:`~leanvit.errors.UnsupportedModelError` instead of running a silently different forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import Attention as TimmAttention
+from timm.models.vision_transformer import Block as TimmBlock, VisionTransformer
+
+from ..errors import UnsupportedModelError
+from ..ops.schedule import BlockShape
+
+if TYPE_CHECKING:
+    from .base import TokenReducer
+
+try:  # DeiT's distilled ViT (cls + dist token) is a VisionTransformer subclass with its own head
+    from timm.models.deit import VisionTransformerDistilled
+except ImportError:  # pragma: no cover - very old timm
+    VisionTransformerDistilled = None
+
+
+@dataclass(frozen=True)
+class ViTInfo:
+    """What a reducer needs to know about a ViT."""
+
+    depth: int
+    dim: int
+    num_prefix: int
+    has_cls: bool
+    grid: tuple[int, int]
+    num_image: int
+    global_pool: str
+    blocks: tuple[BlockShape, ...]
+
+
+def _fail(model: nn.Module, why: str) -> None:
+    raise UnsupportedModelError(
+        f"leanvit cannot patch {type(model).__name__}: {why}. Supported: timm VisionTransformer models with "
+        f"pre-norm Blocks and standard Attention (DeiT, ViT/AugReg, registers, LayerScale, q/k norm).")
+
+
+def inspect_vit(model: nn.Module) -> ViTInfo:
+    """Check that ``model`` is a ViT leanvit can patch and describe it; raise UnsupportedModelError if not."""
+    if not isinstance(model, VisionTransformer):
+        _fail(model, "it is not a timm VisionTransformer")
+    if getattr(model, "dynamic_img_size", False):
+        _fail(model, "dynamic_img_size=True is not supported (the token grid must be fixed)")
+    if not isinstance(model.blocks, nn.Sequential) or len(model.blocks) == 0:
+        _fail(model, "model.blocks is not a non-empty nn.Sequential")
+    shapes = []
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in (TimmBlock, ReducingBlock):
+            _fail(model, f"block {i} is a {type(blk).__name__}, not timm's pre-norm Block")
+        attn = blk.attn
+        if type(attn) is not TimmAttention:
+            _fail(model, f"block {i} uses {type(attn).__name__}, not timm's Attention")
+        for name in ("qkv", "q_norm", "k_norm", "proj", "num_heads", "scale"):
+            if not hasattr(attn, name):
+                _fail(model, f"block {i} attention has no '{name}' (unknown timm version)")
+        head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
+        linears = [m for m in blk.mlp.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            _fail(model, f"block {i} MLP has no Linear layers")
+        shapes.append(BlockShape(int(model.embed_dim), attn.num_heads * head_dim,
+                                 sum(m.in_features * m.out_features for m in linears)))
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    num_prefix = int(model.num_prefix_tokens)
+    has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
+    return ViTInfo(
+        depth=len(model.blocks), dim=int(model.embed_dim), num_prefix=num_prefix, has_cls=has_cls, grid=grid,
+        num_image=grid[0] * grid[1], global_pool=str(model.global_pool), blocks=tuple(shapes))
+
+
+@dataclass
+class AttnOut:
+    """Attention output and the internals a reducer may need."""
+
+    x: torch.Tensor  # (B, N, C) after proj
+    probs: torch.Tensor | None = None  # (B, H, N, N) post-softmax (after sparsification), if requested
+    keys: torch.Tensor | None = None  # (B, H, N, Dh), if requested
+    cls_probs: torch.Tensor | None = None  # (B, H, N) attention of the first token (cls), if requested
+
+
+def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.Tensor | None = None,
+                      need_probs: bool = False, need_keys: bool = False, need_cls_probs: bool = False,
+                      theta: float = 1.0) -> AttnOut:
+    """timm ``Attention.forward`` with an optional additive key bias (``log(size)``, proportional attention),
+    the attention probabilities and keys exposed, and GTP's attention sparsification.
+
+    Uses fused ``scaled_dot_product_attention`` unless the probabilities are needed.
+
+    Args:
+        size_bias: ``(B, N)`` added to every query's logits for key j (``log s_j``), or None.
+        need_cls_probs: the cls query's attention row only (EViT), computed beside fused attention.
+        theta: keep ratio of attention entries per head (1 = dense).
+    """
+    B, N, C = x.shape
+    heads = attn.num_heads
+    head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // heads)
+    gate_layer = getattr(attn, "gate", None)
+    gate = gate_layer(x).sigmoid() if gate_layer is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, H, N, Dh)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None  # (B, 1, 1, N)
+    probs = None
+    if need_probs or theta < 1.0:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)
+        if theta < 1.0:
+            from ..ops.select import sparsify_attention
+
+            probs = sparsify_attention(probs, theta)
+        out = attn.attn_drop(probs) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    cls_probs = None
+    if need_cls_probs:
+        if probs is not None:
+            cls_probs = probs[:, :, 0]
+        else:
+            row = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+            cls_probs = (row if bias is None else row + bias).softmax(dim=-1)[:, :, 0]
+    out = out.transpose(1, 2).reshape(B, N, heads * head_dim)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return AttnOut(out, probs if need_probs else None, k if need_keys else None, cls_probs)
+
+
+class ReducingBlock(TimmBlock):
+    """timm ``Block`` whose forward lets a :class:`TokenReducer` act between attention and MLP.
+
+    Never constructed: patching swaps the class of an existing block and sets ``_leanvit_reducer`` and
+    ``_leanvit_index``.
+    """
+
+    _leanvit_reducer: "TokenReducer"
+    _leanvit_index: int
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                **kwargs: Any) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise UnsupportedModelError("token reduction cannot be combined with attention masks")
+        red = self._leanvit_reducer
+        i = self._leanvit_index
+        if i == 0:
+            red.begin(x)
+        a = attention_forward(self.attn, self.norm1(x), size_bias=red.size_bias(), need_probs=red.needs_probs(i),
+                              need_keys=red.needs_keys(i), need_cls_probs=red.needs_cls_probs(i), theta=red.theta)
+        x = x + self.drop_path1(self.ls1(a.x))
+        x = red.reduce(i, x, a)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | None) -> torch.Tensor | None:
+    """Size-weighted average pooling over image tokens when the reducer tracked token sizes (ToMe, GTP)."""
+    pool_type = model.global_pool if pool_type is None else pool_type
+    red = getattr(model, "_leanvit_reducer", None)
+    if pool_type not in ("avg", "avgmax") or red is None or model.attn_pool is not None:
+        return None
+    size = red.current_sizes()
+    if size is None or size.shape[1] != x.shape[1]:
+        return None
+    p = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    xs, w = x[:, p:], size[:, p:, None].to(x.dtype)
+    mean = (xs * w).sum(1) / w.sum(1)
+    return mean if pool_type == "avg" else 0.5 * (xs.amax(dim=1) + mean)
+
+
+class ReducedVisionTransformer(VisionTransformer):
+    """VisionTransformer whose average pooling weights tokens by their size (how many patches they stand for)."""
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        out = _weighted_pool(self, x, pool_type)
+        return super().pool(x, pool_type) if out is None else out
+
+
+MODEL_CLASSES: dict[type, type] = {VisionTransformer: ReducedVisionTransformer}
+if VisionTransformerDistilled is not None:
+    class ReducedVisionTransformerDistilled(VisionTransformerDistilled):
+        """Distilled DeiT: its head reads the cls and dist tokens, so only the blocks change."""
+
+    MODEL_CLASSES[VisionTransformerDistilled] = ReducedVisionTransformerDistilled
+
+
+def apply_patch(model: VisionTransformer, reducer: "TokenReducer") -> None:
+    """Swap block (and model) classes and attach ``reducer``; :func:`remove_patch` undoes it exactly."""
+    orig_model_cls = type(model)
+    if orig_model_cls not in MODEL_CLASSES and orig_model_cls not in MODEL_CLASSES.values():
+        if model.global_pool in ("avg", "avgmax"):
+            _fail(model, "average pooling on a VisionTransformer subclass leanvit does not know")
+    model.__dict__["_leanvit_reducer"] = reducer
+    model.__dict__["_leanvit_orig_class"] = orig_model_cls
+    model.__class__ = MODEL_CLASSES.get(orig_model_cls, orig_model_cls)
+    for i, blk in enumerate(model.blocks):
+        blk.__class__ = ReducingBlock
+        blk.__dict__["_leanvit_reducer"] = reducer
+        blk.__dict__["_leanvit_index"] = i
+
+
+def remove_patch(model: nn.Module) -> None:
+    if "_leanvit_reducer" not in model.__dict__:
+        raise UnsupportedModelError(f"{type(model).__name__} is not patched by leanvit")
+    for blk in model.blocks:
+        blk.__class__ = TimmBlock
+        blk.__dict__.pop("_leanvit_reducer", None)
+        blk.__dict__.pop("_leanvit_index", None)
+    model.__class__ = model.__dict__.pop("_leanvit_orig_class")
+    del model.__dict__["_leanvit_reducer"]

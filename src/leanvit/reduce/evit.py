@@ -1,0 +1,93 @@
+"""EViT: keep the attentive tokens, fuse the rest (Liang et al., ICLR 2022), a baseline.
+
+Image tokens are ranked by the cls token's attention (post-softmax, mean over heads); the lowest are removed and,
+with ``fuse``, combined into one extra token weighted by their cls attention. Two ways to schedule it:
+
+* ``r=`` / ``budget=`` (shared with every method): remove ``r_i`` tokens in every block, so EViT runs with
+  exactly the token counts of GTP and ToMe at the same budget;
+* ``keep=`` (EViT's own form): keep ``ceil(keep * n)`` image tokens at blocks 4, 7 and 10 of 12 (1-indexed;
+  scaled to other depths), so the token count drops by ``keep`` three times.
+
+With ``fuse`` the extra token is re-fused at each reduction (it competes with the image tokens like the authors'
+code). ``fuse="mean"`` (default) normalises the cls-attention weights to sum to one, which keeps the fused token
+on the scale of the others when the model was not fine-tuned with EViT; ``fuse="sum"`` is the authors' unnormalised
+weighted sum; ``fuse=None`` drops the tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..ops.select import gather_tokens, split_topk
+from .base import TokenReducer
+from .compat import AttnOut, ViTInfo
+
+
+def evit_locations(depth: int) -> list[int]:
+    """0-indexed blocks where EViT reduces: 3, 6, 9 for 12 blocks, the same relative depths otherwise."""
+    if depth == 12:
+        return [3, 6, 9]
+    return sorted({max(1, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)})
+
+
+def keep_schedule(keep: float, depth: int, num_image: int, fuse: bool, locations: list[int] | None = None
+                  ) -> list[int]:
+    """EViT's keep-rate schedule as tokens removed per block."""
+    if not 0.0 < keep <= 1.0:
+        raise ConfigError(f"keep must be in (0, 1], got {keep}")
+    locations = evit_locations(depth) if locations is None else list(locations)
+    sched, n = [0] * depth, num_image
+    for loc in locations:
+        if not 0 <= loc < depth:
+            raise ConfigError(f"EViT location {loc} is outside the model's {depth} blocks")
+        left = math.ceil(keep * n)
+        new_n = left + (1 if fuse and left < n else 0)
+        sched[loc] = n - new_n
+        n = new_n
+    return sched
+
+
+class EViTReducer(TokenReducer):
+    """Keep top tokens by cls attention, fuse the rest. Needs a cls token."""
+
+    name = "evit"
+
+    def __init__(self, info: ViTInfo, schedule: list[int], fuse: str | None = "mean", trace: bool = False):
+        super().__init__(info, schedule, trace=trace)
+        if not info.has_cls:
+            raise ConfigError("EViT ranks tokens by cls attention and needs a model with a cls token")
+        if fuse not in ("mean", "sum", None):
+            raise ConfigError(f"EViT fuse must be 'mean', 'sum' or None, got {fuse!r}")
+        self.fuse = fuse
+
+    def needs_cls_probs(self, i: int) -> bool:
+        return self.schedule[i] > 0
+
+    def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
+        P = self.info.num_prefix
+        img = x[:, P:]
+        score = attn.cls_probs[:, :, P:].mean(1)  # (B, N)
+        drop = r + 1 if self.fuse else r
+        if drop >= img.shape[1]:
+            raise ConfigError(f"EViT cannot remove {r} of {img.shape[1]} tokens at block {i} and fuse the rest")
+        kept, removed = split_topk(score, drop)
+        parts = [x[:, :P], gather_tokens(img, kept)]
+        if self.fuse:
+            w = gather_tokens(score, removed).unsqueeze(-1)  # (B, r+1, 1)
+            if self.fuse == "mean":
+                w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+            parts.append((gather_tokens(img, removed) * w).sum(1, keepdim=True))
+        if self.trace:
+            src = self.source.float()
+            new = [gather_tokens(src, kept)]
+            if self.fuse:
+                new.append(gather_tokens(src, removed).amax(1, keepdim=True))
+            self._trace_extra = {"removed_source": gather_tokens(src, removed).bool()}
+            self.source = torch.cat(new, dim=1).bool()
+        return torch.cat(parts, dim=1)
+
+    def options(self) -> dict[str, Any]:
+        return {"fuse": self.fuse}

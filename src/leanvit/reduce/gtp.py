@@ -1,0 +1,103 @@
+"""GTP: graph-based token propagation (Xu et al., "GTP-ViT", WACV 2024). Training-free.
+
+After each block's attention, the image tokens that score lowest pass their features along a token graph to their
+kept neighbours, ``x_kept += alpha * A_hat[kept, removed] @ x_removed``, and are removed; the MLP and later blocks
+run on the kept tokens. The graph (spatial 8-neighbourhood, semantic k-NN, or their union) is built once per
+forward from the tokens entering block 0 and restricted to the kept tokens after every block.
+
+Where we differ from the authors' code (Ackesnal/GTP-ViT): the graph is built on the input's device (theirs is
+hard-coded to CUDA); a block with nothing to remove is a no-op (theirs drops every token for P = 0); no debug file
+is written during propagation; distillation and register tokens are prefix tokens and never propagated; tokens
+lost because they had no kept neighbour are counted in ``report["lost_tokens"]`` instead of logged to a file.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..ops.graph import GRAPHS, build_graph
+from ..ops.select import SCORES, attention_score, gather_tokens, split_topk
+from .base import TokenReducer
+from .compat import AttnOut, ViTInfo
+
+
+class GTPReducer(TokenReducer):
+    """Graph-based token propagation.
+
+    Args:
+        graph: ``mixed`` (spatial + semantic, recommended), ``spatial`` or ``semantic``.
+        k: neighbours per token in the semantic graph.
+        score: selection score, ``mixed`` (diagonal x column sum, max over heads; recommended), ``mixed_mean``,
+            ``cls``, ``colsum``, ``diag`` or ``random``.
+        alpha: propagation coefficient (the paper's DeiT settings use 0.1-0.4).
+        prop_attn: token sizes with proportional attention (recommended).
+        theta: attention sparsification keep ratio (1 = off).
+    """
+
+    name = "gtp"
+    tracks_sizes = True
+
+    def __init__(self, info: ViTInfo, schedule: list[int], graph: str = "mixed", k: int = 8, score: str = "mixed",
+                 alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, trace: bool = False):
+        super().__init__(info, schedule, prop_attn=prop_attn, theta=theta, trace=trace)
+        if graph not in GRAPHS:
+            raise ConfigError(f"unknown GTP graph '{graph}'; choose one of {', '.join(GRAPHS)}")
+        if score not in SCORES:
+            raise ConfigError(f"unknown GTP score '{score}'; choose one of {', '.join(SCORES)}")
+        if score == "cls" and not info.has_cls:
+            raise ConfigError("GTP score 'cls' needs a model with a cls token")
+        if k < 1:
+            raise ConfigError(f"semantic graph needs k >= 1 neighbours, got {k}")
+        if alpha < 0:
+            raise ConfigError(f"alpha must be >= 0, got {alpha}")
+        self.graph_kind, self.k, self.score, self.alpha = graph, int(k), score, float(alpha)
+        self.graph: torch.Tensor | None = None  # (B, N0, N0) normalised graph over the original image tokens
+        self.index: torch.Tensor | None = None  # (B, N) original positions of the current image tokens
+        self.report.update(lost_tokens=0, removed_tokens=0)
+
+    def options(self) -> dict[str, Any]:
+        return {"graph": self.graph_kind, "k": self.k, "score": self.score, "alpha": self.alpha,
+                **super().options()}
+
+    def begin(self, x: torch.Tensor) -> None:
+        super().begin(x)
+        self.graph = self.index = None
+        if any(self.schedule):
+            P = self.info.num_prefix
+            B = x.shape[0]
+            self.graph = build_graph(x[:, P:].detach(), self.info.grid, self.graph_kind, self.k).to(x.dtype)
+            # original position of every current image token: the graph restricted to the kept tokens is
+            # graph[index][:, index], so it is never copied, only indexed
+            self.index = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
+            self._batch = torch.arange(B, device=x.device)[:, None, None]
+
+    def needs_probs(self, i: int) -> bool:
+        return self.schedule[i] > 0 and self.score != "random"
+
+    def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
+        P = self.info.num_prefix
+        img = x[:, P:]  # (B, N, C)
+        if self.score == "random":
+            score = torch.rand(img.shape[:2], device=x.device)
+        else:
+            score = attention_score(attn.probs, P, self.score, self.info.has_cls)  # (B, N)
+        kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current tokens
+        kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
+        w = self.graph[self._batch, kept_orig[:, :, None], removed_orig[:, None, :]]  # (B, K, r)
+        x_kept = gather_tokens(img, kept) + self.alpha * (w @ gather_tokens(img, removed))
+        if self.prop_attn:
+            size = self._sizes_or_ones(x)
+            s_img = size[:, P:]
+            s_kept = gather_tokens(s_img, kept) + self.alpha * (w @ gather_tokens(s_img, removed).unsqueeze(-1)
+                                                                ).squeeze(-1)
+            self._size = torch.cat([size[:, :P], s_kept], dim=1)
+        self.index = kept_orig
+        self.report["lost_tokens"] += (w.sum(1) == 0).sum()  # a tensor: no device sync in the forward
+        self.report["removed_tokens"] += removed.numel()
+        if self.trace:
+            self._trace_extra = {"kept": kept, "removed": removed, "weights": w.detach(),
+                                 "removed_source": gather_tokens(self.source.float(), removed).bool()}
+            self.source = gather_tokens(self.source.float(), kept).bool()
+        return torch.cat([x[:, :P], x_kept], dim=1)

@@ -1,0 +1,115 @@
+"""Per-block token maps: which patches each method kept, propagated (GTP, with the neighbours that received them),
+merged (ToMe, coloured by group) or pruned/fused (EViT), for one image, as one PNG grid."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _grid_image(image: torch.Tensor) -> np.ndarray:
+    img = image.detach().float().cpu()
+    img = (img - img.min()) / (img.max() - img.min() + 1e-12)
+    img = img.permute(1, 2, 0).numpy()
+    return img[..., 0] if img.shape[2] == 1 else img
+
+
+def token_map(source: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """Group id per original patch ``(h, w)`` from a ``(N_cur, N_orig)`` bool provenance matrix; -1 = removed."""
+    h, w = grid
+    groups = np.full(h * w, -1, dtype=np.int64)
+    src = source.cpu().numpy()
+    for g, row in enumerate(src):
+        groups[row] = g
+    return groups.reshape(h, w)
+
+
+def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tuple[int, int],
+                    path: str | Path, title: str = "", max_arrows: int = 64) -> Path:
+    """One row per method, one column per reducing block.
+
+    Args:
+        image: the input ``(C, H, W)`` (normalised is fine; it is rescaled for display).
+        traces: method name -> the reducer's ``trace_log`` for this image (batch element 0).
+        grid: the token grid ``(h, w)``.
+
+    Kept tokens show the image; patches removed so far are tinted blue. GTP: red dots mark propagated patches and lines join
+    each to the kept neighbours that received its features (the strongest ``max_arrows`` edges). ToMe: patches merged
+    into one token share a colour. EViT: removed patches fused into the extra token are tinted.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    base = _grid_image(image)
+    H, W = base.shape[:2]
+    h, w = grid
+    ph, pw = H / h, W / w
+    cols = max((len(t) for t in traces.values()), default=0) + 1
+    rows = max(len(traces), 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.2 * rows), dpi=110, squeeze=False)
+    cmap = colormaps["tab20"]
+    for ri, (method, log) in enumerate(traces.items()):
+        ax = axes[ri][0]
+        ax.imshow(base, cmap="gray" if base.ndim == 2 else None)
+        ax.set_title("input", fontsize=8)
+        ax.set_ylabel(method.upper() if method != "tome" else "ToMe", fontsize=10)
+        for ci, entry in enumerate(log, start=1):
+            ax = axes[ri][ci]
+            groups = token_map(entry["source"][0], grid)
+            removed = groups < 0
+            shown = np.dstack([base] * 3) if base.ndim == 2 else base.copy()
+            mask = np.kron(removed, np.ones((int(round(ph)), int(round(pw)))))[:H, :W].astype(bool)
+            shown = shown.copy()
+            shown[mask] = 0.35 * shown[mask] + 0.65 * np.array([0.15, 0.3, 0.75])  # removed so far: blue
+            ax.imshow(shown)
+            if method == "tome":
+                overlay = np.zeros((h, w, 4))
+                counts = np.bincount(groups[groups >= 0].ravel(), minlength=groups.max() + 1)
+                for (yy, xx), g in np.ndenumerate(groups):
+                    if g >= 0 and counts[g] > 1:
+                        overlay[yy, xx] = (*cmap(g % 20)[:3], 0.55)
+                ax.imshow(overlay, extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest")
+            if method == "gtp" and "weights" in entry:
+                wts = entry["weights"][0]  # (K, r)
+                kept_src = entry["source"][0]  # (K, N_orig)
+                rm_src = entry["removed_source"][0]  # (r, N_orig)
+                edges = []
+                for j in range(wts.shape[1]):
+                    recv = torch.nonzero(wts[:, j] > 0).flatten().tolist()
+                    for k in recv:
+                        edges.append((float(wts[k, j]), j, k))
+                edges.sort(reverse=True)
+                def centre(row):
+                    idx = torch.nonzero(row).flatten()
+                    ys, xs = (idx // w).float().mean().item(), (idx % w).float().mean().item()
+                    return (xs + 0.5) * pw - 0.5, (ys + 0.5) * ph - 0.5
+                for _, j, k in edges[:max_arrows]:
+                    (x0, y0), (x1, y1) = centre(rm_src[j]), centre(kept_src[k])
+                    ax.plot([x0, x1], [y0, y1], color="yellow", lw=0.6, alpha=0.8)
+                for j in range(rm_src.shape[0]):
+                    x0, y0 = centre(rm_src[j])
+                    ax.plot(x0, y0, "o", color="red", ms=2.5)
+            if method == "evit" and "removed_source" in entry:
+                rm = entry["removed_source"][0].any(0).reshape(h, w).cpu().numpy()
+                overlay = np.zeros((h, w, 4))
+                overlay[rm] = (0.1, 0.8, 0.2, 0.45)
+                ax.imshow(overlay, extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest")
+            ax.set_title(f"block {int(entry['block'])}: {len(entry['source'][0])} tok", fontsize=8)
+        for ci in range(len(log) + 1, cols):
+            axes[ri][ci].axis("off")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,145 @@
+"""MACs counting, throughput measurement and the ``leanvit bench`` verb."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import leanvit
+from leanvit.analysis import (MacsReport, ThroughputReport, compare_throughput, count_macs, measure_latency,
+                              measure_throughput)
+from leanvit.cli.main import main
+from leanvit.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_vit(**kwargs) -> nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10, **kwargs)
+
+
+def _analytic_macs(model) -> int:
+    """MACs of a plain timm ViT from its layer shapes: patch-embed conv, block linears, attention, head."""
+    pe = model.patch_embed.proj
+    n_patches = model.patch_embed.num_patches
+    n = n_patches + model.num_prefix_tokens
+    conv = n_patches * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] * pe.out_channels
+    blocks = 0
+    for blk in model.blocks:
+        linears = [blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2]
+        blocks += sum(n * m.in_features * m.out_features for m in linears)
+        dim = blk.attn.qkv.in_features
+        blocks += 2 * n * n * dim  # q @ k^T and attn @ v over all heads
+    head = model.head.in_features * model.head.out_features  # cls token only
+    return conv + blocks + head
+
+
+def test_macs_match_analytic_count():
+    model = _tiny_vit()
+    rep = count_macs(model)
+    assert isinstance(rep, MacsReport)
+    assert rep.macs == _analytic_macs(model)
+    assert rep.input_size == (3, 32, 32)
+    assert sum(rep.by_op.values()) == rep.macs
+    assert rep.gmacs == pytest.approx(rep.macs / 1e9)
+
+
+def test_macs_per_image_and_fused_attention_counted():
+    model = _tiny_vit()
+    fused = count_macs(model, batch_size=3)
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    unfused = count_macs(model)
+    assert fused.macs == unfused.macs == _analytic_macs(model)
+
+
+def test_macs_restores_training_flag():
+    model = _tiny_vit().train()
+    count_macs(model)
+    assert model.training
+
+
+def test_deit_small_macs():
+    model = leanvit.create_model("deit_small_patch16_224", pretrained=False)
+    assert 4.5 <= count_macs(model).gmacs <= 4.7
+
+
+def test_reference_student_cheaper_than_teacher():
+    student = count_macs(leanvit.create_model("leanvit_vit_fm_student")).macs
+    teacher = count_macs(leanvit.create_model("leanvit_vit_fm_teacher")).macs
+    assert 0 < student < teacher
+
+
+@pytest.mark.parametrize("name, size", [("tiny", (1, 32, 32)), ("leanvit_vit_fm_student", (3, 28, 28)),
+                                        ("leanvit_vit_fm_student", (1, 32, 32))])
+def test_wrong_input_gives_config_error(name, size):
+    model = _tiny_vit() if name == "tiny" else leanvit.create_model(name)
+    with pytest.raises(ConfigError, match="expects"):
+        count_macs(model, input_size=size)
+
+
+def test_malformed_input_size():
+    with pytest.raises(ConfigError):
+        count_macs(_tiny_vit(), input_size=(32, 32))
+
+
+def test_throughput_report():
+    model = _tiny_vit()
+    rep = measure_throughput(model, batch_size=2, warmup=1, runs=4)
+    assert isinstance(rep, ThroughputReport)
+    assert rep.images_per_s > 0 and len(rep.times_s) == 4
+    assert rep.latency_ms / 1e3 in rep.times_s
+    assert rep.images_per_s == pytest.approx(2 / (rep.latency_ms / 1e3))
+    assert rep.threads == torch.get_num_threads() and rep.batch_size == 2 and rep.device == "cpu"
+    assert measure_latency(model, warmup=0, runs=2) > 0
+    with pytest.raises(ConfigError):
+        measure_throughput(model, runs=0)
+
+
+def test_compare_throughput_interleaved():
+    res = compare_throughput({"a": _tiny_vit(), "b": _tiny_vit(embed_dim=96, num_heads=2)},
+                             batch_size=1, warmup=0, runs=1, rounds=2)
+    assert list(res) == ["a", "b"] and all(v > 0 for v in res.values())
+
+
+def test_bench_cli_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "leanvit_vit_fm_student", "--no-pretrained", "--runs", "2", "--warmup", "1",
+               "--batch-size", "4", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    row = json.loads(out.read_text())
+    for key in ("model", "method", "gmacs", "images_per_s", "latency_ms_b1", "batch_size", "threads", "device",
+                "torch", "date", "machine"):
+        assert key in row
+    assert row["model"] == "leanvit_vit_fm_student" and row["method"] == "dense" and row["batch_size"] == 4
+    assert row["gmacs"] > 0 and row["images_per_s"] > 0
+    assert "GMACs" in capsys.readouterr().out
+
+
+def test_bench_timm_model_defaults_to_no_download(tmp_path):
+    # test_vit has hub weights; bench must not try to fetch them unless --pretrained is given
+    rc = main(["bench", "--model", "test_vit", "--runs", "1", "--warmup", "0", "--batch-size", "1",
+               "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert rc == 0
+
+
+def test_bench_without_patch_function(monkeypatch, capsys):
+    monkeypatch.delattr(leanvit, "patch", raising=False)
+    rc = main(["bench", "--model", "leanvit_vit_fm_student", "--no-pretrained", "--method", "gtp", "--r", "4",
+               "--runs", "1", "--warmup", "0"])
+    assert rc == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_bench_rejects_schedule_for_dense(capsys):
+    rc = main(["bench", "--model", "leanvit_vit_fm_student", "--no-pretrained", "--r", "4"])
+    assert rc == 2
