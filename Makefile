@@ -1,0 +1,24 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   compare dense / GTP / ToMe / EViT on the shipped reference model and the Fashion-MNIST test set
+#   make test   run the test suite
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: setup demo test test-all bench clean
+
+$(VENV)/.leanvit-installed: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+
+setup: $(VENV)/.leanvit-installed
+
+demo: setup
+	$(BIN)/leanvit compare --json results/compare.json --plot results/compare.png
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+clean:
+	rm -rf results .pytest_cache

@@ -1,0 +1,43 @@
+"""Shared helpers for benchmark scripts: machine description and writing results (JSON + markdown fragment)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    proc = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                proc = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{proc} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def command() -> str:
+    return "python " + shlex.join(sys.argv)
+
+
+def today() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write(name: str, data: dict, markdown: str) -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (a BENCHMARKS.md section)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
+    header = f"_Command_: `{command()}`  \n_Machine_: {machine()}  \n_Date_: {today()}\n\n"
+    (RESULTS / f"{name}.md").write_text(header + markdown.strip() + "\n")
+    print(markdown)

@@ -1,0 +1,69 @@
+"""Token-reduction speed on DeiT-S / DeiT-B at 224 (weights do not matter for speed).
+
+Rows, all timed in one interleaved run per model and batch size: dense; the ideal row (the same schedule applied
+by plain truncation, zero overhead: the physical limit); GTP; ToMe; EViT. Reported: GMACs, images/s, speed-up over
+dense, and each method's speed-up as a fraction of the ideal row's ("efficiency").
+
+    python benchmarks/speed_deit.py --models deit_small_patch16_224 deit_base_patch16_224 --budget 0.74
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import timm
+import torch
+
+import leanvit
+from leanvit.analysis import compare_throughput, count_macs
+
+from common import write
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "deit_base_patch16_224"])
+    p.add_argument("--budget", type=float, default=0.74)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--name", default="speed_deit")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        dense = timm.create_model(name, pretrained=False).eval()
+        models = {"dense": dense}
+        gtp = leanvit.patch(copy.deepcopy(dense), "gtp", budget=args.budget)
+        sched = leanvit.get_reducer(gtp).report["schedule"]
+        models["ideal (truncate)"] = leanvit.patch(copy.deepcopy(dense), "truncate", r=sched)
+        models["gtp"] = gtp
+        models["tome"] = leanvit.patch(copy.deepcopy(dense), "tome", budget=args.budget)
+        models["evit"] = leanvit.patch(copy.deepcopy(dense), "evit", budget=args.budget)
+        macs = {k: count_macs(m).macs for k, m in models.items()}
+        for bs in args.batch_sizes:
+            speed = compare_throughput(models, batch_size=bs, warmup=1, runs=args.runs, rounds=args.rounds)
+            ideal_gain = speed["ideal (truncate)"] / speed["dense"] - 1
+            for k, m in models.items():
+                red = leanvit.get_reducer(m)
+                gain = speed[k] / speed["dense"] - 1
+                rows.append({"model": name, "batch": bs, "method": k, "gmacs": macs[k] / 1e9,
+                             "macs_ratio": macs[k] / macs["dense"], "images_per_s": speed[k],
+                             "speedup": speed[k] / speed["dense"],
+                             "efficiency": (gain / ideal_gain) if k not in ("dense",) and ideal_gain > 0 else None,
+                             "schedule": red.schedule if red else []})
+    md = [f"Budget {args.budget} of dense MACs; {args.threads} threads; median of {args.runs} runs x {args.rounds} "
+          "interleaved rounds. *Efficiency* = (speed-up - 1) / (ideal speed-up - 1): the share of the ideal "
+          "truncation's gain that a method keeps.\n",
+          "| model | batch | method | GMACs | MACs % | img/s | speed-up | efficiency | schedule |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eff = "" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
+        md.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['gmacs']:.2f} | {100 * r['macs_ratio']:.1f} "
+                  f"| {r['images_per_s']:.1f} | {r['speedup']:.3f} | {eff} | {r['schedule']} |")
+    write(args.name, {"rows": rows, "args": vars(args)}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
