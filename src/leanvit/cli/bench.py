@@ -82,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     if args.method == "dense" and (args.r is not None or args.budget is not None):
         raise ConfigError("--r and --budget set a token reduction schedule; pick a --method other than dense")
+    if args.model is None:
+        from .common import default_model
+
+        args.model = default_model()
     if args.pretrained is None:
         args.pretrained = args.model.startswith("leanvit_") and has_weights(args.model)
     setup_runtime(args)

@@ -40,9 +40,20 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
     return parser.parse_args(argv)
 
 
-def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "leanvit_vit_fm_teacher") -> None:
-    p.add_argument("--model", "-m", default=default_model,
-                   help="timm or leanvit model name (default: %(default)s; `leanvit list-models`)")
+# the embedded default: the reference teacher, or the student while the teacher's weights are not shipped yet
+DEFAULT_MODELS = ("leanvit_vit_fm_teacher", "leanvit_vit_fm_student")
+
+
+def default_model() -> str:
+    from ..zoo import has_weights
+
+    return next((m for m in DEFAULT_MODELS if has_weights(m)), DEFAULT_MODELS[0])
+
+
+def add_model_args(p: argparse.ArgumentParser, model: str | None = None) -> None:
+    p.add_argument("--model", "-m", default=model,
+                   help="timm or leanvit model name (default: the shipped reference teacher, or the student if "
+                        "only the student ships; `leanvit list-models`)")
     p.add_argument("--weights", default=None,
                    help="weights to load: safetensors, leanvit checkpoint or torch state dict")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
@@ -75,6 +86,10 @@ def setup_runtime(args: argparse.Namespace) -> None:
 def build_model_from_args(args: argparse.Namespace, **kwargs: Any):
     from ..models import create_model
 
+    if args.model is None:
+        args.model = default_model()
+        if args.model != DEFAULT_MODELS[0]:
+            print(f"note: {DEFAULT_MODELS[0]} has no shipped weights yet; using {args.model}")
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     return create_model(args.model, pretrained=args.pretrained, weights=args.weights, **kwargs)

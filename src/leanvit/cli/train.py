@@ -16,7 +16,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or fine-tune a model (resumable; use torchrun for several processes)",
                        description=__doc__)
     add_config_arg(p)
-    add_model_args(p)
+    add_model_args(p, model="leanvit_vit_fm_teacher")
     p.set_defaults(pretrained=False)
     p.add_argument("--pretrained", dest="pretrained", action="store_true",
                    help="start from the model's pretrained weights (fine-tuning)")

@@ -19,9 +19,10 @@ def parse_schedule(r: ScheduleSpec, depth: int) -> list[int]:
     Forms (as in ToMe):
         ``int``: the same number of tokens removed after every block's attention.
         ``list``: one count per block; a shorter list is padded with zeros.
-        ``(r, inflection)``: a linear schedule with mean ``r``; ``inflection`` in [-1, 1] moves removal towards
-            early (+) or late (-) blocks: block i removes ``r_min + (r_max - r_min) * i / (depth - 1)`` tokens with
-            ``r_min = r * (1 - inflection)``, ``r_max = 2r - r_min``, rounded down.
+        ``(r, inflection)``: ToMe's linear schedule with mean ``r``; ``inflection`` in [-1, 1] moves removal towards
+            late (+) or early (-) blocks (-1 is ToMe's "decreasing schedule"): block i removes
+            ``int(r_min + (r_max - r_min) * i / (depth - 1))`` tokens with ``r_min = int(r * (1 - inflection))``,
+            ``r_max = 2r - r_min``, as in ToMe's ``parse_r``.
     """
     if isinstance(r, bool):
         raise ConfigError(f"r must be an int, a per-block list or an (r, inflection) tuple, got {r!r}")
@@ -31,7 +32,7 @@ def parse_schedule(r: ScheduleSpec, depth: int) -> list[int]:
         base, inflection = r
         if not -1.0 <= inflection <= 1.0:
             raise ConfigError(f"inflection must be in [-1, 1], got {inflection}")
-        lo = base * (1.0 - inflection)
+        lo = int(base * (1.0 - inflection))  # rounded first, as ToMe does, so the mean stays r
         hi = 2 * base - lo
         step = (hi - lo) / max(depth - 1, 1)
         sched = [int(lo + step * i) for i in range(depth)]

@@ -117,9 +117,12 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
     bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None  # (B, 1, 1, N)
     probs = None
     if need_probs or theta < 1.0:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-        if bias is not None:
-            logits = logits + bias
+        H, Dh = q.shape[1], q.shape[-1]
+        if bias is not None:  # scale, q @ k^T and the size bias in one kernel
+            logits = torch.baddbmm(bias.expand(B, H, 1, N).reshape(B * H, 1, N), q.reshape(B * H, N, Dh),
+                                   k.reshape(B * H, N, Dh).transpose(1, 2), alpha=attn.scale).view(B, H, N, N)
+        else:
+            logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
         probs = logits.softmax(dim=-1)
         if theta < 1.0:
             from ..ops.select import sparsify_attention

@@ -72,6 +72,7 @@ class GTPReducer(TokenReducer):
             # graph[index][:, index], so it is never copied, only indexed
             self.index = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
             self._batch = torch.arange(B, device=x.device)[:, None, None]
+            self._prefix_idx = torch.arange(P, device=x.device)[None]
 
     def needs_probs(self, i: int) -> bool:
         return self.schedule[i] > 0 and self.score != "random"
@@ -86,7 +87,10 @@ class GTPReducer(TokenReducer):
         kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current tokens
         kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
         w = self.graph[self._batch, kept_orig[:, :, None], removed_orig[:, None, :]]  # (B, K, r)
-        x_kept = gather_tokens(img, kept) + self.alpha * (w @ gather_tokens(img, removed))
+        # one gather builds the output (prefix + kept tokens); propagation is added in place
+        keep_all = torch.cat([self._prefix_idx.expand(x.shape[0], -1), kept + P], dim=1)  # (B, P + K)
+        out = gather_tokens(x, keep_all)
+        out[:, P:].baddbmm_(w, gather_tokens(img, removed), alpha=self.alpha)
         if self.prop_attn:
             size = self._sizes_or_ones(x)
             s_img = size[:, P:]
@@ -100,4 +104,4 @@ class GTPReducer(TokenReducer):
             self._trace_extra = {"kept": kept, "removed": removed, "weights": w.detach(),
                                  "removed_source": gather_tokens(self.source.float(), removed).bool()}
             self.source = gather_tokens(self.source.float(), kept).bool()
-        return torch.cat([x[:, :P], x_kept], dim=1)
+        return out
