@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch import nn
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block as TimmBlock, VisionTransformer
 
 from ..errors import UnsupportedModelError
 from ..ops.schedule import BlockShape
+from ..ops.select import sparsify_attention
 
 if TYPE_CHECKING:
     from .base import TokenReducer
@@ -117,18 +119,12 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
     bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None  # (B, 1, 1, N)
     probs = None
     if need_probs or theta < 1.0:
-        H, Dh = q.shape[1], q.shape[-1]
-        if bias is not None:  # scale, q @ k^T and the size bias in one kernel
-            logits = torch.baddbmm(bias.expand(B, H, 1, N).reshape(B * H, 1, N), q.reshape(B * H, N, Dh),
-                                   k.reshape(B * H, N, Dh).transpose(1, 2), alpha=attn.scale).view(B, H, N, N)
-        else:
-            logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-        probs = logits.softmax(dim=-1)
-        if theta < 1.0:
-            from ..ops.select import sparsify_attention
-
-            probs = sparsify_attention(probs, theta)
-        out = attn.attn_drop(probs) @ v
+        # explicit attention: the reducer needs the probabilities (labelled for overhead profiles)
+        with record_function("leanvit.attn.explicit"):
+            probs = _attention_probs(q, k, bias, attn.scale)
+            if theta < 1.0:
+                probs = sparsify_attention(probs, theta)
+            out = attn.attn_drop(probs) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -145,6 +141,16 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     return AttnOut(out, probs if need_probs else None, k if need_keys else None, cls_probs)
+
+
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(scale * q @ k^T + bias), ``(B, H, N, N)``; scale, product and bias in one baddbmm kernel."""
+    B, H, N, Dh = q.shape
+    if bias is None:
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    logits = torch.baddbmm(bias.expand(B, H, 1, N).reshape(B * H, 1, N), q.reshape(B * H, N, Dh),
+                           k.reshape(B * H, N, Dh).transpose(1, 2), alpha=scale)
+    return logits.view(B, H, N, N).softmax(dim=-1)
 
 
 class ReducingBlock(TimmBlock):

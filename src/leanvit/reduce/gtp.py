@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from ..errors import ConfigError
 from ..ops.graph import GRAPHS, build_graph
@@ -67,7 +68,8 @@ class GTPReducer(TokenReducer):
         if any(self.schedule):
             P = self.info.num_prefix
             B = x.shape[0]
-            self.graph = build_graph(x[:, P:].detach(), self.info.grid, self.graph_kind, self.k).to(x.dtype)
+            with record_function("leanvit.gtp.graph"):
+                self.graph = build_graph(x[:, P:].detach(), self.info.grid, self.graph_kind, self.k).to(x.dtype)
             # original position of every current image token: the graph restricted to the kept tokens is
             # graph[index][:, index], so it is never copied, only indexed
             self.index = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
@@ -80,11 +82,17 @@ class GTPReducer(TokenReducer):
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix
         img = x[:, P:]  # (B, N, C)
-        if self.score == "random":
-            score = torch.rand(img.shape[:2], device=x.device)
-        else:
-            score = attention_score(attn.probs, P, self.score, self.info.has_cls)  # (B, N)
-        kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current tokens
+        with record_function("leanvit.gtp.select"):
+            if self.score == "random":
+                score = torch.rand(img.shape[:2], device=x.device)
+            else:
+                score = attention_score(attn.probs, P, self.score, self.info.has_cls)  # (B, N)
+            kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current tokens
+        with record_function("leanvit.gtp.propagate"):
+            return self._propagate(x, img, kept, removed, P)
+
+    def _propagate(self, x: torch.Tensor, img: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor,
+                   P: int) -> torch.Tensor:
         kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
         w = self.graph[self._batch, kept_orig[:, :, None], removed_orig[:, None, :]]  # (B, K, r)
         # one gather builds the output (prefix + kept tokens); propagation is added in place
