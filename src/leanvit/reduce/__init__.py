@@ -98,6 +98,9 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
                 break
             remove_patch(model)
             target -= reached / dense - budget + 1e-4
+        else:  # every try was removed again: never hand back a silently unpatched model
+            raise ConfigError(f"'{method}' could not reach budget {budget}: its own work keeps the measured MACs "
+                              f"above the target; use a larger budget or r=")
         return model
     if keep is not None:
         if method != "evit":

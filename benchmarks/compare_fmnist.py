@@ -1,0 +1,62 @@
+"""The README's comparison: dense / GTP / ToMe / EViT on the shipped reference model, Fashion-MNIST test set.
+
+Method options come from results/tune_gtp.json (chosen on the held-out split) when it exists; otherwise each
+method's defaults. Writes results/compare_fmnist.{json,md} and docs/compare_fmnist.png.
+
+    python benchmarks/compare_fmnist.py --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import leanvit
+from leanvit.cli.common import default_model
+from leanvit.data import build_dataset
+from leanvit.reduce.compare import format_table, run_comparison
+from leanvit.vis import plot_pareto
+
+from common import RESULTS, write
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=None)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.74, 0.6, 0.5])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--name", default="compare_fmnist")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    name = args.model or default_model()
+    model = leanvit.create_model(name, pretrained=True).eval()
+    tuned = RESULTS / "tune_gtp.json"
+    options = json.loads(tuned.read_text())["chosen"] if tuned.is_file() else {}
+    loader = DataLoader(build_dataset("fmnist", "test", model), batch_size=256)
+    methods = ["dense", "gtp", "tome", "evit"]
+    rows = run_comparison(model, loader, methods, args.budgets, options, seeds=args.seeds, bench_batch=32,
+                          bench_runs=5, progress=False)
+    # GTP with random selection, three seeds: the selection-score ablation of the paper
+    rand = run_comparison(model, loader, ["gtp"], args.budgets, {"gtp": {**options.get("gtp", {}),
+                          "score": "random"}}, seeds=args.seeds, bench_runs=0, progress=False)
+    for r in rand:
+        r.method = "gtp-random"
+    table = format_table(rows + rand)
+    DOCS.mkdir(exist_ok=True)
+    plot_pareto([r.as_dict() for r in rows], DOCS / "compare_fmnist.png",
+                title=f"{name}, Fashion-MNIST test, no fine-tuning")
+    opts = "; ".join(f"{m}: {o}" for m, o in options.items()) or "method defaults"
+    md = (f"Model `{name}`, 10,000 test images, options {opts}; throughput at batch 32, {args.threads} threads. "
+          f"`gtp-random` ranks tokens at random (mean ± std over {args.seeds} seeds).\n\n```\n{table}\n```\n\n"
+          f"![accuracy vs GMACs](docs/compare_fmnist.png)")
+    write(args.name, {"model": name, "options": options, "rows": [r.as_dict() for r in rows + rand]}, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Assemble BENCHMARKS.md from the sections the benchmark scripts wrote to benchmarks/results/*.md.
+
+    python benchmarks/report.py
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+SECTIONS = [
+    ("reference_models", "Reference models (Fashion-MNIST)",
+     "The shipped models, evaluated with `leanvit eval` semantics. Script: `benchmarks/reference_models.py`."),
+    ("compare_fmnist", "Token reduction on the reference model: accuracy vs MACs (no fine-tuning)",
+     "`leanvit compare` on the shipped model and the Fashion-MNIST test set. Every method runs the same schedule "
+     "at a budget unless its own MACs (GTP's graph) force a tighter one. Script: `benchmarks/compare_fmnist.py`."),
+    ("tune_gtp", "GTP settings chosen on the held-out split",
+     "GTP's alpha and graph were chosen on the 5,000 held-out training images (`--split val`), never on the test "
+     "set. Script: `benchmarks/tune_gtp.py`."),
+    ("speed_deit", "Token reduction speed on DeiT-S / DeiT-B at 224 (CPU)",
+     "Script: `benchmarks/speed_deit.py`."),
+    ("gtp_overhead", "GTP overhead profile", "Script: `benchmarks/gtp_overhead.py`."),
+]
+
+
+def main() -> None:
+    parts = ["# Benchmarks\n",
+             "Every figure here is written by a script in `benchmarks/` (each section names its command, machine and "
+             "date); `python benchmarks/report.py` rebuilds this file from `benchmarks/results/`. Speed figures on "
+             "the shared 2-core machine are noisy: compare ratios within one run, not absolute numbers across runs.\n"]
+    for name, title, intro in SECTIONS:
+        f = RESULTS / f"{name}.md"
+        if f.is_file():
+            parts.append(f"## {title}\n\n{intro}\n\n{f.read_text().strip()}\n")
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()

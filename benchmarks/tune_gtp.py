@@ -1,0 +1,83 @@
+"""Choose GTP's alpha and graph (and EViT's fuse) on the held-out split, never on the test set.
+
+Fashion-MNIST's last 5,000 training images (`--split val`) were not used to train the reference models. The
+setting with the best mean top-1 over the budgets is written to results/tune_gtp.json, which
+benchmarks/compare_fmnist.py then uses on the test set.
+
+    python benchmarks/tune_gtp.py --model leanvit_vit_fm_teacher
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import torch
+from torch.utils.data import DataLoader
+
+import leanvit
+from leanvit.cli.common import default_model
+from leanvit.data import build_dataset
+from leanvit.engine import evaluate
+
+from common import write
+
+
+def score(model, method, budgets, loader, **opts) -> list[float]:
+    accs = []
+    for b in budgets:
+        m = leanvit.patch(copy.deepcopy(model), method, budget=b, **opts)
+        accs.append(evaluate(m, loader, progress=False).top1)
+    return accs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=None)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.74, 0.6, 0.5])
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.4])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--name", default="tune_gtp")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    name = args.model or default_model()
+    model = leanvit.create_model(name, pretrained=True).eval()
+    loader = DataLoader(build_dataset("fmnist", "val", model, limit=args.limit), batch_size=256)
+    dense = evaluate(model, loader, progress=False).top1
+    trials = []
+    for alpha in args.alphas:
+        trials.append(("gtp", {"alpha": alpha, "graph": "mixed"}))
+    results = []
+    for method, opts in trials:
+        accs = score(model, method, args.budgets, loader, **opts)
+        results.append({"method": method, "options": opts, "top1": accs, "mean": statistics.fmean(accs)})
+        print(results[-1])
+    best_alpha = max((r for r in results if r["method"] == "gtp"), key=lambda r: r["mean"])["options"]["alpha"]
+    for graph in ("spatial", "semantic"):
+        opts = {"alpha": best_alpha, "graph": graph}
+        accs = score(model, "gtp", args.budgets, loader, **opts)
+        results.append({"method": "gtp", "options": opts, "top1": accs, "mean": statistics.fmean(accs)})
+        print(results[-1])
+    for fuse in ("mean", "sum"):
+        accs = score(model, "evit", args.budgets, loader, fuse=fuse)
+        results.append({"method": "evit", "options": {"fuse": fuse}, "top1": accs, "mean": statistics.fmean(accs)})
+        print(results[-1])
+    accs = score(model, "tome", args.budgets, loader)
+    results.append({"method": "tome", "options": {}, "top1": accs, "mean": statistics.fmean(accs)})
+    chosen = {m: max((r for r in results if r["method"] == m), key=lambda r: r["mean"])["options"]
+              for m in ("gtp", "evit", "tome")}
+    md = [f"Model `{name}`, held-out split (val, {len(loader.dataset)} images), dense top-1 {dense:.2f}%. "
+          f"Top-1 % at budgets {', '.join(str(b) for b in args.budgets)}; the best mean is chosen.\n",
+          "| method | options | " + " | ".join(f"top-1 @{b}" for b in args.budgets) + " | mean |",
+          "|---|---|" + "---|" * (len(args.budgets) + 1)]
+    for r in results:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
+        md.append(f"| {r['method']} | {opts} | " + " | ".join(f"{a:.2f}" for a in r["top1"]) + f" | {r['mean']:.2f} |")
+    md.append(f"\nChosen: " + "; ".join(f"{m}: {o or 'defaults'}" for m, o in chosen.items()))
+    write(args.name, {"model": name, "dense_top1": dense, "results": results, "chosen": chosen,
+                      "args": vars(args)}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
