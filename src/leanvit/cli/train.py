@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and trainer.resume():
         if dist.is_main:
             print(f"resumed {trainer.last_path} at epoch {trainer.epoch}, step {trainer.step}")
-    elif trainer.last_path.exists() and dist.is_main:
+    elif trainer.last_path.exists():
         raise ConfigError(f"{trainer.last_path} exists; pass --resume to continue it or choose another --output")
     if dist.is_main:
         save_resolved(args, out / "config.yaml")
