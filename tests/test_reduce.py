@@ -52,10 +52,6 @@ def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-def has_cls(model: nn.Module) -> bool:
-    return model.cls_token is not None
-
-
 # ================================================================================ 1. equivalence at r=0
 def _pairs(variants):
     # EViT needs a cls token; its refusal of the no-cls model is tested in test_evit_needs_cls

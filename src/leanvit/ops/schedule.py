@@ -18,7 +18,8 @@ def parse_schedule(r: ScheduleSpec, depth: int) -> list[int]:
 
     Forms (as in ToMe):
         ``int``: the same number of tokens removed after every block's attention.
-        ``list``: one count per block; a shorter list is padded with zeros.
+        ``list``: one count per block; a shorter list is padded with zeros. (Any 2-tuple is read as
+            ``(r, inflection)``, as in ToMe; give per-block schedules as lists.)
         ``(r, inflection)``: ToMe's linear schedule with mean ``r``; ``inflection`` in [-1, 1] moves removal towards
             late (+) or early (-) blocks (-1 is ToMe's "decreasing schedule"): block i removes
             ``int(r_min + (r_max - r_min) * i / (depth - 1))`` tokens with ``r_min = int(r * (1 - inflection))``,
@@ -28,8 +29,8 @@ def parse_schedule(r: ScheduleSpec, depth: int) -> list[int]:
         raise ConfigError(f"r must be an int, a per-block list or an (r, inflection) tuple, got {r!r}")
     if isinstance(r, int):
         sched = [r] * depth
-    elif isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
-        base, inflection = r
+    elif isinstance(r, tuple) and len(r) == 2:
+        base, inflection = int(r[0]), float(r[1])
         if not -1.0 <= inflection <= 1.0:
             raise ConfigError(f"inflection must be in [-1, 1], got {inflection}")
         lo = int(base * (1.0 - inflection))  # rounded first, as ToMe does, so the mean stays r

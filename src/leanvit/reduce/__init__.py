@@ -74,8 +74,19 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
     given = [name for name, v in (("r", r), ("budget", budget), ("keep", keep)) if v is not None]
     if len(given) != 1:
         raise ConfigError(f"give exactly one of r=, budget= or keep= (got {', '.join(given) or 'none'})")
-    if is_patched(model):
+    previous = get_reducer(model)
+    if previous is not None:
         unpatch(model)
+    try:
+        return _patch(model, method, cls, r, budget, keep, measure, options)
+    except BaseException:
+        if previous is not None and not is_patched(model):
+            apply_patch(model, previous)  # a failed re-patch leaves the earlier patch in place
+        raise
+
+
+def _patch(model: nn.Module, method: str, cls: type[TokenReducer], r: Any, budget: float | None,
+           keep: float | None, measure: bool, options: dict[str, Any]) -> nn.Module:
     info = inspect_vit(model)
     report: dict[str, Any] = {"method": method}
     if budget is not None:

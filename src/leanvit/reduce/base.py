@@ -99,8 +99,12 @@ class TokenReducer:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{type(self).__name__}(schedule={self.schedule}, {opts})"
 
+    # attributes that only live for one forward pass; not pickled or deep-copied with a model
+    _per_forward: ClassVar[tuple[str, ...]] = ("_size", "source", "trace_log", "_trace_extra")
+
     def __getstate__(self) -> dict[str, Any]:
-        # per-forward tensors are not part of a pickled model
-        state = dict(self.__dict__)
-        state.update(_size=None, source=None, trace_log=[])
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in self._per_forward}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._size, self.source, self.trace_log = None, None, []

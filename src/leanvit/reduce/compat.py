@@ -194,7 +194,20 @@ def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | N
     return mean if pool_type == "avg" else 0.5 * (xs.amax(dim=1) + mean)
 
 
-class ReducedVisionTransformer(VisionTransformer):
+class _ReducedMixin:
+    """Behaviour shared by patched model classes."""
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any):
+        red = getattr(self, "_leanvit_reducer", None)
+        fmt = kwargs.get("output_fmt", "NCHW")
+        if red is not None and any(red.schedule) and fmt == "NCHW":
+            raise UnsupportedModelError(
+                "a token-reduced ViT has fewer tokens than grid cells, so its intermediates cannot be reshaped to "
+                "NCHW; call forward_intermediates(..., output_fmt='NLC')")
+        return super().forward_intermediates(*args, **kwargs)
+
+
+class ReducedVisionTransformer(_ReducedMixin, VisionTransformer):
     """VisionTransformer whose average pooling weights tokens by their size (how many patches they stand for)."""
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
@@ -204,7 +217,7 @@ class ReducedVisionTransformer(VisionTransformer):
 
 MODEL_CLASSES: dict[type, type] = {VisionTransformer: ReducedVisionTransformer}
 if VisionTransformerDistilled is not None:
-    class ReducedVisionTransformerDistilled(VisionTransformerDistilled):
+    class ReducedVisionTransformerDistilled(_ReducedMixin, VisionTransformerDistilled):
         """Distilled DeiT: its head reads the cls and dist tokens, so only the blocks change."""
 
     MODEL_CLASSES[VisionTransformerDistilled] = ReducedVisionTransformerDistilled

@@ -39,6 +39,7 @@ class GTPReducer(TokenReducer):
 
     name = "gtp"
     tracks_sizes = True
+    _per_forward = TokenReducer._per_forward + ("graph", "index", "_batch", "_prefix_idx")
 
     def __init__(self, info: ViTInfo, schedule: list[int], graph: str = "mixed", k: int = 8, score: str = "mixed",
                  alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, trace: bool = False):
@@ -61,6 +62,10 @@ class GTPReducer(TokenReducer):
     def options(self) -> dict[str, Any]:
         return {"graph": self.graph_kind, "k": self.k, "score": self.score, "alpha": self.alpha,
                 **super().options()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.graph = self.index = None
 
     def begin(self, x: torch.Tensor) -> None:
         super().begin(x)

@@ -1,0 +1,182 @@
+"""The comparison job (library and ``leanvit compare``), the ``vis`` verb and the plots, on tiny models and data."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+import leanvit
+from leanvit.data import SyntheticImages
+from leanvit.reduce import get_reducer
+from leanvit.reduce.compare import format_table, run_comparison
+from leanvit.vis import plot_pareto, plot_token_maps
+
+STUDENT = ["--model", "leanvit_vit_fm_student", "--no-pretrained"]
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=96, depth=4, num_classes=10).eval()
+
+
+def test_run_comparison_rows():
+    model = tiny_vit()
+    loader = DataLoader(SyntheticImages((3, 96, 96), num_classes=10, size=8), batch_size=4)
+    budgets = [0.9, 0.7]
+    rows = run_comparison(model, loader, ["dense", "gtp", "tome", "evit"], budgets, bench_batch=2, bench_runs=1,
+                          progress=False)
+    assert [(r.method, r.budget) for r in rows] == [("dense", 1.0)] + [
+        (m, b) for m in ("gtp", "tome", "evit") for b in budgets]
+    dense = rows[0]
+    assert dense.macs_ratio == 1.0 and dense.schedule == [] and dense.speedup == 1.0
+    assert dense.gmacs == pytest.approx(leanvit.analysis.count_macs(model).macs / 1e9)
+    from leanvit.ops.schedule import block_macs, solve_budget
+
+    info = leanvit.reduce.inspect_vit(model)
+    dense_macs = leanvit.analysis.count_macs(model).macs
+    other = dense_macs - block_macs(info.blocks, [0] * info.depth, info.num_prefix, info.num_image)
+    for r in rows:
+        assert 0.0 <= r.top1 <= 100.0 and r.seeds == 1
+        assert r.images_per_s > 0 and math.isfinite(r.images_per_s)
+        assert r.gmacs > 0
+        if r.method == "dense":
+            continue
+        assert r.macs_ratio <= r.budget + 1e-9
+        assert r.macs_ratio > r.budget - 0.15
+        assert r.gmacs < dense.gmacs
+        # every method runs the analytic schedule for the budget, or a tighter one where its own work costs MACs
+        analytic = solve_budget(r.budget, info.blocks, info.num_prefix, info.num_image, other)
+        assert sum(r.schedule) >= sum(analytic) > 0
+    for b in budgets:
+        at_b = [r for r in rows if r.budget == b and r.method != "dense"]
+        # EViT's selection costs almost nothing: it gets the analytic schedule
+        evit = next(r for r in at_b if r.method == "evit")
+        assert evit.schedule == solve_budget(b, info.blocks, info.num_prefix, info.num_image, other)
+    gtp = [r for r in rows if r.method == "gtp"]
+    assert all("lost_token_fraction" in r.extra and 0.0 <= r.extra["lost_token_fraction"] <= 1.0 for r in gtp)
+    table = format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "gtp" in table and "evit" in table
+    # the original model is left unpatched (variants are copies)
+    assert not leanvit.reduce.is_patched(model)
+
+
+def test_run_comparison_random_score_uses_seeds():
+    model = tiny_vit()
+    loader = DataLoader(SyntheticImages((3, 96, 96), num_classes=10, size=4), batch_size=4)
+    rows = run_comparison(model, loader, ["gtp"], [0.8], method_options={"gtp": {"score": "random"}}, seeds=2,
+                          bench_runs=0, progress=False)
+    assert len(rows) == 1 and rows[0].seeds == 2 and rows[0].options["score"] == "random"
+    assert math.isnan(rows[0].images_per_s)
+
+
+def test_run_comparison_unknown_method():
+    with pytest.raises(leanvit.ConfigError, match="dense, gtp, tome, evit"):
+        run_comparison(tiny_vit(), None, ["dense", "nope"], [0.8], bench_runs=0, progress=False)
+
+
+def test_cli_compare(run_cli, fmnist_dir, tmp_path):
+    out_json, out_png = tmp_path / "rows.json", tmp_path / "pareto.png"
+    code, out, err = run_cli("compare", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--limit", "32",
+                             "--budgets", "0.8", "--bench-runs", "1", "--bench-batch", "4", "--json", out_json,
+                             "--plot", out_png, "--no-progress", "-O", "gtp.alpha=0.3")
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    rows = data["rows"]
+    assert [r["method"] for r in rows] == ["dense", "gtp", "tome", "evit"]
+    for r in rows:
+        for key in ("method", "budget", "gmacs", "top1", "images_per_s", "schedule", "macs_ratio"):
+            assert key in r
+        assert r["images_per_s"] > 0 and 0 <= r["top1"] <= 100
+        assert r["macs_ratio"] <= r["budget"] + 1e-9
+    assert rows[1]["options"]["alpha"] == 0.3
+    assert data["meta"]["images"] == 32 and data["meta"]["model"] == "leanvit_vit_fm_student"
+    assert out_png.is_file() and out_png.stat().st_size > 1000
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "gtp" in out and "schedule" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--methods", "dense,nope"], "gtp, tome, evit"),
+    (["--budgets", "0"], "budget"),
+    (["--budgets", "1.5"], "budget"),
+    (["-O", "foo"], "METHOD.OPTION=VALUE"),
+    (["-O", "gtp.foo=1"], "foo"),
+    (["--methods", "dense,tome", "-O", "gtp.alpha=0.3"], "not among --methods"),
+])
+def test_cli_compare_bad_input(run_cli, fmnist_dir, argv, match):
+    code, out, err = run_cli("compare", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--limit", "4",
+                             "--bench-runs", "0", "--no-progress", *argv)
+    assert code == 2
+    assert match in err and "Traceback" not in err
+
+
+def test_cli_compare_budgets_not_numbers(run_cli, fmnist_dir):
+    with pytest.raises(SystemExit) as e:
+        run_cli("compare", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--budgets", "abc")
+    assert e.value.code == 2
+
+
+def test_cli_vis(run_cli, fmnist_dir, tmp_path):
+    out_png = tmp_path / "maps.png"
+    code, out, err = run_cli("vis", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--methods", "gtp,tome,evit",
+                             "--budget", "0.6", "--index", "3", "--output", out_png)
+    assert code == 0, err
+    assert out_png.is_file() and out_png.stat().st_size > 1000
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = run_cli("vis", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--index", "999",
+                             "--output", tmp_path / "x.png")
+    assert code == 2 and "--index" in err
+    code, out, err = run_cli("vis", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--methods", "gtp,nope",
+                             "--output", tmp_path / "y.png")
+    assert code == 2 and "nope" in err
+
+
+def test_plot_token_maps_from_real_traces(tmp_path):
+    model = tiny_vit()
+    x = torch.randn(1, 3, 96, 96)
+    traces = {}
+    for method in ("gtp", "tome", "evit"):
+        m = leanvit.patch(tiny_vit(), method, r=[6, 5, 4, 3], trace=True)
+        with torch.no_grad():
+            m(x)
+        traces[method] = get_reducer(m).trace_log
+        assert len(traces[method]) == 4
+    path = plot_token_maps(x[0], traces, (6, 6), tmp_path / "maps.png", title="t")
+    assert path.is_file() and path.stat().st_size > 1000
+    del model
+
+
+def test_plot_token_maps_hand_made(tmp_path):
+    h = w = 4
+    n = h * w
+    eye = torch.eye(n, dtype=torch.bool)
+    kept = [i for i in range(n) if i not in (0, 5)]
+    gtp_entry = {"block": torch.tensor(0), "source": eye[kept][None], "removed_source": eye[[0, 5]][None],
+                 "weights": torch.rand(1, len(kept), 2) * (torch.rand(1, len(kept), 2) > 0.5)}
+    merged = eye.clone()[1::2]
+    merged[0, 0] = True  # token 0 merged into token 1
+    tome_entry = {"block": torch.tensor(1), "source": torch.cat([eye[2::2], merged])[None]}
+    evit_entry = {"block": torch.tensor(2), "source": eye[2:][None], "removed_source": eye[:2][None]}
+    gray = torch.rand(1, 32, 32)
+    path = plot_token_maps(gray, {"gtp": [gtp_entry], "tome": [tome_entry], "evit": [evit_entry, evit_entry]},
+                           (h, w), tmp_path / "sub" / "hand.png")
+    assert path.is_file() and path.stat().st_size > 1000
+    # an empty trace (e.g. truncate, or r=0) still plots the input
+    assert plot_token_maps(torch.rand(3, 32, 32), {"truncate": []}, (h, w), tmp_path / "empty.png").is_file()
+
+
+def test_plot_pareto_hand_made(tmp_path):
+    rows = [{"method": "dense", "gmacs": 1.0, "top1": 80.0},
+            {"method": "gtp", "gmacs": 0.7, "top1": 79.0, "top1_std": 0.2},
+            {"method": "gtp", "gmacs": 0.5, "top1": 76.0, "top1_std": 0.3},
+            {"method": "tome", "gmacs": 0.5, "top1": 75.5},
+            {"method": "tome", "gmacs": 0.7, "top1": 78.5},
+            {"method": "evit", "gmacs": 0.6, "top1": 74.0},
+            {"method": "other", "gmacs": 0.6, "top1": 70.0}]
+    for suffix in ("png", "svg"):
+        path = plot_pareto(rows, tmp_path / f"p.{suffix}", title="hand")
+        assert path.is_file() and path.stat().st_size > 500
