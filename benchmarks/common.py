@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -13,17 +11,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    proc = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                proc = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
+    from leanvit.analysis import machine_summary
 
-    return f"{proc} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return machine_summary()
 
 
 def command() -> str:

@@ -13,8 +13,10 @@ import os
 import platform
 from pathlib import Path
 
+from ..analysis.machine import machine_info
 from ..errors import ConfigError
-from .common import add_config_arg, add_model_args, add_runtime_args, build_model_from_args, setup_runtime
+from .common import (add_config_arg, add_model_args, add_runtime_args, build_model_from_args, resolve_device,
+                     setup_runtime)
 
 METHODS = ("dense", "gtp", "tome", "evit", "truncate")
 
@@ -38,24 +40,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_runtime_args(p)
     p.set_defaults(func=run)
     return p
-
-
-def _machine(device) -> dict:
-    processor = platform.processor()
-    if not processor:
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    processor = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    info = {"processor": processor, "arch": platform.machine(), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        import torch
-
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _patch(model, args: argparse.Namespace):
@@ -89,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained is None:
         args.pretrained = args.model.startswith("leanvit_") and has_weights(args.model)
     setup_runtime(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args)
     model = build_model_from_args(args).to(device).eval()
     if args.method != "dense":
         model = _patch(model, args)
@@ -112,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "torch": torch.__version__,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": _machine(device),
+        "machine": machine_info(device),
     }
     schedule = ", ".join(f"{k}={v}" for k, v in (("r", args.r), ("budget", args.budget)) if v is not None)
     print(f"model        {args.model}")

@@ -99,3 +99,33 @@ def save_resolved(args: argparse.Namespace, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     values = {k: v for k, v in vars(args).items() if k not in ("func", "config")}
     path.write_text(yaml.safe_dump(values, sort_keys=True))
+
+
+def parse_options(items: list[str], per_method: bool = False) -> dict[str, Any]:
+    """``OPT=VALUE`` items (values parsed as YAML: numbers, booleans, null) into a dict.
+
+    With ``per_method`` the items are ``METHOD.OPT=VALUE`` and the result is ``{method: {opt: value}}``.
+    """
+    out: dict[str, Any] = {}
+    form = "METHOD.OPTION=VALUE (e.g. gtp.alpha=0.2)" if per_method else "OPTION=VALUE (e.g. alpha=0.2)"
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        method, dot, opt = key.partition(".")
+        if not sep or not key or (per_method and not (dot and method and opt)):
+            raise ConfigError(f"option must look like {form}, got '{item}'")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"cannot read the value of option '{item}'") from None
+        if per_method:
+            out.setdefault(method.strip(), {})[opt.strip()] = parsed
+        else:
+            out[key] = parsed
+    return out
+
+
+def resolve_device(args: argparse.Namespace):
+    import torch
+
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -11,11 +11,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
 from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
-                     setup_runtime)
+                     parse_options, resolve_device, setup_runtime)
 
 
 def _floats(text: str) -> list[float]:
@@ -27,18 +25,6 @@ def _floats(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def parse_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``["gtp.alpha=0.2", "evit.fuse=sum"]`` -> ``{"gtp": {"alpha": 0.2}, "evit": {"fuse": "sum"}}``."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        method, dot, opt = key.partition(".")
-        if not sep or not dot or not opt:
-            raise ConfigError(f"method option must look like METHOD.OPTION=VALUE (e.g. gtp.alpha=0.2), got '{item}'")
-        out.setdefault(method.strip(), {})[opt.strip()] = yaml.safe_load(value)
-    return out
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -72,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from ..vis import plot_pareto
 
     setup_runtime(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    options = parse_method_options(args.option)
+    device = resolve_device(args)
+    options = parse_options(args.option, per_method=True)
     for m in options:
         if m not in args.methods:
             raise ConfigError(f"option given for '{m}', which is not among --methods {','.join(args.methods)}")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
-                     setup_runtime)
+                     parse_options, resolve_device, setup_runtime)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -33,21 +33,14 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import evaluate
 
     setup_runtime(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args)
     model = build_model_from_args(args).to(device)
     extra = {}
     if args.method != "dense":
-        import yaml
-
         from .. import get_reducer, patch
         from ..errors import ConfigError
 
-        opts = {}
-        for item in args.option:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"method option must look like OPT=VALUE, got '{item}'")
-            opts[key.strip()] = yaml.safe_load(value)
+        opts = parse_options(args.option)
         if args.r is None and args.budget is None:
             raise ConfigError(f"--method {args.method} needs --r or --budget")
         patch(model, args.method, r=args.r, budget=args.budget, **opts)

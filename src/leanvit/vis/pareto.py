@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._figure import save_figure
+
 _STYLE = {"dense": ("black", "*"), "gtp": ("tab:red", "o"), "tome": ("tab:blue", "s"), "evit": ("tab:green", "^"),
           "truncate": ("tab:gray", "x")}
 
@@ -36,9 +38,4 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     ax.legend(frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ._figure import save_figure
+
 
 def _grid_image(image: torch.Tensor) -> np.ndarray:
     img = image.detach().float().cpu()
@@ -107,9 +109,4 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
