@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 from pathlib import Path
 
 from ..analysis.machine import machine_info
