@@ -55,11 +55,17 @@ def split_topk(score: torch.Tensor, num_remove: int) -> tuple[torch.Tensor, torc
     return kept, removed
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, idx[b]]`` for ``x (B, N, C)`` or ``(B, N)`` and ``idx (B, K)``."""
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """``x[b, offset + idx[b]]`` for ``x (B, N, C)`` or ``(B, N)`` and ``idx (B, K)``.
+
+    Rows are copied with one ``index_select`` on the flattened batch, several times faster on CPU than
+    ``gather`` with an index expanded over channels.
+    """
+    B, N = x.shape[:2]
+    flat = (idx + (offset + torch.arange(B, device=idx.device) * N)[:, None]).reshape(-1)
     if x.dim() == 2:
-        return x.gather(1, idx)
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return x.reshape(B * N).index_select(0, flat).view(B, -1)
+    return x.reshape(B * N, x.shape[-1]).index_select(0, flat).view(B, -1, x.shape[-1])
 
 
 def sparsify_attention(attn: torch.Tensor, theta: float) -> torch.Tensor:

@@ -108,7 +108,9 @@ def _patch(model: nn.Module, method: str, cls: type[TokenReducer], r: Any, budge
             if reached <= budget * dense or target <= 0.05:
                 break
             remove_patch(model)
-            target -= reached / dense - budget + 1e-4
+            # the method's own MACs on top of the token-count model; aim that much lower
+            analytic = (block_macs(info.blocks, schedule, info.num_prefix, info.num_image) + other) / dense
+            target = min(target - 1e-4, budget - (reached / dense - analytic))
         else:  # every try was removed again: never hand back a silently unpatched model
             raise ConfigError(f"'{method}' could not reach budget {budget}: its own work keeps the measured MACs "
                               f"above the target; use a larger budget or r=")

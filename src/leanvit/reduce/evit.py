@@ -68,18 +68,18 @@ class EViTReducer(TokenReducer):
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix
-        img = x[:, P:]
+        n_img = x.shape[1] - P
         score = attn.cls_probs[:, :, P:].mean(1)  # (B, N)
         drop = r + 1 if self.fuse else r
-        if drop >= img.shape[1]:
-            raise ConfigError(f"EViT cannot remove {r} of {img.shape[1]} tokens at block {i} and fuse the rest")
+        if drop >= n_img:
+            raise ConfigError(f"EViT cannot remove {r} of {n_img} tokens at block {i} and fuse the rest")
         kept, removed = split_topk(score, drop)
-        parts = [x[:, :P], gather_tokens(img, kept)]
+        parts = [x[:, :P], gather_tokens(x, kept, offset=P)]
         if self.fuse:
             w = gather_tokens(score, removed).unsqueeze(-1)  # (B, r+1, 1)
             if self.fuse == "mean":
                 w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-            parts.append((gather_tokens(img, removed) * w).sum(1, keepdim=True))
+            parts.append((gather_tokens(x, removed, offset=P) * w).sum(1, keepdim=True))
         if self.trace:
             src = self.source.float()
             new = [gather_tokens(src, kept)]

@@ -39,7 +39,7 @@ class GTPReducer(TokenReducer):
 
     name = "gtp"
     tracks_sizes = True
-    _per_forward = TokenReducer._per_forward + ("graph", "index", "_batch", "_prefix_idx")
+    _per_forward = TokenReducer._per_forward + ("graph", "index", "_row_offset", "_prefix_idx")
 
     def __init__(self, info: ViTInfo, schedule: list[int], graph: str = "mixed", k: int = 8, score: str = "mixed",
                  alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, trace: bool = False):
@@ -78,7 +78,7 @@ class GTPReducer(TokenReducer):
             # original position of every current image token: the graph restricted to the kept tokens is
             # graph[index][:, index], so it is never copied, only indexed
             self.index = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
-            self._batch = torch.arange(B, device=x.device)[:, None, None]
+            self._row_offset = (torch.arange(B, device=x.device) * self.info.num_image)[:, None]
             self._prefix_idx = torch.arange(P, device=x.device)[None]
 
     def needs_probs(self, i: int) -> bool:
@@ -86,30 +86,31 @@ class GTPReducer(TokenReducer):
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix
-        img = x[:, P:]  # (B, N, C)
         with record_function("leanvit.gtp.select"):
             if self.score == "random":
-                score = torch.rand(img.shape[:2], device=x.device)
+                score = torch.rand(x.shape[0], x.shape[1] - P, device=x.device)
             else:
                 score = attention_score(attn.probs, P, self.score, self.info.has_cls)  # (B, N)
             kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current tokens
         with record_function("leanvit.gtp.propagate"):
-            return self._propagate(x, img, kept, removed, P)
+            return self._propagate(x, kept, removed, P)
 
-    def _propagate(self, x: torch.Tensor, img: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor,
-                   P: int) -> torch.Tensor:
+    def _propagate(self, x: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, P: int) -> torch.Tensor:
+        B, N0 = self.graph.shape[:2]
         kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
-        w = self.graph[self._batch, kept_orig[:, :, None], removed_orig[:, None, :]]  # (B, K, r)
-        # one gather builds the output (prefix + kept tokens); propagation is added in place
-        keep_all = torch.cat([self._prefix_idx.expand(x.shape[0], -1), kept + P], dim=1)  # (B, P + K)
+        # A_hat[kept, removed] read from the original graph: the graph restricted to the kept tokens is never built
+        lin = (kept_orig + self._row_offset)[:, :, None] * N0 + removed_orig[:, None, :]
+        w = self.graph.reshape(-1)[lin]  # (B, K, r)
+        # one row copy builds the output (prefix + kept tokens); propagation is added in place
+        keep_all = torch.cat([self._prefix_idx.expand(B, -1), kept + P], dim=1)  # (B, P + K)
         out = gather_tokens(x, keep_all)
-        out[:, P:].baddbmm_(w, gather_tokens(img, removed), alpha=self.alpha)
+        out[:, P:].add_(torch.bmm(w, gather_tokens(x, removed, offset=P)), alpha=self.alpha)
         if self.prop_attn:
             size = self._sizes_or_ones(x)
-            s_img = size[:, P:]
-            s_kept = gather_tokens(s_img, kept) + self.alpha * (w @ gather_tokens(s_img, removed).unsqueeze(-1)
-                                                                ).squeeze(-1)
-            self._size = torch.cat([size[:, :P], s_kept], dim=1)
+            new_size = gather_tokens(size, keep_all)
+            new_size[:, P:].add_(torch.bmm(w, gather_tokens(size, removed, offset=P).unsqueeze(-1)).squeeze(-1),
+                                 alpha=self.alpha)
+            self._size = new_size
         self.index = kept_orig
         self.report["lost_tokens"] += (w.sum(1) == 0).sum()  # a tensor: no device sync in the forward
         self.report["removed_tokens"] += removed.numel()
