@@ -14,20 +14,21 @@ GRAPHS = ("spatial", "semantic", "mixed")
 
 
 @lru_cache(maxsize=16)
-def _spatial_cpu(h: int, w: int) -> torch.Tensor:
+def _spatial(h: int, w: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    # cached per device so that a CUDA forward does not copy the grid graph from the host every time
     rows = torch.arange(h).repeat_interleave(w)
     cols = torch.arange(w).repeat(h)
     dr = (rows[:, None] - rows[None, :]).abs()
     dc = (cols[:, None] - cols[None, :]).abs()
     adj = (dr <= 1) & (dc <= 1)
     adj.fill_diagonal_(False)
-    return adj.float()
+    return adj.to(device=device, dtype=dtype)
 
 
 def spatial_adjacency(grid: tuple[int, int], device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """0/1 adjacency ``(N, N)`` of the 8-neighbourhood on an ``(h, w)`` grid (row-major tokens, no self loops)."""
-    return _spatial_cpu(int(grid[0]), int(grid[1])).to(device=device, dtype=dtype)
+    return _spatial(int(grid[0]), int(grid[1]), str(torch.device(device)), dtype)
 
 
 def semantic_adjacency(x: torch.Tensor, k: int = 8) -> torch.Tensor:
