@@ -175,10 +175,12 @@ class Trainer:
             lr=cfg.lr)
         from timm.scheduler import CosineLRScheduler
 
+        # linear warmup, then one cosine cycle that ends at min_lr on the last step (with warmup_prefix the cosine
+        # starts after the warmup, so it spans the remaining steps)
+        warmup = min(int(cfg.warmup_epochs * self.steps_per_epoch), self.total_steps - 1)
         self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=self.total_steps, lr_min=cfg.min_lr,
-            warmup_t=int(cfg.warmup_epochs * self.steps_per_epoch), warmup_lr_init=cfg.lr * 1e-3,
-            warmup_prefix=True, t_in_epochs=False)
+            self.optimizer, t_initial=max(self.total_steps - warmup, 1), lr_min=cfg.min_lr,
+            warmup_t=warmup, warmup_lr_init=cfg.lr * 1e-3, warmup_prefix=True, t_in_epochs=False)
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             from timm.data import Mixup
@@ -321,10 +323,11 @@ class Trainer:
         if self.epoch >= cfg.epochs:
             log(f"nothing to do: {self.epoch} of {cfg.epochs} epochs already done ({self.last_path})")
         while self.epoch < cfg.epochs:
-            row = {"epoch": self.epoch + 1, "step": 0, "lr": self.optimizer.param_groups[0]["lr"]}
+            row = {"epoch": self.epoch + 1, "step": 0}
             row.update(self._train_epoch())
             broadcast_buffers(self.step_module, self.dist)  # every rank ends the epoch with rank 0's BN statistics
             row["step"] = self.step
+            row["lr"] = self.optimizer.param_groups[0]["lr"]  # at the end of the epoch
             if self.val_set is not None and self.dist.is_main:
                 loader = DataLoader(self.val_set, batch_size=cfg.eval_batch_size, shuffle=False,
                                     num_workers=cfg.workers)
