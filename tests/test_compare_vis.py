@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+
 import pytest
 import timm
 import torch
@@ -180,3 +182,39 @@ def test_plot_pareto_hand_made(tmp_path):
     for suffix in ("png", "svg"):
         path = plot_pareto(rows, tmp_path / f"p.{suffix}", title="hand")
         assert path.is_file() and path.stat().st_size > 500
+
+
+def test_cli_compare_timm_checkpoint_on_imagefolder(run_cli, tmp_path):
+    """The path a DeiT + ImageNet user takes: a timm model name, a checkpoint file, an ImageFolder."""
+    from PIL import Image
+
+    from leanvit.engine import save_weights
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "val"
+    for c in ("n01440764", "n01443537"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, size=(180, 200, 3), dtype=np.uint8)).save(root / c / f"{i}.JPEG")
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=2)
+    ckpt = tmp_path / "test_vit.safetensors"
+    save_weights(model, ckpt)
+    out_json = tmp_path / "rows.json"
+    code, out, err = run_cli("compare", "--model", "test_vit", "--weights", str(ckpt), "--num-classes", "2",
+                             "--data", f"imagefolder:{tmp_path}", "--methods", "dense,gtp,tome,evit",
+                             "--budgets", "0.8", "--bench-runs", "1", "--bench-batch", "2", "--json", str(out_json),
+                             "--no-progress")
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["images"] == 6  # the 'val' sub-folder was picked for evaluation
+    dense = data["rows"][0]
+    # the checkpoint was loaded: dense accuracy equals the in-process model's on the same transformed images
+    from leanvit.data import build_dataset
+
+    ds = build_dataset(f"imagefolder:{tmp_path}", "test", model)
+    with torch.no_grad():
+        preds = model.eval()(torch.stack([ds[i][0] for i in range(len(ds))])).argmax(-1)
+    expected = 100.0 * (preds == torch.tensor([ds[i][1] for i in range(len(ds))])).float().mean().item()
+    assert dense["method"] == "dense" and abs(dense["top1"] - expected) < 1e-6
+    assert all(r["macs_ratio"] <= 0.8 + 1e-9 for r in data["rows"][1:])

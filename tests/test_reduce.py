@@ -381,7 +381,8 @@ def _vit(**kw):
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=4, **kw)
+    args = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=4)
+    return VisionTransformer(**{**args, **kw})
 
 
 def _unsupported():
@@ -392,12 +393,10 @@ def _unsupported():
         "sequential": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()),
         "res_post_block": lambda: _vit(block_fn=ResPostBlock),
         "parallel_scaling_block": lambda: _vit(block_fn=ParallelScalingBlock),
-        "dynamic_img_size": lambda: _vit(dynamic_img_size=True),
     }
 
 
-@pytest.mark.parametrize("name", ["resnet", "sequential", "res_post_block", "parallel_scaling_block",
-                                  "dynamic_img_size"])
+@pytest.mark.parametrize("name", ["resnet", "sequential", "res_post_block", "parallel_scaling_block"])
 @pytest.mark.parametrize("amount", [dict(r=1), dict(budget=0.8)])
 def test_unsupported_models(name, amount):
     model = _unsupported()[name]()
@@ -418,10 +417,23 @@ def test_unsupported_models(name, amount):
 def test_unsupported_message_names_reason():
     with pytest.raises(UnsupportedModelError, match="ResPostBlock"):
         leanvit.patch(_unsupported()["res_post_block"](), "tome", r=1)
-    with pytest.raises(UnsupportedModelError, match="dynamic_img_size"):
-        leanvit.patch(_unsupported()["dynamic_img_size"](), "tome", r=1)
     with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
         leanvit.patch(nn.Linear(2, 2), "tome", r=1)
+
+
+@pytest.mark.parametrize("method", ["gtp", "tome", "evit"])
+def test_dynamic_img_size_model_at_native_size(method):
+    """dynamic_img_size models work at their native size and fail clearly at another size."""
+    model = _vit(img_size=64, dynamic_img_size=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        leanvit.patch(model, method, r=0)
+        assert torch.allclose(model(x), ref, atol=1e-5)
+        leanvit.patch(model, method, r=1)
+        assert model.forward_features(x).shape[1] == model.num_prefix_tokens + 16 - 2
+        with pytest.raises(UnsupportedModelError, match="native size"):
+            model(torch.randn(1, 3, 96, 96))
 
 
 # ================================================================================ 7. GTP specifics

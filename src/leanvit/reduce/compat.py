@@ -57,8 +57,6 @@ def inspect_vit(model: nn.Module) -> ViTInfo:
     """Check that ``model`` is a ViT leanvit can patch and describe it; raise UnsupportedModelError if not."""
     if not isinstance(model, VisionTransformer):
         _fail(model, "it is not a timm VisionTransformer")
-    if getattr(model, "dynamic_img_size", False):
-        _fail(model, "dynamic_img_size=True is not supported (the token grid must be fixed)")
     if not isinstance(model.blocks, nn.Sequential) or len(model.blocks) == 0:
         _fail(model, "model.blocks is not a non-empty nn.Sequential")
     shapes = []
@@ -170,6 +168,12 @@ class ReducingBlock(TimmBlock):
         red = self._leanvit_reducer
         i = self._leanvit_index
         if i == 0:
+            n_img = x.shape[1] - red.info.num_prefix
+            if n_img != red.info.num_image:
+                raise UnsupportedModelError(
+                    f"the input gives {n_img} image tokens but the patch was set up for the model's "
+                    f"{red.info.grid[0]}x{red.info.grid[1]} grid ({red.info.num_image} tokens); token reduction "
+                    f"needs images of the model's native size")
             red.begin(x)
         a = attention_forward(self.attn, self.norm1(x), size_bias=red.size_bias(), need_probs=red.needs_probs(i),
                               need_keys=red.needs_keys(i), need_cls_probs=red.needs_cls_probs(i), theta=red.theta)
