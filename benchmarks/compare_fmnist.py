@@ -56,6 +56,12 @@ def main() -> None:
           f"`gtp-random` ranks tokens at random (mean ± std over {args.seeds} seeds).\n\n```\n{table}\n```\n\n"
           f"![accuracy vs GMACs](docs/compare_fmnist.png)")
     write(args.name, {"model": name, "options": options, "rows": [r.as_dict() for r in rows + rand]}, md)
+    # token maps of the three methods for one test image, for the README
+    from leanvit.cli.main import main as cli
+
+    opts = [a for m, o in options.items() for k, v in o.items() for a in ("-O", f"{m}.{k}={v}")]
+    cli(["vis", "--model", name, "--index", "0", "--budget", "0.6", "-o", str(DOCS / "token_maps.png"),
+         "--no-progress", *opts])
 
 
 if __name__ == "__main__":

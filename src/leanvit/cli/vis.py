@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args, setup_runtime
+from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
+                     parse_options, setup_runtime)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -17,6 +18,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--methods", default="gtp,tome,evit", help="comma-separated methods (default: gtp,tome,evit)")
     p.add_argument("--budget", type=float, default=0.6, help="fraction of dense MACs to keep (default: 0.6)")
     p.add_argument("--r", type=int, default=None, help="tokens removed per block instead of --budget")
+    p.add_argument("--option", "-O", action="append", default=[], metavar="METHOD.OPT=VALUE",
+                   help="method option, repeatable (e.g. -O gtp.alpha=0.2)")
     p.add_argument("--output", "-o", default="token_maps.png", help="PNG file to write")
     add_runtime_args(p)
     p.set_defaults(func=run)
@@ -41,10 +44,15 @@ def run(args: argparse.Namespace) -> int:
     image, label = ds[args.index]
     info = inspect_vit(model)
     traces, preds = {}, {}
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options = parse_options(args.option, per_method=True)
+    for m in options:
+        if m not in methods:
+            raise ConfigError(f"option given for '{m}', which is not among --methods {','.join(methods)}")
+    for method in methods:
         variant = copy.deepcopy(model)
         amount = {"r": args.r} if args.r is not None else {"budget": args.budget}
-        patch(variant, method, trace=True, **amount)
+        patch(variant, method, trace=True, **amount, **options.get(method, {}))
         with torch.no_grad():
             logits = variant(image.unsqueeze(0))
         preds[method] = int(logits.argmax(-1))
