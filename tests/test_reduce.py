@@ -498,19 +498,23 @@ def test_gtp_alpha_matters_and_lost_tokens():
     x = image(96)
     outs = {}
     for alpha in (0.0, 0.4):
-        leanvit.patch(model, "gtp", r=6, alpha=alpha)
+        leanvit.patch(model, "gtp", r=6, alpha=alpha, stats=True)
         outs[alpha] = run(model, x)
         rep = get_reducer(model).report
         lost = int(rep["lost_tokens"])
         assert 0 <= lost <= int(rep["removed_tokens"]) == 2 * 18
     assert not torch.allclose(outs[0.0], outs[0.4], atol=1e-4)
     # a spatial graph with heavy removal loses tokens whose neighbours were all removed before
-    leanvit.patch(model, "gtp", r=[17, 9, 5], graph="spatial", score="random")
+    leanvit.patch(model, "gtp", r=[17, 9, 5], graph="spatial", score="random", stats=True)
     for seed in range(3):
         torch.manual_seed(seed)
         model(image(96, seed=seed))
     rep = get_reducer(model).report
     assert int(rep["removed_tokens"]) == 3 * 2 * 31 and 0 <= int(rep["lost_tokens"]) <= 3 * 2 * 31
+    # without stats nothing is counted
+    leanvit.patch(model, "gtp", r=6)
+    model(x)
+    assert int(get_reducer(model).report["removed_tokens"]) == 0
 
 
 @pytest.mark.parametrize("graph", ["spatial", "semantic", "mixed"])

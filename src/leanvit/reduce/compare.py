@@ -95,7 +95,8 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
         if loader is not None:
             n_seeds = seeds if _is_random(method_options.get(method, {})) else 1
             accs = []
-            if red is not None and "lost_tokens" in red.report:
+            if red is not None and hasattr(red, "stats"):
+                red.stats = True
                 red.report.update(lost_tokens=0, removed_tokens=0)
             for s in range(n_seeds):
                 torch.manual_seed(s)
@@ -104,8 +105,10 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
             row.top1 = statistics.fmean(accs)
             row.top1_std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             row.seeds = n_seeds
-        if red is not None and "lost_tokens" in red.report:
+        if red is not None and getattr(red, "stats", False):
             row.extra["lost_token_fraction"] = float(red.report["lost_tokens"]) / max(red.report["removed_tokens"], 1)
+        if red is not None and hasattr(red, "stats"):
+            red.stats = False  # timed without the bookkeeping
         rows.append(row)
     if bench_runs > 0:
         named = {f"{m}@{b}": v for m, b, v in variants}

@@ -35,15 +35,20 @@ class GTPReducer(TokenReducer):
         alpha: propagation coefficient (the paper's DeiT settings use 0.1-0.4).
         prop_attn: token sizes with proportional attention (recommended).
         theta: attention sparsification keep ratio (1 = off).
+        stats: count removed tokens that had no kept neighbour (their features are lost) in
+            ``report["lost_tokens"]`` / ``report["removed_tokens"]``, summed over forwards (a few extra ops per
+            block; ``leanvit compare`` turns it on).
     """
 
     name = "gtp"
     tracks_sizes = True
-    _per_forward = TokenReducer._per_forward + ("graph", "index", "_row_offset", "_prefix_idx")
+    _per_forward = TokenReducer._per_forward + ("graph", "index", "_batch", "_prefix_rows")
 
     def __init__(self, info: ViTInfo, schedule: list[int], graph: str = "mixed", k: int = 8, score: str = "mixed",
-                 alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, trace: bool = False):
+                 alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, stats: bool = False,
+                 trace: bool = False):
         super().__init__(info, schedule, prop_attn=prop_attn, theta=theta, trace=trace)
+        self.stats = bool(stats)
         if graph not in GRAPHS:
             raise ConfigError(f"unknown GTP graph '{graph}'; choose one of {', '.join(GRAPHS)}")
         if score not in SCORES:
@@ -78,8 +83,8 @@ class GTPReducer(TokenReducer):
             # original position of every current image token: the graph restricted to the kept tokens is
             # graph[index][:, index], so it is never copied, only indexed
             self.index = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
-            self._row_offset = (torch.arange(B, device=x.device) * self.info.num_image)[:, None]
-            self._prefix_idx = torch.arange(P, device=x.device)[None]
+            self._batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            self._prefix_rows = torch.arange(P, device=x.device).expand(B, P)  # (B, P)
 
     def needs_probs(self, i: int) -> bool:
         return self.schedule[i] > 0 and self.score != "random"
@@ -91,29 +96,32 @@ class GTPReducer(TokenReducer):
                 score = torch.rand(x.shape[0], x.shape[1] - P, device=x.device)
             else:
                 score = attention_score(attn.probs, P, self.score, self.info.has_cls)  # (B, N)
-            kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current tokens
+            kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current image tokens
         with record_function("leanvit.gtp.propagate"):
             return self._propagate(x, kept, removed, P)
 
     def _propagate(self, x: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, P: int) -> torch.Tensor:
-        B, N0 = self.graph.shape[:2]
+        # Written for few kernel launches: this runs in every block, and at batch 1 launch overhead is the cost.
+        B, N, C = x.shape
+        N0 = self.graph.shape[1]
+        base = self._batch * N  # row offset of each image in the flattened (B * N, C) tokens
+        rows_keep = (torch.cat([self._prefix_rows, kept + P], dim=1) + base).view(-1)  # prefix + kept tokens
+        rows_rm = (removed + (P + base)).view(-1)
         kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
-        # A_hat[kept, removed] read from the original graph: the graph restricted to the kept tokens is never built
-        lin = (kept_orig + self._row_offset)[:, :, None] * N0 + removed_orig[:, None, :]
-        w = self.graph.reshape(-1)[lin]  # (B, K, r)
-        # one row copy builds the output (prefix + kept tokens); propagation is added in place
-        keep_all = torch.cat([self._prefix_idx.expand(B, -1), kept + P], dim=1)  # (B, P + K)
-        out = gather_tokens(x, keep_all)
-        out[:, P:].add_(torch.bmm(w, gather_tokens(x, removed, offset=P)), alpha=self.alpha)
+        # A_hat[kept, removed], read from the original graph (the restricted graph is never built)
+        w = self.graph.view(-1)[((kept_orig + self._batch * N0) * N0).unsqueeze(-1) + removed_orig.unsqueeze(1)]
+        xf = x.reshape(B * N, C)
+        out = xf.index_select(0, rows_keep).view(B, -1, C)
+        out[:, P:].baddbmm_(w, xf.index_select(0, rows_rm).view(B, -1, C), alpha=self.alpha)
         if self.prop_attn:
-            size = self._sizes_or_ones(x)
-            new_size = gather_tokens(size, keep_all)
-            new_size[:, P:].add_(torch.bmm(w, gather_tokens(size, removed, offset=P).unsqueeze(-1)).squeeze(-1),
-                                 alpha=self.alpha)
-            self._size = new_size
+            sf = self._sizes_or_ones(x).reshape(B * N, 1)
+            size = sf.index_select(0, rows_keep).view(B, -1, 1)
+            size[:, P:].baddbmm_(w, sf.index_select(0, rows_rm).view(B, -1, 1), alpha=self.alpha)
+            self._size = size.view(B, -1)
         self.index = kept_orig
-        self.report["lost_tokens"] += (w.sum(1) == 0).sum()  # a tensor: no device sync in the forward
-        self.report["removed_tokens"] += removed.numel()
+        if self.stats:
+            self.report["lost_tokens"] += (w.sum(1) == 0).sum()  # a tensor: no device sync in the forward
+            self.report["removed_tokens"] += removed.numel()
         if self.trace:
             self._trace_extra = {"kept": kept, "removed": removed, "weights": w.detach(),
                                  "removed_source": gather_tokens(self.source.float(), removed).bool()}
