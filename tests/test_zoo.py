@@ -1,0 +1,54 @@
+"""The shipped reference models: they load offline through timm and reach their accuracy targets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+import leanvit
+from leanvit.data import build_dataset
+from leanvit.data.fashion_mnist import DEFAULT_ROOT
+from leanvit.engine import evaluate
+from leanvit.zoo import RUNS_DIR, has_weights
+
+TARGETS = {"leanvit_vit_fm_teacher": 90.0, "leanvit_vit_fm_student": 88.0}
+SHIPPED = [m for m in TARGETS if has_weights(m)]
+
+
+def test_reference_models_registered():
+    assert set(TARGETS) <= set(leanvit.list_models())
+    for name in TARGETS:
+        cfg = timm.create_model(name, pretrained=False).pretrained_cfg
+        assert cfg["input_size"] == (1, 28, 28) and len(cfg["mean"]) == 1 and len(cfg["std"]) == 1
+
+
+def test_student_is_a_third_of_the_teacher():
+    from leanvit.analysis import count_macs
+
+    t = count_macs(timm.create_model("leanvit_vit_fm_teacher")).macs
+    s = count_macs(timm.create_model("leanvit_vit_fm_student")).macs
+    assert 0.25 < s / t < 0.4
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_run_is_documented(name):
+    run = RUNS_DIR / name
+    for f in ("config.yaml", "command.txt", "log.csv", "eval.json"):
+        assert (run / f).is_file(), f"{run / f} missing"
+    assert "leanvit train" in (run / "command.txt").read_text()
+
+
+@pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="needs apt-get install -y dataset-fashion-mnist")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_meets_target(name):
+    torch.set_num_threads(2)
+    model = timm.create_model(name, pretrained=True).eval()
+    res = evaluate(model, DataLoader(build_dataset("fmnist", "test", model), batch_size=500), progress=False)
+    recorded = json.loads((RUNS_DIR / name / "eval.json").read_text())
+    assert res.n == 10_000
+    assert abs(res.top1 - recorded["top1"]) < 0.02  # the shipped file is the one that was measured
+    assert res.top1 >= TARGETS[name]
