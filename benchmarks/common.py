@@ -17,7 +17,13 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python " + shlex.join(sys.argv)
+    """The command as run from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(Path(__file__).resolve().parents[1])
+    except ValueError:
+        pass
+    return "python " + shlex.join([str(script), *sys.argv[1:]])
 
 
 def today() -> str:
