@@ -19,6 +19,8 @@ SECTIONS = [
     ("tune_gtp", "GTP settings chosen on the held-out split",
      "GTP's alpha and graph were chosen on the 5,000 held-out training images (`--split val`), never on the test "
      "set. Script: `benchmarks/tune_gtp.py`."),
+    ("gtp_scores", "GTP selection scores on the held-out split",
+     "Which tokens GTP propagates away, scored six ways. Script: `benchmarks/ablate_gtp_score.py`."),
     ("speed_deit", "Token reduction speed on DeiT-S / DeiT-B at 224 (CPU)",
      "Script: `benchmarks/speed_deit.py`."),
     ("gtp_overhead", "GTP overhead profile", "Script: `benchmarks/gtp_overhead.py`."),
