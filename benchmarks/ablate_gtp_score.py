@@ -8,15 +8,12 @@ import argparse
 import copy
 
 import torch
-from torch.utils.data import DataLoader
 
 import leanvit
-from leanvit.cli.common import default_model
-from leanvit.data import build_dataset
 from leanvit.engine import evaluate
 from leanvit.ops.select import SCORES
 
-from common import write
+from common import reference_eval, write
 
 
 def main() -> None:
@@ -30,9 +27,7 @@ def main() -> None:
     p.add_argument("--name", default="gtp_scores")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    name = args.model or default_model()
-    model = leanvit.create_model(name, pretrained=True).eval()
-    loader = DataLoader(build_dataset("fmnist", "val", model, limit=args.limit), batch_size=256)
+    name, model, loader = reference_eval(args.model, "val", args.limit)
     dense = evaluate(model, loader, progress=False).top1
     rows = []
     for score in SCORES:

@@ -37,3 +37,16 @@ def write(name: str, data: dict, markdown: str) -> None:
     header = f"_Command_: `{command()}`  \n_Machine_: {machine()}  \n_Date_: {today()}\n\n"
     (RESULTS / f"{name}.md").write_text(header + markdown.strip() + "\n")
     print(markdown)
+
+
+def reference_eval(model: str | None, split: str, limit: int | None = None, batch_size: int = 256):
+    """``(name, model, loader)``: a shipped reference model (default: the README's) and a Fashion-MNIST split."""
+    from torch.utils.data import DataLoader
+
+    import leanvit
+    from leanvit.cli.common import default_model
+    from leanvit.data import build_dataset
+
+    name = model or default_model()
+    net = leanvit.create_model(name, pretrained=True).eval()
+    return name, net, DataLoader(build_dataset("fmnist", split, net, limit=limit), batch_size=batch_size)

@@ -12,15 +12,11 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-import leanvit
-from leanvit.cli.common import default_model
-from leanvit.data import build_dataset
 from leanvit.reduce.compare import format_table, run_comparison
 from leanvit.vis import plot_pareto
 
-from common import RESULTS, write
+from common import RESULTS, reference_eval, write
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -34,11 +30,9 @@ def main() -> None:
     p.add_argument("--name", default="compare_fmnist")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    name = args.model or default_model()
-    model = leanvit.create_model(name, pretrained=True).eval()
+    name, model, loader = reference_eval(args.model, "test")
     tuned = RESULTS / "tune_gtp.json"
     options = json.loads(tuned.read_text())["chosen"] if tuned.is_file() else {}
-    loader = DataLoader(build_dataset("fmnist", "test", model), batch_size=256)
     methods = ["dense", "gtp", "tome", "evit"]
     rows = run_comparison(model, loader, methods, args.budgets, options, seeds=args.seeds, bench_batch=32,
                           bench_runs=5, progress=False)

@@ -55,7 +55,8 @@ def main() -> None:
                              "efficiency": (gain / ideal_gain) if k not in ("dense",) and ideal_gain > 0 else None,
                              "schedule": red.schedule if red else []})
     md = [f"Budget {args.budget} of dense MACs; {args.threads} threads; median over {args.rounds} interleaved rounds "
-          f"of {args.runs} runs (x10 at batch 1). *Efficiency* = (speed-up - 1) / (ideal speed-up - 1): the share of the ideal "
+          f"of {args.runs} runs (x10 at batch 1). *Efficiency* = (speed-up - 1) / (ideal speed-up - 1): the share "
+          "of the ideal "
           "truncation's gain that a method keeps.\n",
           "| model | batch | method | GMACs | MACs % | img/s | speed-up | efficiency | schedule |",
           "|---|---|---|---|---|---|---|---|---|"]

@@ -13,14 +13,11 @@ import copy
 import statistics
 
 import torch
-from torch.utils.data import DataLoader
 
 import leanvit
-from leanvit.cli.common import default_model
-from leanvit.data import build_dataset
 from leanvit.engine import evaluate
 
-from common import write
+from common import reference_eval, write
 
 
 def score(model, method, budgets, loader, **opts) -> list[float]:
@@ -41,9 +38,7 @@ def main() -> None:
     p.add_argument("--name", default="tune_gtp")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    name = args.model or default_model()
-    model = leanvit.create_model(name, pretrained=True).eval()
-    loader = DataLoader(build_dataset("fmnist", "val", model, limit=args.limit), batch_size=256)
+    name, model, loader = reference_eval(args.model, "val", args.limit)
     dense = evaluate(model, loader, progress=False).top1
     trials = []
     for alpha in args.alphas:
@@ -74,7 +69,7 @@ def main() -> None:
     for r in results:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
         md.append(f"| {r['method']} | {opts} | " + " | ".join(f"{a:.2f}" for a in r["top1"]) + f" | {r['mean']:.2f} |")
-    md.append(f"\nChosen: " + "; ".join(f"{m}: {o or 'defaults'}" for m, o in chosen.items()))
+    md.append("\nChosen: " + "; ".join(f"{m}: {o or 'defaults'}" for m, o in chosen.items()))
     write(args.name, {"model": name, "dense_top1": dense, "results": results, "chosen": chosen,
                       "args": vars(args)}, "\n".join(md))
 

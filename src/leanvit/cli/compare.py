@@ -9,7 +9,6 @@ import datetime as _dt
 import json
 import platform
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError
 from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,

@@ -26,7 +26,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from torch.utils.data import DataLoader
 
     from ..data import build_dataset

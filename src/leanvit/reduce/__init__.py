@@ -70,7 +70,8 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "info", "schedule"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for '{method}'; it takes {', '.join(sorted(allowed))}")
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for '{method}'; "
+                          f"it takes {', '.join(sorted(allowed))}")
     given = [name for name, v in (("r", r), ("budget", budget), ("keep", keep)) if v is not None]
     if len(given) != 1:
         raise ConfigError(f"give exactly one of r=, budget= or keep= (got {', '.join(given) or 'none'})")

@@ -123,7 +123,8 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
 
 def format_table(rows: Sequence[CompareRow]) -> str:
     """A plain-text table of the comparison (the CLI prints it; README and BENCHMARKS.md quote it)."""
-    head = f"{'method':<9} {'budget':>6} {'GMACs':>8} {'MACs %':>7} {'top-1 %':>13} {'img/s':>8} {'speed-up':>8}  schedule"
+    head = (f"{'method':<9} {'budget':>6} {'GMACs':>8} {'MACs %':>7} {'top-1 %':>13} {'img/s':>8} {'speed-up':>8}"
+            "  schedule")
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{r.top1:.2f}" + (f" ± {r.top1_std:.2f}" if r.seeds > 1 else "")

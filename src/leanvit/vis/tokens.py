@@ -3,7 +3,6 @@ merged (ToMe, coloured by group) or pruned/fused (EViT), for one image, as one P
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,9 +36,9 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
         traces: method name -> the reducer's ``trace_log`` for this image (batch element 0).
         grid: the token grid ``(h, w)``.
 
-    Kept tokens show the image; patches removed so far are tinted blue. GTP: red dots mark propagated patches and lines join
-    each to the kept neighbours that received its features (the strongest ``max_arrows`` edges). ToMe: patches merged
-    into one token share a colour. EViT: removed patches fused into the extra token are tinted.
+    Kept tokens show the image; patches removed so far are tinted blue. GTP: red dots mark propagated patches and
+    lines join each to the kept neighbours that received its features (the strongest ``max_arrows`` edges). ToMe:
+    patches merged into one token share a colour. EViT: removed patches fused into the extra token are tinted green.
     """
     import matplotlib
 
