@@ -6,6 +6,7 @@ on the same images, has its MACs counted the same way and its throughput measure
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -128,6 +129,8 @@ def format_table(rows: Sequence[CompareRow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{r.top1:.2f}" + (f" ± {r.top1_std:.2f}" if r.seeds > 1 else "")
+        ips = "-" if math.isnan(r.images_per_s) else f"{r.images_per_s:.1f}"
+        gain = "-" if math.isnan(r.speedup) else f"{r.speedup:.2f}x"
         lines.append(f"{r.method:<9} {r.budget:>6.2f} {r.gmacs:>8.4f} {100 * r.macs_ratio:>6.1f}% {acc:>13} "
-                     f"{r.images_per_s:>8.1f} {r.speedup:>7.2f}x  {r.schedule}")
+                     f"{ips:>8} {gain:>8}  {r.schedule}")
     return "\n".join(lines)
