@@ -50,3 +50,9 @@ def reference_eval(model: str | None, split: str, limit: int | None = None, batc
     name = model or default_model()
     net = leanvit.create_model(name, pretrained=True).eval()
     return name, net, DataLoader(build_dataset("fmnist", split, net, limit=limit), batch_size=batch_size)
+
+
+def tuned_options() -> dict:
+    """Method options chosen on the held-out split by benchmarks/tune_gtp.py (empty if it has not run)."""
+    path = RESULTS / "tune_gtp.json"
+    return json.loads(path.read_text())["chosen"] if path.is_file() else {}

@@ -8,7 +8,6 @@ method's defaults. Writes results/compare_fmnist.{json,md} and docs/compare_fmni
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from leanvit.reduce.compare import format_table, run_comparison
 from leanvit.vis import plot_pareto
 
-from common import RESULTS, reference_eval, write
+from common import reference_eval, tuned_options, write
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -31,8 +30,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     name, model, loader = reference_eval(args.model, "test")
-    tuned = RESULTS / "tune_gtp.json"
-    options = json.loads(tuned.read_text())["chosen"] if tuned.is_file() else {}
+    options = tuned_options()
     methods = ["dense", "gtp", "tome", "evit"]
     rows = run_comparison(model, loader, methods, args.budgets, options, seeds=args.seeds, bench_batch=32,
                           bench_runs=5, progress=False)

@@ -482,15 +482,32 @@ def gtp_reference(model, x, sched, alpha, prop_attn, graph="mixed", k=8):
 
 
 @pytest.mark.parametrize("variant", ["deit", "no_cls_avg", "registers_layerscale"])
-@pytest.mark.parametrize("alpha, prop_attn", [(0.0, False), (0.3, False), (0.3, True)])
-def test_gtp_matches_reference(variant, alpha, prop_attn):
+@pytest.mark.parametrize("alpha, prop_attn, graph", [(0.0, False, "mixed"), (0.3, False, "mixed"),
+                                                    (0.3, True, "mixed"), (0.3, True, "spatial")])
+def test_gtp_matches_reference(variant, alpha, prop_attn, graph):
     model = make(variant, img_size=96, depth=3)
     x = image(96)
     sched = [4, 3, 5]
-    ref = gtp_reference(copy.deepcopy(model), x, sched, alpha, prop_attn)
-    leanvit.patch(model, "gtp", r=sched, alpha=alpha, prop_attn=prop_attn)
+    ref = gtp_reference(copy.deepcopy(model), x, sched, alpha, prop_attn, graph=graph)
+    leanvit.patch(model, "gtp", r=sched, alpha=alpha, prop_attn=prop_attn, graph=graph)
     out = run(model, x)
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("theta", [1.0, 0.8])
+def test_gtp_scored_attention_in_slices_matches_whole_batch(monkeypatch, theta):
+    """On CPU the attention map is computed and scored a slice of the batch at a time; slices must not change
+    anything (one image per slice here, against the whole batch at once)."""
+    from leanvit.reduce import compat
+
+    model = make("registers_layerscale", img_size=96, depth=3)
+    x = torch.cat([image(96, seed=s) for s in range(3)])
+    leanvit.patch(model, "gtp", r=[4, 3, 5], alpha=0.3, theta=theta)
+    whole = run(model, x)
+    monkeypatch.setattr(compat, "CPU_PROBS_CHUNK_BYTES", 1)
+    sliced = run(model, x)
+    assert torch.allclose(whole, sliced, atol=1e-5), (whole - sliced).abs().max()
+    assert torch.allclose(sliced[:2], run(model, x[:2]), atol=1e-5)
 
 
 def test_gtp_alpha_matters_and_lost_tokens():

@@ -31,6 +31,11 @@ def spatial_adjacency(grid: tuple[int, int], device: torch.device | str = "cpu",
     return _spatial(int(grid[0]), int(grid[1]), str(torch.device(device)), dtype)
 
 
+@lru_cache(maxsize=16)
+def _normalized_spatial(h: int, w: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return normalize_adjacency(_spatial(h, w, device, dtype))
+
+
 def semantic_adjacency(x: torch.Tensor, k: int = 8) -> torch.Tensor:
     """0/1 directed adjacency ``(B, N, N)``: row i marks the ``k`` tokens most cosine-similar to token i.
 
@@ -59,7 +64,8 @@ def normalize_adjacency(adj: torch.Tensor) -> torch.Tensor:
 def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: int = 8) -> torch.Tensor:
     """Normalised token graph ``(B, N, N)`` of image tokens ``x (B, N, C)`` laid out on ``grid``.
 
-    ``kind``: ``spatial``, ``semantic`` (k nearest by cosine) or ``mixed`` (their union).
+    ``kind``: ``spatial``, ``semantic`` (k nearest by cosine) or ``mixed`` (their union). The spatial graph is
+    the same for every image: it is returned as a broadcast view (batch stride 0) of one cached matrix.
     """
     B, N, _ = x.shape
     if kind not in GRAPHS:
@@ -67,9 +73,9 @@ def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: 
     if kind in ("spatial", "mixed") and grid[0] * grid[1] != N:
         raise ValueError(f"grid {grid} has {grid[0] * grid[1]} cells but there are {N} image tokens")
     if kind == "spatial":
-        adj = spatial_adjacency(grid, x.device).expand(B, N, N)
-    elif kind == "semantic":
+        return _normalized_spatial(int(grid[0]), int(grid[1]), str(x.device), x.dtype).expand(B, N, N)
+    if kind == "semantic":
         adj = semantic_adjacency(x, k)
     else:
         adj = torch.maximum(semantic_adjacency(x, k), spatial_adjacency(grid, x.device))
-    return normalize_adjacency(adj)
+    return normalize_adjacency(adj).to(x.dtype)

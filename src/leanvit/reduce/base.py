@@ -65,6 +65,11 @@ class TokenReducer:
     def needs_probs(self, i: int) -> bool:
         return False
 
+    def score_fn(self, i: int):
+        """A function from block i's attention probabilities ``(b, H, N, N)`` to token scores ``(b, N_img)``, or
+        None. Cheaper than :meth:`needs_probs` when only a score is needed: the map is never held whole."""
+        return None
+
     def needs_keys(self, i: int) -> bool:
         return False
 

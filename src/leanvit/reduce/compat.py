@@ -11,7 +11,7 @@ Anything not recognised (post-norm blocks, parallel blocks, RoPE attention, anot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,11 +91,18 @@ class AttnOut:
     probs: torch.Tensor | None = None  # (B, H, N, N) post-softmax (after sparsification), if requested
     keys: torch.Tensor | None = None  # (B, H, N, Dh), if requested
     cls_probs: torch.Tensor | None = None  # (B, H, N) attention of the first token (cls), if requested
+    score: torch.Tensor | None = None  # score_fn(probs), if a score function was given
+
+
+# Explicit attention on CPU is computed this many bytes of probabilities at a time, so that each slice of the
+# (B, H, N, N) map is written, normalised, multiplied with V and scored while it is still in cache instead of
+# streaming the whole map through memory four times (found by timing DeiT-S at batch 32; see gtp_overhead.py).
+CPU_PROBS_CHUNK_BYTES = 1 << 21
 
 
 def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.Tensor | None = None,
                       need_probs: bool = False, need_keys: bool = False, need_cls_probs: bool = False,
-                      theta: float = 1.0) -> AttnOut:
+                      theta: float = 1.0, score_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> AttnOut:
     """timm ``Attention.forward`` with an optional additive key bias (``log(size)``, proportional attention),
     the attention probabilities and keys exposed, and GTP's attention sparsification.
 
@@ -105,6 +112,9 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
         size_bias: ``(B, N)`` added to every query's logits for key j (``log s_j``), or None.
         need_cls_probs: the cls query's attention row only (EViT), computed beside fused attention.
         theta: keep ratio of attention entries per head (1 = dense).
+        score_fn: maps probabilities ``(b, H, N, N)`` to per-image scores ``(b, ...)``; applied to slices of the
+            batch on CPU (see ``CPU_PROBS_CHUNK_BYTES``) when the full map is not needed, so that a reducer that
+            only needs a score never holds the whole map.
     """
     B, N, C = x.shape
     heads = attn.num_heads
@@ -115,14 +125,19 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
     q, k, v = qkv.unbind(0)  # (B, H, N, Dh)
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None  # (B, 1, 1, N)
-    probs = None
-    if need_probs or theta < 1.0:
+    probs = score = None
+    if score_fn is not None and not need_probs:
+        with record_function("leanvit.attn.explicit"):
+            out, score = _scored_attention(q, k, v, bias, attn, theta, score_fn)
+    elif need_probs or theta < 1.0 or score_fn is not None:
         # explicit attention: the reducer needs the probabilities (labelled for overhead profiles)
         with record_function("leanvit.attn.explicit"):
             probs = _attention_probs(q, k, bias, attn.scale)
             if theta < 1.0:
                 probs = sparsify_attention(probs, theta)
             out = attn.attn_drop(probs) @ v
+            if score_fn is not None:
+                score = score_fn(probs)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -138,7 +153,26 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return AttnOut(out, probs if need_probs else None, k if need_keys else None, cls_probs)
+    return AttnOut(out, probs if need_probs else None, k if need_keys else None, cls_probs, score)
+
+
+def _scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                      attn: TimmAttention, theta: float, score_fn: Callable[[torch.Tensor], torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit attention output and ``score_fn(probs)``, a slice of the batch at a time on CPU."""
+    B, H, N, _ = q.shape
+    step = B if q.is_cuda else max(1, CPU_PROBS_CHUNK_BYTES // (H * N * N * q.element_size()))
+    outs, scores = [], []
+    for s in range(0, B, step):
+        sl = slice(s, s + step)
+        probs = _attention_probs(q[sl], k[sl], None if bias is None else bias[sl], attn.scale)
+        if theta < 1.0:
+            probs = sparsify_attention(probs, theta)
+        outs.append(attn.attn_drop(probs) @ v[sl])
+        scores.append(score_fn(probs))
+    if len(outs) == 1:
+        return outs[0], scores[0]
+    return torch.cat(outs), torch.cat(scores)
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -176,7 +210,8 @@ class ReducingBlock(TimmBlock):
                     f"needs images of the model's native size")
             red.begin(x)
         a = attention_forward(self.attn, self.norm1(x), size_bias=red.size_bias(), need_probs=red.needs_probs(i),
-                              need_keys=red.needs_keys(i), need_cls_probs=red.needs_cls_probs(i), theta=red.theta)
+                              need_keys=red.needs_keys(i), need_cls_probs=red.needs_cls_probs(i), theta=red.theta,
+                              score_fn=red.score_fn(i))
         x = x + self.drop_path1(self.ls1(a.x))
         x = red.reduce(i, x, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

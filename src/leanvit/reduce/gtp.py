@@ -79,15 +79,20 @@ class GTPReducer(TokenReducer):
             P = self.info.num_prefix
             B = x.shape[0]
             with record_function("leanvit.gtp.graph"):
-                self.graph = build_graph(x[:, P:].detach(), self.info.grid, self.graph_kind, self.k).to(x.dtype)
+                self.graph = build_graph(x[:, P:].detach(), self.info.grid, self.graph_kind, self.k)
             # original position of every current image token: the graph restricted to the kept tokens is
             # graph[index][:, index], so it is never copied, only indexed
             self.index = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
             self._batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
             self._prefix_rows = torch.arange(P, device=x.device).expand(B, P)  # (B, P)
 
-    def needs_probs(self, i: int) -> bool:
-        return self.schedule[i] > 0 and self.score != "random"
+    def score_fn(self, i: int):
+        if self.schedule[i] == 0 or self.score == "random":
+            return None
+        return self._score
+
+    def _score(self, probs: torch.Tensor) -> torch.Tensor:
+        return attention_score(probs, self.info.num_prefix, self.score, self.info.has_cls)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix
@@ -95,7 +100,7 @@ class GTPReducer(TokenReducer):
             if self.score == "random":
                 score = torch.rand(x.shape[0], x.shape[1] - P, device=x.device)
             else:
-                score = attention_score(attn.probs, P, self.score, self.info.has_cls)  # (B, N)
+                score = attn.score  # (B, N), computed beside the attention (attention_forward's score_fn)
             kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current image tokens
         with record_function("leanvit.gtp.propagate"):
             return self._propagate(x, kept, removed, P)
@@ -109,7 +114,10 @@ class GTPReducer(TokenReducer):
         rows_rm = (removed + (P + base)).view(-1)
         kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
         # A_hat[kept, removed], read from the original graph (the restricted graph is never built)
-        w = self.graph.view(-1)[((kept_orig + self._batch * N0) * N0).unsqueeze(-1) + removed_orig.unsqueeze(1)]
+        if self.graph.stride(0) == 0:  # one graph for the whole batch (spatial): index it directly
+            w = self.graph[0].reshape(-1)[(kept_orig * N0).unsqueeze(-1) + removed_orig.unsqueeze(1)]
+        else:
+            w = self.graph.view(-1)[((kept_orig + self._batch * N0) * N0).unsqueeze(-1) + removed_orig.unsqueeze(1)]
         xf = x.reshape(B * N, C)
         out = xf.index_select(0, rows_keep).view(B, -1, C)
         out[:, P:].baddbmm_(w, xf.index_select(0, rows_rm).view(B, -1, C), alpha=self.alpha)
