@@ -169,7 +169,8 @@ def _scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
         if theta < 1.0:
             probs = sparsify_attention(probs, theta)
         outs.append(attn.attn_drop(probs) @ v[sl])
-        scores.append(score_fn(probs))
+        with record_function("leanvit.attn.score"):
+            scores.append(score_fn(probs))
     if len(outs) == 1:
         return outs[0], scores[0]
     return torch.cat(outs), torch.cat(scores)
