@@ -21,7 +21,7 @@ import leanvit
 from leanvit.engine import evaluate
 from leanvit.ops.select import SCORES
 
-from common import reference_eval, write
+from common import reference_eval, tuned_options, write
 
 
 def object_patches(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -62,8 +62,6 @@ def main() -> None:
     p.add_argument("--name", default="gtp_scores")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from common import tuned_options
-
     tuned = tuned_options().get("gtp", {})
     alpha = args.alpha if args.alpha is not None else tuned.get("alpha", 0.1)
     graph = args.graph or tuned.get("graph", "mixed")

@@ -43,36 +43,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     name, model, loader = reference_eval(args.model, "val", args.limit)
     dense = evaluate(model, loader, progress=False).top1
-    trials = []
-    for alpha in args.alphas:
-        trials.append(("gtp", {"alpha": alpha, "graph": "mixed"}))
     results = []
-    for method, opts in trials:
+
+    def trial(method: str, **opts) -> None:
         accs = score(model, method, args.budgets, loader, **opts)
         results.append({"method": method, "options": opts, "top1": accs, "mean": statistics.fmean(accs)})
         print(results[-1])
-    best_alpha = max((r for r in results if r["method"] == "gtp"), key=lambda r: r["mean"])["options"]["alpha"]
+
+    def best_gtp() -> dict:
+        return max((r for r in results if r["method"] == "gtp"), key=lambda r: r["mean"])["options"]
+
+    for alpha in args.alphas:
+        trial("gtp", alpha=alpha, graph="mixed")
+    best_alpha = best_gtp()["alpha"]
     for graph in ("spatial", "semantic"):
-        opts = {"alpha": best_alpha, "graph": graph}
-        accs = score(model, "gtp", args.budgets, loader, **opts)
-        results.append({"method": "gtp", "options": opts, "top1": accs, "mean": statistics.fmean(accs)})
-        print(results[-1])
+        trial("gtp", alpha=best_alpha, graph=graph)
     # alpha was chosen on the mixed graph: when another graph wins, tune alpha again on that graph
-    best = max((r for r in results if r["method"] == "gtp"), key=lambda r: r["mean"])["options"]
-    if best["graph"] != "mixed":
+    graph = best_gtp()["graph"]
+    if graph != "mixed":
         for alpha in args.alphas:
-            if alpha == best_alpha:
-                continue
-            opts = {"alpha": alpha, "graph": best["graph"]}
-            accs = score(model, "gtp", args.budgets, loader, **opts)
-            results.append({"method": "gtp", "options": opts, "top1": accs, "mean": statistics.fmean(accs)})
-            print(results[-1])
+            if alpha != best_alpha:
+                trial("gtp", alpha=alpha, graph=graph)
     for fuse in ("mean", "sum"):
-        accs = score(model, "evit", args.budgets, loader, fuse=fuse)
-        results.append({"method": "evit", "options": {"fuse": fuse}, "top1": accs, "mean": statistics.fmean(accs)})
-        print(results[-1])
-    accs = score(model, "tome", args.budgets, loader)
-    results.append({"method": "tome", "options": {}, "top1": accs, "mean": statistics.fmean(accs)})
+        trial("evit", fuse=fuse)
+    trial("tome")
     chosen = {m: max((r for r in results if r["method"] == m), key=lambda r: r["mean"])["options"]
               for m in ("gtp", "evit", "tome")}
     md = [f"Model `{name}`, held-out split (val, {len(loader.dataset)} images), dense top-1 {dense:.2f}%. "

@@ -126,18 +126,12 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None  # (B, 1, 1, N)
     probs = score = None
-    if score_fn is not None and not need_probs:
+    if need_probs or theta < 1.0 or score_fn is not None:
+        # explicit attention: the reducer needs the probabilities or a score of them (labelled for profiles);
+        # sliced over the batch on CPU unless the whole map is asked for
+        sliced = score_fn is not None and not need_probs and not q.is_cuda
         with record_function("leanvit.attn.explicit"):
-            out, score = _scored_attention(q, k, v, bias, attn, theta, score_fn)
-    elif need_probs or theta < 1.0 or score_fn is not None:
-        # explicit attention: the reducer needs the probabilities (labelled for overhead profiles)
-        with record_function("leanvit.attn.explicit"):
-            probs = _attention_probs(q, k, bias, attn.scale)
-            if theta < 1.0:
-                probs = sparsify_attention(probs, theta)
-            out = attn.attn_drop(probs) @ v
-            if score_fn is not None:
-                score = score_fn(probs)
+            out, probs, score = _explicit_attention(q, k, v, bias, attn, theta, score_fn, sliced)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -156,12 +150,13 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
     return AttnOut(out, probs if need_probs else None, k if need_keys else None, cls_probs, score)
 
 
-def _scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                      attn: TimmAttention, theta: float, score_fn: Callable[[torch.Tensor], torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Explicit attention output and ``score_fn(probs)``, a slice of the batch at a time on CPU."""
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                        attn: TimmAttention, theta: float, score_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+                        sliced: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(output, probs, score_fn(probs))`` of explicit attention; with ``sliced``, computed
+    ``CPU_PROBS_CHUNK_BYTES`` of probabilities at a time and ``probs`` is None (never held whole)."""
     B, H, N, _ = q.shape
-    step = B if q.is_cuda else max(1, CPU_PROBS_CHUNK_BYTES // (H * N * N * q.element_size()))
+    step = max(1, CPU_PROBS_CHUNK_BYTES // (H * N * N * q.element_size())) if sliced else B
     outs, scores = [], []
     for s in range(0, B, step):
         sl = slice(s, s + step)
@@ -169,11 +164,13 @@ def _scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
         if theta < 1.0:
             probs = sparsify_attention(probs, theta)
         outs.append(attn.attn_drop(probs) @ v[sl])
-        with record_function("leanvit.attn.score"):
-            scores.append(score_fn(probs))
+        if score_fn is not None:
+            with record_function("leanvit.attn.score"):
+                scores.append(score_fn(probs))
+    score = (scores[0] if len(scores) == 1 else torch.cat(scores)) if scores else None
     if len(outs) == 1:
-        return outs[0], scores[0]
-    return torch.cat(outs), torch.cat(scores)
+        return outs[0], probs, score
+    return torch.cat(outs), None, score
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:

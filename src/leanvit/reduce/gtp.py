@@ -42,7 +42,8 @@ class GTPReducer(TokenReducer):
 
     name = "gtp"
     tracks_sizes = True
-    _per_forward = TokenReducer._per_forward + ("graph", "index", "_batch", "_prefix_rows")
+    _per_forward = TokenReducer._per_forward + ("graph", "index", "_batch", "_prefix_rows", "_graph_flat",
+                                                "_graph_rows")
 
     def __init__(self, info: ViTInfo, schedule: list[int], graph: str = "mixed", k: int = 8, score: str = "mixed",
                  alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, stats: bool = False,
@@ -74,16 +75,22 @@ class GTPReducer(TokenReducer):
 
     def begin(self, x: torch.Tensor) -> None:
         super().begin(x)
-        self.graph = self.index = None
+        self.graph = self.index = self._graph_flat = None
         if any(self.schedule):
             P = self.info.num_prefix
             B = x.shape[0]
             with record_function("leanvit.gtp.graph"):
                 self.graph = build_graph(x[:, P:].detach(), self.info.grid, self.graph_kind, self.k)
+            N0 = self.graph.shape[1]
+            # the graph read as a flat vector, and the first row of each image in it: a graph shared by the batch
+            # (spatial: batch stride 0) is read in place, every image from the same rows
+            shared = self.graph.stride(0) == 0
+            self._graph_flat = (self.graph[0] if shared else self.graph).reshape(-1)
+            self._batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            self._graph_rows = torch.zeros_like(self._batch) if shared else self._batch * N0
             # original position of every current image token: the graph restricted to the kept tokens is
             # graph[index][:, index], so it is never copied, only indexed
             self.index = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
-            self._batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
             self._prefix_rows = torch.arange(P, device=x.device).expand(B, P)  # (B, P)
 
     def score_fn(self, i: int):
@@ -114,10 +121,7 @@ class GTPReducer(TokenReducer):
         rows_rm = (removed + (P + base)).view(-1)
         kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
         # A_hat[kept, removed], read from the original graph (the restricted graph is never built)
-        if self.graph.stride(0) == 0:  # one graph for the whole batch (spatial): index it directly
-            w = self.graph[0].reshape(-1)[(kept_orig * N0).unsqueeze(-1) + removed_orig.unsqueeze(1)]
-        else:
-            w = self.graph.view(-1)[((kept_orig + self._batch * N0) * N0).unsqueeze(-1) + removed_orig.unsqueeze(1)]
+        w = self._graph_flat[((kept_orig + self._graph_rows) * N0).unsqueeze(-1) + removed_orig.unsqueeze(1)]
         xf = x.reshape(B * N, C)
         out = xf.index_select(0, rows_keep).view(B, -1, C)
         out[:, P:].baddbmm_(w, xf.index_select(0, rows_rm).view(B, -1, C), alpha=self.alpha)
