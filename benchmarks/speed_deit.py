@@ -1,10 +1,16 @@
 """Token-reduction speed on DeiT-S / DeiT-B at 224 (weights do not matter for speed).
 
 Rows, all timed in one interleaved run per model and batch size: dense; the ideal row (the same schedule applied
-by plain truncation, zero overhead: the physical limit); GTP; ToMe; EViT. Reported: GMACs, images/s, speed-up over
-dense, and each method's speed-up as a fraction of the ideal row's ("efficiency").
+by plain truncation, zero overhead: the physical limit); GTP; GTP with the cls score (runs on fused attention,
+no explicit attention map); ToMe; EViT. Reported: GMACs, images/s, speed-up over dense, and each method's speed-up
+as a fraction of the ideal row's ("efficiency").
+
+With ``--compile`` every model (dense and ideal included) is wrapped in ``torch.compile`` first, which removes the
+per-op dispatch cost that dominates a reducer's bookkeeping at batch 1 on CPU; compilation happens in the untimed
+warm-up runs.
 
     python benchmarks/speed_deit.py --models deit_small_patch16_224 deit_base_patch16_224 --budget 0.74
+    python benchmarks/speed_deit.py --models deit_small_patch16_224 --compile --name speed_deit_compiled
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import torch
 
 import leanvit
 from leanvit.analysis import compare_throughput, count_macs
+from leanvit.analysis.macs import default_input_size
 
 from common import write
 
@@ -28,6 +35,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="time torch.compile'd models (all rows)")
     p.add_argument("--name", default="speed_deit")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -39,12 +47,15 @@ def main() -> None:
         sched = leanvit.get_reducer(gtp).report["schedule"]
         models["ideal (truncate)"] = leanvit.patch(copy.deepcopy(dense), "truncate", r=sched)
         models["gtp"] = gtp
+        models["gtp (cls score)"] = leanvit.patch(copy.deepcopy(dense), "gtp", r=sched, score="cls")
         models["tome"] = leanvit.patch(copy.deepcopy(dense), "tome", budget=args.budget)
         models["evit"] = leanvit.patch(copy.deepcopy(dense), "evit", budget=args.budget)
         macs = {k: count_macs(m).macs for k, m in models.items()}
+        timed = {k: torch.compile(m) for k, m in models.items()} if args.compile else models
         for bs in args.batch_sizes:
             runs = args.runs if bs > 1 else args.runs * 10  # batch 1 is short and noisy: time more runs
-            speed = compare_throughput(models, batch_size=bs, warmup=2, runs=runs, rounds=args.rounds)
+            speed = compare_throughput(timed, input_size=default_input_size(dense), batch_size=bs, warmup=2,
+                                       runs=runs, rounds=args.rounds)
             ideal_gain = speed["ideal (truncate)"] / speed["dense"] - 1
             for k, m in models.items():
                 red = leanvit.get_reducer(m)
@@ -54,8 +65,9 @@ def main() -> None:
                              "speedup": speed[k] / speed["dense"],
                              "efficiency": (gain / ideal_gain) if k not in ("dense",) and ideal_gain > 0 else None,
                              "schedule": red.schedule if red else []})
-    md = [f"Budget {args.budget} of dense MACs; {args.threads} threads; median over {args.rounds} interleaved rounds "
-          f"of {args.runs} runs (x10 at batch 1). *Efficiency* = (speed-up - 1) / (ideal speed-up - 1): the share "
+    md = [f"Budget {args.budget} of dense MACs; {args.threads} threads; "
+          f"{'every model torch.compile-d (default mode); ' if args.compile else 'eager; '}"
+          f"median over {args.rounds} interleaved rounds of {args.runs} runs (x10 at batch 1). *Efficiency* = (speed-up - 1) / (ideal speed-up - 1): the share "
           "of the ideal "
           "truncation's gain that a method keeps.\n",
           "| model | batch | method | GMACs | MACs % | img/s | speed-up | efficiency | schedule |",

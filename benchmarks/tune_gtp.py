@@ -35,7 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.74, 0.6, 0.5])
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.4, 0.7, 1.0])
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 2.0, 3.0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--name", default="tune_gtp")

@@ -438,7 +438,7 @@ def test_dynamic_img_size_model_at_native_size(method):
 
 # ================================================================================ 7. GTP specifics
 @torch.no_grad()
-def gtp_reference(model, x, sched, alpha, prop_attn, graph="mixed", k=8):
+def gtp_reference(model, x, sched, alpha, prop_attn, graph="mixed", k=8, score="mixed"):
     """GTP written out from the paper with the ops functions, batch element by batch element."""
     P = model.num_prefix_tokens
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
@@ -461,7 +461,7 @@ def gtp_reference(model, x, sched, alpha, prop_attn, graph="mixed", k=8):
         x = x + blk.ls1(out)
         r = sched[i]
         if r:
-            kept, removed = split_topk(attention_score(probs, P, "mixed"), r)
+            kept, removed = split_topk(attention_score(probs, P, score), r)
             xs, ss, new_pos = [], [], []
             for b in range(B):
                 kb, rb = kept[b].tolist(), removed[b].tolist()
@@ -490,6 +490,20 @@ def test_gtp_matches_reference(variant, alpha, prop_attn, graph):
     sched = [4, 3, 5]
     ref = gtp_reference(copy.deepcopy(model), x, sched, alpha, prop_attn, graph=graph)
     leanvit.patch(model, "gtp", r=sched, alpha=alpha, prop_attn=prop_attn, graph=graph)
+    out = run(model, x)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("variant", ["deit", "registers_layerscale"])
+@pytest.mark.parametrize("graph", ["semantic", "mixed"])
+def test_gtp_cls_score_on_fused_attention_matches_reference(variant, graph):
+    """The cls score is computed beside fused attention (no explicit map); it must select as the map would."""
+    model = make(variant, img_size=96, depth=3)
+    x = torch.cat([image(96, seed=s) for s in range(2)])
+    sched = [4, 3, 5]
+    ref = gtp_reference(copy.deepcopy(model), x, sched, 0.3, True, graph=graph, score="cls")
+    leanvit.patch(model, "gtp", r=sched, alpha=0.3, graph=graph, score="cls")
+    assert not get_reducer(model).score_fn(0) and get_reducer(model).needs_cls_probs(0)
     out = run(model, x)
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
 
@@ -569,3 +583,16 @@ def test_r0_equals_dense_cuda(method):
     leanvit.patch(model, method, r=2)
     out = run(model, x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gtp", "tome", "evit"])
+def test_patched_model_compiles(method):
+    """torch.compile of a patched model (the way to remove per-op overhead at batch 1) gives the eager output."""
+    model = make("deit", img_size=64, depth=2)
+    x = image(64)
+    leanvit.patch(model, method, r=[4, 3])
+    eager = run(model, x)
+    with torch.no_grad():
+        compiled = torch.compile(model)(x)
+    assert torch.allclose(compiled, eager, atol=1e-4), (compiled - eager).abs().max()

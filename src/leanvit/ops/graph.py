@@ -36,6 +36,14 @@ def _normalized_spatial(h: int, w: int, device: str, dtype: torch.dtype) -> torc
     return normalize_adjacency(_spatial(h, w, device, dtype))
 
 
+def _knn(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(B, N, k)`` of the ``k`` tokens most cosine-similar to each token (self excluded)."""
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    sim = xn @ xn.transpose(1, 2)  # (B, N, N)
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    return sim.topk(k, dim=-1, sorted=False).indices
+
+
 def semantic_adjacency(x: torch.Tensor, k: int = 8) -> torch.Tensor:
     """0/1 directed adjacency ``(B, N, N)``: row i marks the ``k`` tokens most cosine-similar to token i.
 
@@ -44,21 +52,20 @@ def semantic_adjacency(x: torch.Tensor, k: int = 8) -> torch.Tensor:
         k: neighbours per token (self excluded); capped at ``N - 1``.
     """
     B, N, _ = x.shape
-    k = min(k, N - 1)
-    xn = torch.nn.functional.normalize(x.float(), dim=-1)
-    sim = xn @ xn.transpose(1, 2)  # (B, N, N)
-    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-    idx = sim.topk(k, dim=-1, sorted=False).indices  # (B, N, k)
     adj = torch.zeros(B, N, N, device=x.device, dtype=torch.float32)
-    adj.scatter_(2, idx, 1.0)
-    return adj
+    return adj.scatter_(2, _knn(x, min(k, N - 1)), 1.0)
 
 
 def normalize_adjacency(adj: torch.Tensor) -> torch.Tensor:
     """Symmetric normalisation ``D^-1/2 A D^-1/2`` with D the row sums (isolated nodes keep zero rows)."""
-    deg = adj.sum(-1)
-    inv_sqrt = torch.where(deg > 0, deg.clamp_min(1e-12).rsqrt(), torch.zeros_like(deg))
-    return inv_sqrt.unsqueeze(-1) * adj * inv_sqrt.unsqueeze(-2)
+    return _normalize_(adj.clone())
+
+
+def _normalize_(adj: torch.Tensor) -> torch.Tensor:
+    # in place: two passes over the (B, N, N) graph instead of building the normalised copy in three
+    inv_sqrt = adj.sum(-1)
+    inv_sqrt = torch.where(inv_sqrt > 0, inv_sqrt.clamp_min(1e-12).rsqrt(), torch.zeros_like(inv_sqrt))
+    return adj.mul_(inv_sqrt.unsqueeze(-1)).mul_(inv_sqrt.unsqueeze(-2))
 
 
 def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: int = 8) -> torch.Tensor:
@@ -74,8 +81,15 @@ def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: 
         raise ValueError(f"grid {grid} has {grid[0] * grid[1]} cells but there are {N} image tokens")
     if kind == "spatial":
         return _normalized_spatial(int(grid[0]), int(grid[1]), str(x.device), x.dtype).expand(B, N, N)
+    k = min(k, N - 1)
     if kind == "semantic":
-        adj = semantic_adjacency(x, k)
-    else:
-        adj = torch.maximum(semantic_adjacency(x, k), spatial_adjacency(grid, x.device))
-    return normalize_adjacency(adj).to(x.dtype)
+        # every row has exactly k neighbours, so D^-1/2 A D^-1/2 = A / k: written directly, no normalising pass
+        graph = torch.zeros(B, N, N, device=x.device, dtype=torch.float32)
+        if k > 0:
+            graph.scatter_(2, _knn(x, k), 1.0 / k)
+    else:  # mixed: the union of both graphs, normalised in place
+        graph = spatial_adjacency(grid, x.device).expand(B, N, N).clone()
+        if k > 0:
+            graph.scatter_(2, _knn(x, k), 1.0)
+        _normalize_(graph)
+    return graph.to(x.dtype)

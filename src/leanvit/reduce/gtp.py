@@ -31,7 +31,8 @@ class GTPReducer(TokenReducer):
         graph: ``mixed`` (spatial + semantic, recommended), ``spatial`` or ``semantic``.
         k: neighbours per token in the semantic graph.
         score: selection score, ``mixed`` (diagonal x column sum, max over heads; recommended), ``mixed_mean``,
-            ``cls``, ``colsum``, ``diag`` or ``random``.
+            ``cls``, ``colsum``, ``diag`` or ``random``. ``cls`` and ``random`` keep fused attention (SDPA); the
+            others need the attention map, computed explicitly (slower on CPU, see BENCHMARKS.md).
         alpha: propagation coefficient (the paper's DeiT settings use 0.1-0.4).
         prop_attn: token sizes with proportional attention (recommended).
         theta: attention sparsification keep ratio (1 = off).
@@ -82,21 +83,25 @@ class GTPReducer(TokenReducer):
             with record_function("leanvit.gtp.graph"):
                 self.graph = build_graph(x[:, P:].detach(), self.info.grid, self.graph_kind, self.k)
             N0 = self.graph.shape[1]
-            # the graph read as a flat vector, and the first row of each image in it: a graph shared by the batch
-            # (spatial: batch stride 0) is read in place, every image from the same rows
+            # the graph read as a flat vector, and the flat offset of each image's first row in it: a graph shared
+            # by the batch (spatial: batch stride 0) is read in place, every image from the same rows
             shared = self.graph.stride(0) == 0
             self._graph_flat = (self.graph[0] if shared else self.graph).reshape(-1)
             self._batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-            self._graph_rows = torch.zeros_like(self._batch) if shared else self._batch * N0
+            self._graph_rows = torch.zeros_like(self._batch) if shared else self._batch * (N0 * N0)
             # original position of every current image token: the graph restricted to the kept tokens is
             # graph[index][:, index], so it is never copied, only indexed
             self.index = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
             self._prefix_rows = torch.arange(P, device=x.device).expand(B, P)  # (B, P)
 
     def score_fn(self, i: int):
-        if self.schedule[i] == 0 or self.score == "random":
+        if self.schedule[i] == 0 or self.score in ("random", "cls"):
             return None
         return self._score
+
+    def needs_cls_probs(self, i: int) -> bool:
+        # the cls score needs one attention row, computed beside fused attention: no explicit attention map
+        return self.score == "cls" and self.schedule[i] > 0
 
     def _score(self, probs: torch.Tensor) -> torch.Tensor:
         return attention_score(probs, self.info.num_prefix, self.score, self.info.has_cls)
@@ -106,6 +111,8 @@ class GTPReducer(TokenReducer):
         with record_function("leanvit.gtp.select"):
             if self.score == "random":
                 score = torch.rand(x.shape[0], x.shape[1] - P, device=x.device)
+            elif self.score == "cls":
+                score = attn.cls_probs[:, :, P:].mean(1)  # (B, N), the same as attention_score(..., "cls")
             else:
                 score = attn.score  # (B, N), computed beside the attention (attention_forward's score_fn)
             kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current image tokens
@@ -121,7 +128,8 @@ class GTPReducer(TokenReducer):
         rows_rm = (removed + (P + base)).view(-1)
         kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
         # A_hat[kept, removed], read from the original graph (the restricted graph is never built)
-        w = self._graph_flat[((kept_orig + self._graph_rows) * N0).unsqueeze(-1) + removed_orig.unsqueeze(1)]
+        w = self._graph_flat.take(torch.add(self._graph_rows, kept_orig, alpha=N0).unsqueeze(-1)
+                                  + removed_orig.unsqueeze(1))
         xf = x.reshape(B * N, C)
         out = xf.index_select(0, rows_keep).view(B, -1, C)
         out[:, P:].baddbmm_(w, xf.index_select(0, rows_rm).view(B, -1, C), alpha=self.alpha)
