@@ -132,12 +132,28 @@ def test_bench_timm_model_defaults_to_no_download(tmp_path):
     assert rc == 0
 
 
-def test_bench_without_patch_function(monkeypatch, capsys):
-    monkeypatch.delattr(leanvit, "patch", raising=False)
-    rc = main(["bench", "--model", "leanvit_vit_fm_student", "--no-pretrained", "--method", "gtp", "--r", "4",
-               "--runs", "1", "--warmup", "0"])
+def test_bench_patched_with_options(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--model", "leanvit_vit_fm_student", "--no-pretrained", "--method", "gtp", "--budget", "0.8",
+               "-O", "score=cls", "-O", "graph=spatial", "--runs", "1", "--warmup", "0", "--batch-size", "2",
+               "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    row = json.loads(out.read_text())
+    assert row["method"] == "gtp" and row["options"] == {"score": "cls", "graph": "spatial"}
+    assert row["compiled"] is False
+    assert "score" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-O", "alpha=0.2"], "pick a --method"),
+    (["--method", "gtp"], "r"),
+    (["--method", "gtp", "--r", "2", "-O", "nope=1"], "nope"),
+])
+def test_bench_bad_arguments(capsys, argv, message):
+    rc = main(["bench", "--model", "leanvit_vit_fm_student", "--no-pretrained", "--runs", "1", "--warmup", "0",
+               *argv])
     assert rc == 2
-    assert "not available" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_bench_rejects_schedule_for_dense(capsys):

@@ -75,6 +75,25 @@ def test_run_comparison_random_score_uses_seeds():
     assert math.isnan(rows[0].images_per_s)
 
 
+def test_run_comparison_labelled_variants_side_by_side():
+    """Labels run one method with different options in the same comparison (and the same timed run)."""
+    model = tiny_vit()
+    loader = DataLoader(SyntheticImages((3, 96, 96), num_classes=10, size=4), batch_size=4)
+    opts = {"gtp": {"score": "mixed"}, "gtp-cls": {"method": "gtp", "score": "cls"},
+            "gtp-random": {"method": "gtp", "score": "random"}}
+    rows = run_comparison(model, loader, ["dense", "gtp", "gtp-cls", "gtp-random"], [0.8], method_options=opts,
+                          seeds=2, bench_batch=2, bench_runs=1, progress=False)
+    by = {r.method: r for r in rows}
+    assert list(by) == ["dense", "gtp", "gtp-cls", "gtp-random"]
+    assert by["gtp-cls"].options["score"] == "cls" and by["gtp"].options["score"] == "mixed"
+    assert by["gtp-random"].seeds == 2 and by["gtp-cls"].seeds == 1
+    assert by["gtp-cls"].schedule == by["gtp"].schedule
+    assert all(r.images_per_s > 0 for r in rows)
+    with pytest.raises(leanvit.ConfigError, match="label 'x' names method 'nope'"):
+        run_comparison(model, None, ["x"], [0.8], method_options={"x": {"method": "nope"}}, bench_runs=0,
+                       progress=False)
+
+
 def test_run_comparison_unknown_method():
     with pytest.raises(leanvit.ConfigError, match="dense, gtp, tome, evit"):
         run_comparison(tiny_vit(), None, ["dense", "nope"], [0.8], bench_runs=0, progress=False)
@@ -108,6 +127,7 @@ def test_cli_compare(run_cli, fmnist_dir, tmp_path):
     (["-O", "foo"], "METHOD.OPTION=VALUE"),
     (["-O", "gtp.foo=1"], "foo"),
     (["--methods", "dense,tome", "-O", "gtp.alpha=0.3"], "not among --methods"),
+    (["--methods", "dense,gtp-x", "-O", "gtp-x.method=gpt"], "label 'gtp-x' names method 'gpt'"),
 ])
 def test_cli_compare_bad_input(run_cli, fmnist_dir, argv, match):
     code, out, err = run_cli("compare", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--limit", "4",

@@ -32,7 +32,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_args(p)
     add_data_args(p, split="test")
     p.add_argument("--methods", type=_names, default=["dense", "gtp", "tome", "evit"],
-                   help="comma-separated (default: dense,gtp,tome,evit)")
+                   help="comma-separated methods or labels (default: dense,gtp,tome,evit); a label runs a method "
+                        "with other options beside it, e.g. --methods dense,gtp,gtp-cls -O gtp-cls.method=gtp "
+                        "-O gtp-cls.score=cls")
     p.add_argument("--budgets", type=_floats, default=[0.9, 0.74, 0.6, 0.5],
                    help="fractions of dense MACs to keep (default: 0.9,0.74,0.6,0.5)")
     p.add_argument("--option", "-O", action="append", default=[], metavar="METHOD.OPT=VALUE",
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from ..data import build_dataset
-    from ..reduce.compare import format_table, run_comparison
+    from ..reduce.compare import format_table, resolve_method, run_comparison
     from ..vis import plot_pareto
 
     setup_runtime(args)
@@ -62,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     for m in options:
         if m not in args.methods:
             raise ConfigError(f"option given for '{m}', which is not among --methods {','.join(args.methods)}")
+    for m in args.methods:
+        if m != "dense":
+            resolve_method(m, options)  # unknown names fail here, before the model and data are loaded
     model = build_model_from_args(args).to(device).eval()
     loader = None
     if not args.no_accuracy:

@@ -47,22 +47,31 @@ def _is_random(options: dict[str, Any]) -> bool:
     return any((k, v) in _RANDOM_OPTIONS for k, v in options.items())
 
 
+def resolve_method(name: str, method_options: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict]:
+    """``(method, options)`` of a row name: a method, or a label whose options name its method, e.g.
+    ``{"gtp-cls": {"method": "gtp", "score": "cls"}}`` (several variants of one method side by side)."""
+    opts = dict((method_options or {}).get(name, {}))
+    method = opts.pop("method", name)
+    if method not in METHODS:
+        hint = f" (label '{name}' names method '{method}')" if method != name else ""
+        raise ConfigError(f"unknown method '{method}'{hint}; choose from dense, {', '.join(METHODS)}, or a label "
+                          f"with a 'method' option (e.g. -O gtp-cls.method=gtp -O gtp-cls.score=cls)")
+    return method, opts
+
+
 def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[float],
                    method_options: dict[str, dict[str, Any]] | None = None) -> list[tuple[str, float, nn.Module]]:
-    """Deep copies of ``model``, one per (method, budget), patched; ``dense`` appears once at budget 1.0."""
-    method_options = method_options or {}
+    """Deep copies of ``model``, one per (method, budget), patched; ``dense`` appears once at budget 1.0.
+
+    A name in ``methods`` may be a label whose options carry ``method`` (see :func:`resolve_method`)."""
+    resolved = {m: resolve_method(m, method_options) for m in methods if m != "dense"}
     out = []
-    for m in methods:
-        if m != "dense" and m not in METHODS:
-            raise ConfigError(f"unknown method '{m}'; choose from dense, {', '.join(METHODS)}")
     if "dense" in methods:
         out.append(("dense", 1.0, model))
-    for m in methods:
-        if m == "dense":
-            continue
+    for m, (method, opts) in resolved.items():
         for b in budgets:
             variant = copy.deepcopy(model)
-            patch(variant, m, budget=b, **method_options.get(m, {}))
+            patch(variant, method, budget=b, **opts)
             out.append((m, b, variant))
     return out
 
@@ -94,7 +103,7 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
         row = CompareRow(method=method, budget=budget, schedule=list(red.schedule) if red else [],
                          gmacs=macs / 1e9, top1=float("nan"), macs_ratio=macs / dense_macs, options=opts)
         if loader is not None:
-            n_seeds = seeds if _is_random(method_options.get(method, {})) else 1
+            n_seeds = seeds if _is_random(opts) else 1
             accs = []
             if red is not None and hasattr(red, "stats"):
                 red.stats = True
@@ -124,13 +133,14 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
 
 def format_table(rows: Sequence[CompareRow]) -> str:
     """A plain-text table of the comparison (the CLI prints it; README and BENCHMARKS.md quote it)."""
-    head = (f"{'method':<9} {'budget':>6} {'GMACs':>8} {'MACs %':>7} {'top-1 %':>13} {'img/s':>8} {'speed-up':>8}"
+    w = max([9, *(len(r.method) for r in rows)])
+    head = (f"{'method':<{w}} {'budget':>6} {'GMACs':>8} {'MACs %':>7} {'top-1 %':>13} {'img/s':>8} {'speed-up':>8}"
             "  schedule")
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{r.top1:.2f}" + (f" ± {r.top1_std:.2f}" if r.seeds > 1 else "")
         ips = "-" if math.isnan(r.images_per_s) else f"{r.images_per_s:.1f}"
         gain = "-" if math.isnan(r.speedup) else f"{r.speedup:.2f}x"
-        lines.append(f"{r.method:<9} {r.budget:>6.2f} {r.gmacs:>8.4f} {100 * r.macs_ratio:>6.1f}% {acc:>13} "
+        lines.append(f"{r.method:<{w}} {r.budget:>6.2f} {r.gmacs:>8.4f} {100 * r.macs_ratio:>6.1f}% {acc:>13} "
                      f"{ips:>8} {gain:>8}  {r.schedule}")
     return "\n".join(lines)
