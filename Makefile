@@ -12,7 +12,7 @@ $(VENV)/.leanvit-installed: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.leanvit-installed
 
 demo: setup
-	$(BIN)/leanvit compare -O gtp.alpha=1.0 -O gtp.graph=semantic --json results/compare.json --plot results/compare.png
+	$(BIN)/leanvit compare -O gtp.alpha=1.5 -O gtp.graph=semantic --json results/compare.json --plot results/compare.png
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -24,6 +24,7 @@ SECTIONS = [
     ("speed_deit", "Token reduction speed on DeiT-S / DeiT-B at 224 (CPU)",
      "Script: `benchmarks/speed_deit.py`."),
     ("gtp_overhead", "GTP overhead profile", "Script: `benchmarks/gtp_overhead.py`."),
+    ("gtp_overhead_b1", "GTP overhead profile at batch 1", "Script: `benchmarks/gtp_overhead.py`."),
     ("findings", "What the figures say (and what they do not yet)", ""),
 ]
 

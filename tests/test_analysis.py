@@ -109,6 +109,10 @@ def test_compare_throughput_interleaved():
     res = compare_throughput({"a": _tiny_vit(), "b": _tiny_vit(embed_dim=96, num_heads=2)},
                              batch_size=1, warmup=0, runs=1, rounds=2)
     assert list(res) == ["a", "b"] and all(v > 0 for v in res.values())
+    reps = compare_throughput({"a": _tiny_vit()}, batch_size=2, warmup=0, runs=3, rounds=2, reports=True)
+    rep = reps["a"]
+    assert len(rep.times_s) == 6 and rep.batch_size == 2
+    assert rep.images_per_s == pytest.approx(2 / sorted(rep.times_s)[2])  # lower median of 6 runs
 
 
 def test_bench_cli_json(tmp_path, capsys):

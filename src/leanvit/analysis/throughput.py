@@ -147,7 +147,8 @@ def compare_throughput(
     runs: int = 10,
     device: str | torch.device = "cpu",
     rounds: int = 3,
-) -> dict[str, float]:
+    reports: bool = False,
+) -> dict[str, float] | dict[str, ThroughputReport]:
     """Median images/s of several models, timed interleaved so that machine noise hits them all alike.
 
     Every model first gets ``warmup`` untimed runs. Then, ``rounds`` times, each model runs ``runs`` timed passes in
@@ -159,9 +160,11 @@ def compare_throughput(
         input_size: ``(C, H, W)`` for all models; default: each model's own.
         batch_size, warmup, runs, device: as in :func:`measure_throughput` (``runs`` is per model and round).
         rounds: how many times to go round the models.
+        reports: return each model's :class:`ThroughputReport` (with every timed run, e.g. to also compare best
+            runs, which on a shared machine are the least disturbed) instead of its images/s.
 
     Returns:
-        name -> median images per second, in the order of ``models``.
+        name -> median images per second (or name -> report), in the order of ``models``.
     """
     _check_counts(batch_size, warmup, runs)
     if rounds < 1:
@@ -176,4 +179,5 @@ def compare_throughput(
     for k in range(rounds):
         for name in names[k % len(names):] + names[:k % len(names)]:
             timers[name].run(runs)
-    return {name: timers[name].report().images_per_s for name in names}
+    out = {name: timers[name].report() for name in names}
+    return out if reports else {name: r.images_per_s for name, r in out.items()}
