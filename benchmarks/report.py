@@ -23,6 +23,11 @@ SECTIONS = [
      "Which tokens GTP propagates away, scored six ways. Script: `benchmarks/ablate_gtp_score.py`."),
     ("speed_deit", "Token reduction speed on DeiT-S / DeiT-B at 224 (CPU)",
      "Script: `benchmarks/speed_deit.py`."),
+    ("speed_deit_compiled", "Token reduction speed on DeiT-S at batch 1 with torch.compile (CPU)",
+     "The same rows at batch 1, every model (dense and ideal included) compiled with `torch.compile` before "
+     "timing, run with `TORCHINDUCTOR_COMPILE_THREADS=1` in the environment (no background compile workers) and "
+     "written to a scratch name, as its command line shows. Compilation removes the per-op dispatch cost that a "
+     "reducer's small bookkeeping ops pay in eager mode. Script: `benchmarks/speed_deit.py --compile`."),
     ("gtp_overhead", "GTP overhead profile", "Script: `benchmarks/gtp_overhead.py`."),
     ("gtp_overhead_b1", "GTP overhead profile at batch 1", "Script: `benchmarks/gtp_overhead.py`."),
     ("findings", "What the figures say (and what they do not yet)", ""),
