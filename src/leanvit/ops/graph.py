@@ -36,12 +36,14 @@ def _normalized_spatial(h: int, w: int, device: str, dtype: torch.dtype) -> torc
     return normalize_adjacency(_spatial(h, w, device, dtype))
 
 
-def _knn(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``(B, N, k)`` of the ``k`` tokens most cosine-similar to each token (self excluded)."""
-    xn = torch.nn.functional.normalize(x.float(), dim=-1)
-    sim = xn @ xn.transpose(1, 2)  # (B, N, N)
-    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-    return sim.topk(k, dim=-1, sorted=False).indices
+def _set_knn_(graph: torch.Tensor, x: torch.Tensor, k: int, value: float) -> torch.Tensor:
+    """Write ``value`` into ``graph (B, N, N)`` at row i's ``k`` most cosine-similar tokens (self excluded)."""
+    if k > 0:
+        xn = torch.nn.functional.normalize(x.float(), dim=-1)
+        sim = xn @ xn.transpose(1, 2)  # (B, N, N)
+        sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+        graph.scatter_(2, sim.topk(k, dim=-1, sorted=False).indices, value)
+    return graph
 
 
 def semantic_adjacency(x: torch.Tensor, k: int = 8) -> torch.Tensor:
@@ -52,8 +54,7 @@ def semantic_adjacency(x: torch.Tensor, k: int = 8) -> torch.Tensor:
         k: neighbours per token (self excluded); capped at ``N - 1``.
     """
     B, N, _ = x.shape
-    adj = torch.zeros(B, N, N, device=x.device, dtype=torch.float32)
-    return adj.scatter_(2, _knn(x, min(k, N - 1)), 1.0)
+    return _set_knn_(torch.zeros(B, N, N, device=x.device, dtype=torch.float32), x, min(k, N - 1), 1.0)
 
 
 def normalize_adjacency(adj: torch.Tensor) -> torch.Tensor:
@@ -84,12 +85,7 @@ def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: 
     k = min(k, N - 1)
     if kind == "semantic":
         # every row has exactly k neighbours, so D^-1/2 A D^-1/2 = A / k: written directly, no normalising pass
-        graph = torch.zeros(B, N, N, device=x.device, dtype=torch.float32)
-        if k > 0:
-            graph.scatter_(2, _knn(x, k), 1.0 / k)
+        graph = _set_knn_(torch.zeros(B, N, N, device=x.device, dtype=torch.float32), x, k, 1.0 / max(k, 1))
     else:  # mixed: the union of both graphs, normalised in place
-        graph = spatial_adjacency(grid, x.device).expand(B, N, N).clone()
-        if k > 0:
-            graph.scatter_(2, _knn(x, k), 1.0)
-        _normalize_(graph)
+        graph = _normalize_(_set_knn_(spatial_adjacency(grid, x.device).expand(B, N, N).clone(), x, k, 1.0))
     return graph.to(x.dtype)

@@ -29,7 +29,7 @@ def attention_score(attn: torch.Tensor, num_prefix: int, kind: str = "mixed", ha
     if kind == "cls":
         if not has_cls:
             raise ValueError("score 'cls' needs a model with a cls token")
-        return attn[:, :, 0, num_prefix:].mean(1)
+        return cls_score(attn[:, :, 0], num_prefix)
     diag = attn.diagonal(dim1=-2, dim2=-1)[..., num_prefix:]  # (B, H, N_img)
     col = attn[..., num_prefix:].sum(-2)  # (B, H, N_img)
     if kind == "mixed":
@@ -41,6 +41,11 @@ def attention_score(attn: torch.Tensor, num_prefix: int, kind: str = "mixed", ha
     if kind == "diag":
         return diag.amax(1)
     raise ValueError(f"unknown score '{kind}'; choose one of {', '.join(SCORES)}")
+
+
+def cls_score(cls_probs: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """EViT's score from the cls query's attention row ``(B, H, N)``: mean over heads, image tokens only."""
+    return cls_probs[:, :, num_prefix:].mean(1)
 
 
 def split_topk(score: torch.Tensor, num_remove: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..ops.select import gather_tokens, split_topk
+from ..ops.select import cls_score, gather_tokens, split_topk
 from .base import TokenReducer
 from .compat import AttnOut, ViTInfo
 
@@ -69,7 +69,7 @@ class EViTReducer(TokenReducer):
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix
         n_img = x.shape[1] - P
-        score = attn.cls_probs[:, :, P:].mean(1)  # (B, N)
+        score = cls_score(attn.cls_probs, P)  # (B, N)
         drop = r + 1 if self.fuse else r
         if drop >= n_img:
             raise ConfigError(f"EViT cannot remove {r} of {n_img} tokens at block {i} and fuse the rest")

@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from ..errors import ConfigError
 from ..ops.graph import GRAPHS, build_graph
-from ..ops.select import SCORES, attention_score, gather_tokens, split_topk
+from ..ops.select import SCORES, attention_score, cls_score, gather_tokens, split_topk
 from .base import TokenReducer
 from .compat import AttnOut, ViTInfo
 
@@ -112,7 +112,7 @@ class GTPReducer(TokenReducer):
             if self.score == "random":
                 score = torch.rand(x.shape[0], x.shape[1] - P, device=x.device)
             elif self.score == "cls":
-                score = attn.cls_probs[:, :, P:].mean(1)  # (B, N), the same as attention_score(..., "cls")
+                score = cls_score(attn.cls_probs, P)  # (B, N), one attention row computed beside fused attention
             else:
                 score = attn.score  # (B, N), computed beside the attention (attention_forward's score_fn)
             kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current image tokens
