@@ -542,10 +542,17 @@ def test_gtp_alpha_matters_and_lost_tokens():
         model(image(96, seed=seed))
     rep = get_reducer(model).report
     assert int(rep["removed_tokens"]) == 3 * 2 * 31 and 0 <= int(rep["lost_tokens"]) <= 3 * 2 * 31
-    # without stats nothing is counted
+    # without stats nothing is counted and the report has no counters
     leanvit.patch(model, "gtp", r=6)
     model(x)
+    assert "removed_tokens" not in get_reducer(model).report and get_reducer(model).stats_summary() == {}
+    # with budget=, the MACs-counting forward is not counted: the counters start at zero
+    leanvit.patch(model, "gtp", budget=0.7, stats=True)
     assert int(get_reducer(model).report["removed_tokens"]) == 0
+    model(x)
+    summary = get_reducer(model).stats_summary()
+    assert summary["removed_tokens"] == 2 * sum(get_reducer(model).schedule)
+    assert 0.0 <= summary["lost_token_fraction"] <= 1.0
 
 
 @pytest.mark.parametrize("graph", ["spatial", "semantic", "mixed"])

@@ -113,9 +113,12 @@ def run_checked(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     except (RuntimeError, ValueError, AssertionError) as e:
         try:
             expected = default_input_size(model)
-            hint = f"the model expects (B, {expected[0]}, {expected[1]}, {expected[2]})"
         except Exception:  # noqa: BLE001  (the hint is best effort)
-            hint = "check the model's input size"
+            expected = None
+        if expected is not None and tuple(x.shape[1:]) == tuple(expected):
+            raise  # the input is what the model expects: the error is not about the input, do not say it is
+        hint = (f"the model expects (B, {expected[0]}, {expected[1]}, {expected[2]})" if expected is not None
+                else "check the model's input size")
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{type(model).__name__} cannot run on an input of shape {tuple(x.shape)}: {hint} "
                           f"({msg})") from None
@@ -157,11 +160,19 @@ def count_macs(
     x = torch.randn(batch_size, *size, device=device, dtype=dtype)
     was_training = model.training
     model.eval()
+    # torch's counter tracks modules with autograd hooks on inputs that require grad; a parameter expanded under
+    # no_grad (the latent query of timm's attention-pool head, global_pool="map") requires grad but has no grad_fn,
+    # which breaks that tracking (torch 2.14). Counting needs no gradients, so parameters are frozen meanwhile.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         counter = FlopCounterMode(display=False, custom_mapping=_sdpa_mapping())
         with torch.no_grad(), counter:
             run_checked(model, x)
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
     flops = counter.get_flop_counts().get("Global", {})
     by_op = {str(op): int(round(n / 2 / batch_size)) for op, n in flops.items() if n}

@@ -148,6 +148,7 @@ def compare_throughput(
     device: str | torch.device = "cpu",
     rounds: int = 3,
     reports: bool = False,
+    progress: bool = False,
 ) -> dict[str, float] | dict[str, ThroughputReport]:
     """Median images/s of several models, timed interleaved so that machine noise hits them all alike.
 
@@ -162,6 +163,7 @@ def compare_throughput(
         rounds: how many times to go round the models.
         reports: return each model's :class:`ThroughputReport` (with every timed run, e.g. to also compare best
             runs, which on a shared machine are the least disturbed) instead of its images/s.
+        progress: report progress (one step per model and round, warm-up included).
 
     Returns:
         name -> median images per second (or name -> report), in the order of ``models``.
@@ -172,12 +174,18 @@ def compare_throughput(
     if not models:
         return {}
     device = torch.device(device)
+    from ..progress import track
+
     timers = {name: _Timer(m, input_size, batch_size, device) for name, m in models.items()}
     names = list(timers)
+    bar = track(total=len(names) * (rounds + 1), desc=f"timing {len(names)} models", enabled=progress)
     for name in names:
         timers[name].run(warmup, record=False)
+        bar.update()
     for k in range(rounds):
         for name in names[k % len(names):] + names[:k % len(names)]:
             timers[name].run(runs)
+            bar.update()
+    bar.close()
     out = {name: timers[name].report() for name in names}
     return out if reports else {name: r.images_per_s for name, r in out.items()}

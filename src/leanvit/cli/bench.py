@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-from pathlib import Path
 
 from ..analysis.machine import machine_info
-from ..errors import ConfigError
-from .common import (add_config_arg, add_model_args, add_runtime_args, build_model_from_args, parse_options,
-                     resolve_device, setup_runtime)
-
-METHODS = ("dense", "gtp", "tome", "evit", "truncate")
+from .common import (add_config_arg, add_model_args, add_reduction_args, add_runtime_args, build_model_from_args,
+                     check_method_args, check_model_name, check_output_file, nonneg_int, positive_int,
+                     reduction_amount, resolve_device, setup_runtime, write_json)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from ..reduce import METHODS
+
     p = sub.add_parser("bench", help="measure a model's GMACs, throughput and latency", description=__doc__)
     add_config_arg(p)
     add_model_args(p)
@@ -29,16 +27,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="load pretrained weights (default: only for leanvit_* models with shipped weights)")
     # None = decide from the model name in run(); --no-pretrained / --pretrained force it
     p.set_defaults(pretrained=None)
-    p.add_argument("--method", default="dense", choices=METHODS,
+    p.add_argument("--method", default="dense", choices=("dense", *METHODS),
                    help="token reduction method to patch in (default: %(default)s)")
-    p.add_argument("--r", type=int, default=None, help="tokens removed / merged per block (method's schedule)")
-    p.add_argument("--budget", type=float, default=None, help="fraction of the dense MACs to keep, e.g. 0.74")
-    p.add_argument("--option", "-O", action="append", default=[], metavar="OPT=VALUE",
-                   help="method option, repeatable (e.g. -O score=cls -O graph=spatial)")
+    add_reduction_args(p)
     p.add_argument("--compile", action="store_true", help="time the model after torch.compile")
-    p.add_argument("--batch-size", "-b", type=int, default=32, help="batch size for throughput (default: %(default)s)")
-    p.add_argument("--runs", type=int, default=10, help="timed runs (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default: %(default)s)")
+    p.add_argument("--batch-size", "-b", type=positive_int, default=32,
+                   help="batch size for throughput (default: %(default)s)")
+    p.add_argument("--runs", type=positive_int, default=10, help="timed runs (default: %(default)s)")
+    p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed warm-up runs (default: %(default)s)")
     p.add_argument("--json", default=None, help="write the result to this JSON file")
     add_runtime_args(p)
     p.set_defaults(func=run)
@@ -52,43 +48,47 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.macs import default_input_size
     from ..zoo import has_weights
 
-    for name, value, low in (("--batch-size", args.batch_size, 1), ("--runs", args.runs, 1),
-                             ("--warmup", args.warmup, 0)):
-        if value < low:
-            raise ConfigError(f"{name} must be at least {low}, got {value}")
-    if args.method == "dense" and (args.r is not None or args.budget is not None):
-        raise ConfigError("--r and --budget set a token reduction schedule; pick a --method other than dense")
+    # everything the user typed is checked before the model is built
+    check_model_name(args)
+    opts = check_method_args(args)
+    check_output_file(args.json, "--json")
     if args.model is None:
         from .common import default_model
 
         args.model = default_model()
     if args.pretrained is None:
         args.pretrained = args.model.startswith("leanvit_") and has_weights(args.model)
-    setup_runtime(args)
     device = resolve_device(args)
+    setup_runtime(args)
     model = build_model_from_args(args).to(device).eval()
-    opts = parse_options(args.option)
+    dense_macs = count_macs(model, device=device)
+    red = None
     if args.method != "dense":
-        from .. import patch
+        from .. import get_reducer, patch
 
-        patch(model, args.method, r=args.r, budget=args.budget, **opts)
-    elif opts:
-        raise ConfigError("-O sets options of a token reduction method; pick a --method other than dense")
-
-    macs = count_macs(model, device=device)
+        patch(model, args.method, **reduction_amount(args), **opts)
+        red = get_reducer(model)
+        macs = count_macs(model, device=device)
+    else:
+        macs = dense_macs
     size = default_input_size(model)
     timed = torch.compile(model) if args.compile else model
     tp = measure_throughput(timed, size, batch_size=args.batch_size, warmup=args.warmup, runs=args.runs,
                             device=device)
     lat = measure_latency(timed, size, warmup=args.warmup, runs=args.runs, device=device)
+    schedule = list(red.schedule) if red is not None else []
     row = {
         "model": args.model,
         "method": args.method,
         "r": args.r,
         "budget": args.budget,
-        "options": opts,
+        "keep": args.keep if args.keep is not None else opts.get("keep"),
+        "options": red.options() if red is not None else {},
+        "schedule": schedule,
         "compiled": bool(args.compile),
         "gmacs": macs.gmacs,
+        "dense_gmacs": dense_macs.gmacs,
+        "macs_fraction": macs.macs / dense_macs.macs,
         "images_per_s": tp.images_per_s,
         "latency_ms_b1": lat,
         "batch_size": args.batch_size,
@@ -100,15 +100,16 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(device),
     }
-    schedule = ", ".join(f"{k}={v}" for k, v in (("r", args.r), ("budget", args.budget)) if v is not None)
+    amount = ", ".join(f"{k}={v}" for k, v in reduction_amount(args).items())
     print(f"model        {args.model}")
-    print(f"method       {args.method}{f' ({schedule})' if schedule else ''}"
+    print(f"method       {args.method}{f' ({amount})' if amount else ''}"
           f"{' ' + str(opts) if opts else ''}{' [torch.compile]' if args.compile else ''}")
-    print(f"GMACs        {macs.gmacs:.3f}")
+    if red is not None:
+        print(f"schedule     {schedule}  (image tokens removed per block)")
+    print(f"GMACs        {macs.gmacs:.3f}  ({100 * row['macs_fraction']:.1f}% of dense {dense_macs.gmacs:.3f})")
     print(f"images/s     {tp.images_per_s:.1f}  (batch {args.batch_size}, median of {args.runs} runs)")
     print(f"latency      {lat:.2f} ms  (batch 1)")
     print(f"threads      {tp.threads}  on {device}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(row, indent=1))
+        write_json(args.json, row)
     return 0

@@ -12,10 +12,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..models import list_models
     from ..zoo import has_weights
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        hint = "" if any(c in args.pattern for c in "*?[") else f"; for a partial name try '*{args.pattern}*'"
+        raise ConfigError(f"no model matches '{args.pattern}'{hint} (leanvit models: `leanvit list-models`, "
+                          f"every timm model: `leanvit list-models '*'`)")
+    for name in names:
         tag = ""
         if name.startswith("leanvit_"):
             tag = "  (shipped weights)" if has_weights(name) else "  (no weights yet)"

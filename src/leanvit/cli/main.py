@@ -10,20 +10,32 @@ from ..errors import LeanvitError
 def build_parser() -> argparse.ArgumentParser:
     from . import eval as eval_cmd, list_models, train
 
-    parser = argparse.ArgumentParser(prog="leanvit", description="Make Vision Transformers cheap to run.")
+    from .common import ArgumentParser
+
+    parser = ArgumentParser(prog="leanvit", description="Make Vision Transformers cheap to run.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"leanvit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in (train, eval_cmd, list_models):
         mod.add_parser(sub)
-    for name in ("bench", "compare", "vis"):
+    for name in ("bench", "compare", "vis", "distill", "analyze"):
         try:
             mod = __import__(f"leanvit.cli.{name}", fromlist=["add_parser"])
         except ImportError:  # a verb whose module is missing is simply not offered
             continue
         mod.add_parser(sub)
     return parser
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an error as one line. An error raised in a data-loader worker arrives with the worker's
+    traceback in its message; its last line is the original message."""
+    text = str(e).strip()
+    if "Traceback (most recent call last)" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split("\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(args.func(args) or 0)
     except LeanvitError as e:
-        print(f"leanvit: error: {e}", file=sys.stderr)
+        print(f"leanvit: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("leanvit: interrupted", file=sys.stderr)

@@ -6,10 +6,20 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ConfigError
 from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
+                     check_model_name, check_output_dir, nonneg_float, positive_float, positive_int, resolve_device,
                      save_resolved, setup_runtime)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..engine.losses import LossTerm
+
+    # build_losses(args, model) -> (loss terms, teacher or None, cross-entropy weight)
+    LossBuilder = Callable[[argparse.Namespace, nn.Module], tuple[list[LossTerm], nn.Module | None, float]]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -17,29 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__)
     add_config_arg(p)
     add_model_args(p, model="leanvit_vit_fm_teacher")
-    p.set_defaults(pretrained=False)
-    p.add_argument("--pretrained", dest="pretrained", action="store_true",
-                   help="start from the model's pretrained weights (fine-tuning)")
-    add_data_args(p, split="train")
-    p.set_defaults(batch_size=128)
-    p.add_argument("--val-split", default="val", help="held-out split evaluated every epoch ('none' to skip)")
-    p.add_argument("--limit-val", type=int, default=None)
-    p.add_argument("--output", "-o", required=True, help="run folder (checkpoints, logs, weights)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt if it exists")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate for the global batch")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off)")
-    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of weights (0 = off, e.g. 0.999)")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
-    p.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable autocast on CUDA")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frozen", nargs="*", default=[], help="parameter name prefixes to freeze (e.g. cls_token)")
+    add_train_options(p)
     p.add_argument("--teacher", default=None, help="frozen teacher model name for distillation")
     p.add_argument("--teacher-weights", default=None, help="weights of the teacher (default: its pretrained)")
     p.add_argument("--kd-weight", type=float, default=0.0, help="weight of Hinton logit distillation (0 = off)")
@@ -49,31 +37,43 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """The options of every training verb (``train``, ``distill``) besides the model's and the runtime's: starting
+    weights, data, run folder and resume, schedule, regularisation, seed and frozen parameters."""
+    p.set_defaults(pretrained=False)
+    p.add_argument("--pretrained", dest="pretrained", action="store_true",
+                   help="start from the model's pretrained weights (fine-tuning)")
+    add_data_args(p, split="train")
+    p.set_defaults(batch_size=128)
+    p.add_argument("--val-split", default="val", help="held-out split evaluated every epoch ('none' to skip)")
+    p.add_argument("--limit-val", type=positive_int, default=None)
+    p.add_argument("--output", "-o", required=True, help="run folder (checkpoints, logs, weights)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt if it exists")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate for the global batch")
+    p.add_argument("--min-lr", type=nonneg_float, default=1e-5)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.05)
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=1.0)
+    p.add_argument("--label-smoothing", type=nonneg_float, default=0.1)
+    p.add_argument("--mixup", type=nonneg_float, default=0.0, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=nonneg_float, default=0.0, help="cutmix alpha (0 = off)")
+    p.add_argument("--ema-decay", type=nonneg_float, default=0.0, help="EMA of weights (0 = off, e.g. 0.999)")
+    p.add_argument("--clip-grad", type=nonneg_float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--drop-path", type=nonneg_float, default=None, help="stochastic depth rate")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable autocast on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frozen", nargs="*", default=[], help="parameter name prefixes to freeze (e.g. cls_token)")
 
-    from ..data import build_dataset
-    from ..engine import LogitKDTerm, Trainer, TrainConfig, init_distributed
+
+def run(args: argparse.Namespace) -> int:
+    return run_training(args, _kd_losses)
+
+
+def _kd_losses(args: argparse.Namespace, model: nn.Module) -> tuple[list[LossTerm], nn.Module | None, float]:
+    """``--teacher`` and ``--kd-weight``: Hinton logit distillation added to cross-entropy."""
+    from ..distill import LogitKDTerm
     from ..models import create_model
 
-    setup_runtime(args)
-    dist = init_distributed(args.device)
-    # the initial weights follow --seed (torch seeds its generator randomly in each new process), so a run and
-    # its restart from scratch, or two runs with the same command, start from the same model
-    torch.manual_seed(args.seed)
-    kwargs = {"drop_path_rate": args.drop_path} if args.drop_path is not None else {}
-    model = build_model_from_args(args, **kwargs)
-    train_set = build_dataset(args.data, args.split, model, train=True, limit=args.limit)
-    val_set = None
-    if args.val_split and args.val_split.lower() != "none":
-        val_set = build_dataset(args.data, args.val_split, model, train=False, limit=args.limit_val)
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise ConfigError(f"mixup/cutmix needs an even batch size, got {args.batch_size}")
-    cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        mixup=args.mixup, cutmix=args.cutmix, ema_decay=args.ema_decay, clip_grad=args.clip_grad or None,
-        amp=args.amp, seed=args.seed, workers=args.workers, frozen=tuple(args.frozen), progress=args.progress)
     teacher, terms = None, []
     if args.teacher:
         teacher = create_model(args.teacher, pretrained=args.teacher_weights is None, weights=args.teacher_weights)
@@ -81,11 +81,54 @@ def run(args: argparse.Namespace) -> int:
         if teacher is None:
             raise ConfigError("--kd-weight needs --teacher")
         terms.append(LogitKDTerm(args.kd_weight, args.kd_temperature))
+    return terms, teacher, 1.0
+
+
+def run_training(args: argparse.Namespace, build_losses: LossBuilder, run_info: dict[str, Any] | None = None) -> int:
+    """Build the model, data and :class:`~leanvit.engine.Trainer` from ``args`` (:func:`add_train_options` plus
+    the model and runtime options), resume or start the run, and train.
+
+    Args:
+        build_losses: ``build_losses(args, model)`` is called once the model and data are built and returns
+            ``(loss_terms, teacher or None, ce_weight)``.
+        run_info: entries added to the run information saved in the checkpoint (e.g. the distillation method).
+    """
+    import torch
+
+    from ..data import build_dataset
+    from ..engine.checkpoint import atomic_write_text
+    from ..engine import Trainer, TrainConfig, init_distributed
+
+    # what the user typed is checked before the model or the data is loaded
+    check_model_name(args)
+    check_output_dir(args.output, "--output")
+    resolve_device(args)
+    setup_runtime(args)
+    dist = init_distributed(args.device)
+    # the initial weights follow --seed (torch seeds its generator randomly in each new process), so a run and
+    # its restart from scratch, or two runs with the same command, start from the same model
+    torch.manual_seed(args.seed)
+    kwargs = {"drop_path_rate": args.drop_path} if args.drop_path is not None else {}
+    model = build_model_from_args(args, **kwargs)
+    train_set = build_dataset(args.data, args.split, model, train=True, limit=args.limit,
+                              skip_bad=args.skip_bad_images, progress=args.progress)
+    val_set = None
+    if args.val_split and args.val_split.lower() != "none":
+        val_set = build_dataset(args.data, args.val_split, model, train=False, limit=args.limit_val,
+                                skip_bad=args.skip_bad_images, progress=args.progress)
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix needs an even batch size, got {args.batch_size}")
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        mixup=args.mixup, cutmix=args.cutmix, ema_decay=args.ema_decay, clip_grad=args.clip_grad or None,
+        amp=args.amp, seed=args.seed, workers=args.workers, frozen=tuple(args.frozen), progress=args.progress)
+    terms, teacher, ce_weight = build_losses(args, model)
     out = Path(args.output)
-    run_info = {"model": args.model, "data": args.data, "split": args.split,
+    run_info = {"model": args.model, "data": args.data, "split": args.split, **(run_info or {}),
                 "command": "leanvit " + shlex.join(sys.argv[1:])}
-    trainer = Trainer(model, train_set, val_set, cfg, out, loss_terms=terms, teacher=teacher, run_info=run_info,
-                      dist=dist)
+    trainer = Trainer(model, train_set, val_set, cfg, out, loss_terms=terms, teacher=teacher, ce_weight=ce_weight,
+                      run_info=run_info, dist=dist)
     if args.resume and trainer.resume():
         if dist.is_main:
             print(f"resumed {trainer.last_path} at epoch {trainer.epoch}, step {trainer.step}")
@@ -93,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{trainer.last_path} exists; pass --resume to continue it or choose another --output")
     if dist.is_main:
         save_resolved(args, out / "config.yaml")
-        (out / "command.txt").write_text(run_info["command"] + "\n")
+        atomic_write_text(out / "command.txt", run_info["command"] + "\n")
     result = trainer.fit()
     if dist.is_main and result.history:
         print(json.dumps(result.history[-1]))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
-                     parse_options, setup_runtime)
+                     check_model_name, check_output_file, fraction, nonneg_int, parse_options, resolve_device,
+                     setup_runtime)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -14,13 +15,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_config_arg(p)
     add_model_args(p)
     add_data_args(p, split="test")
-    p.add_argument("--index", type=int, default=0, help="image index in the split (default: 0)")
+    p.add_argument("--index", type=nonneg_int, default=0, help="image index in the split (default: 0)")
     p.add_argument("--methods", default="gtp,tome,evit", help="comma-separated methods (default: gtp,tome,evit)")
-    p.add_argument("--budget", type=float, default=0.6, help="fraction of dense MACs to keep (default: 0.6)")
-    p.add_argument("--r", type=int, default=None, help="tokens removed per block instead of --budget")
+    p.add_argument("--budget", type=fraction, default=0.6, help="fraction of dense MACs to keep (default: 0.6)")
+    p.add_argument("--r", type=nonneg_int, default=None, help="tokens removed per block instead of --budget")
     p.add_argument("--option", "-O", action="append", default=[], metavar="METHOD.OPT=VALUE",
                    help="method option, repeatable (e.g. -O gtp.alpha=0.2)")
-    p.add_argument("--output", "-o", default="token_maps.png", help="PNG file to write")
+    p.add_argument("--output", "-o", default="token_maps.png", help="image file to write (PNG, PDF, SVG, ...)")
     add_runtime_args(p)
     p.set_defaults(func=run)
     return p
@@ -34,33 +35,43 @@ def run(args: argparse.Namespace) -> int:
     from ..data import build_dataset
     from ..errors import ConfigError
     from ..reduce import get_reducer, inspect_vit, patch
+    from ..reduce.compare import resolve_method
     from ..vis import plot_token_maps
 
-    setup_runtime(args)
-    model = build_model_from_args(args).eval()
-    ds = build_dataset(args.data, args.split, model, train=False, limit=args.limit)
-    if not 0 <= args.index < len(ds):
-        raise ConfigError(f"--index {args.index} is outside the {len(ds)} images of {args.data} ({args.split})")
-    image, label = ds[args.index]
-    info = inspect_vit(model)
-    traces, preds = {}, {}
+    # everything the user typed is checked before the model or the data is loaded
+    check_model_name(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("--methods needs at least one method, e.g. gtp,tome,evit")
     options = parse_options(args.option, per_method=True)
     for m in options:
         if m not in methods:
             raise ConfigError(f"option given for '{m}', which is not among --methods {','.join(methods)}")
-    for method in methods:
+    resolved = {m: resolve_method(m, options) for m in methods}
+    check_output_file(args.output, "--output", plot=True)
+    device = resolve_device(args)
+    setup_runtime(args)
+    model = build_model_from_args(args).to(device).eval()
+    ds = build_dataset(args.data, args.split, model, train=False, limit=args.limit,
+                       skip_bad=args.skip_bad_images, progress=args.progress)
+    if args.index >= len(ds):
+        raise ConfigError(f"--index {args.index} is outside the {len(ds)} images of {args.data} ({args.split})")
+    image, label = ds[args.index]
+    info = inspect_vit(model)
+    traces, preds = {}, {}
+    for name, (method, opts) in resolved.items():
         variant = copy.deepcopy(model)
-        amount = {"r": args.r} if args.r is not None else {"budget": args.budget}
-        patch(variant, method, trace=True, **amount, **options.get(method, {}))
+        amount = {} if "keep" in opts or "r" in opts else (
+            {"r": args.r} if args.r is not None else {"budget": args.budget})
+        patch(variant, method, trace=True, **amount, **opts)
         with torch.no_grad():
-            logits = variant(image.unsqueeze(0))
-        preds[method] = int(logits.argmax(-1))
-        traces[method] = get_reducer(variant).trace_log
+            logits = variant(image.unsqueeze(0).to(device))
+        preds[name] = int(logits.argmax(-1))
+        traces[name] = [{k: v.cpu() for k, v in step.items()} for step in get_reducer(variant).trace_log]
     classes = getattr(ds, "classes", None)
-    name = (lambda i: classes[i]) if classes else str
-    title = f"{args.model}, image {args.index} (label {name(label)}); predictions: " + ", ".join(
-        f"{m} {name(p)}" for m, p in preds.items())
+    name_of = (lambda i: classes[i]) if classes else str
+    title = f"{args.model}, image {args.index} (label {name_of(label)}); predictions: " + ", ".join(
+        f"{m} {name_of(p)}" for m, p in preds.items())
     plot_token_maps(image, traces, info.grid, args.output, title=title)
     print(f"token maps written to {args.output}")
     return 0

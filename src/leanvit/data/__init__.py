@@ -18,7 +18,7 @@ from .imagefolder import build_imagefolder
 from .synthetic import SyntheticImages
 
 __all__ = ["DataSpec", "parse_data_spec", "build_dataset", "FashionMNIST", "SyntheticImages", "read_idx",
-           "FMNIST_CLASSES", "DATA_KINDS"]
+           "FMNIST_CLASSES", "DATA_KINDS", "num_classes_of"]
 
 DATA_KINDS = ("fmnist", "imagefolder", "synthetic")
 
@@ -51,16 +51,34 @@ def _model_input(model: nn.Module) -> tuple[tuple[int, int, int], tuple[float, .
     return tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
+def num_classes_of(ds: Dataset) -> int | None:
+    """Classes of a dataset built by :func:`build_dataset` (through a ``Subset`` too), or None if unknown."""
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    classes = getattr(base, "classes", None)
+    return len(classes) if classes is not None else getattr(base, "num_classes", None)
+
+
 def build_dataset(
-    spec: str | DataSpec, split: str, model: nn.Module, train: bool = False, limit: int | None = None
+    spec: str | DataSpec, split: str, model: nn.Module, train: bool = False, limit: int | None = None,
+    skip_bad: bool = False, progress: bool = True,
 ) -> Dataset:
     """Build the dataset named by ``spec`` for ``split`` (train / val / trainval / test), shaped for ``model``.
 
-    Checks that the data matches what the model expects (channels, image size) and fails with a clear message
-    if it does not.
+    Checks that the data matches what the model expects (channels, image size, number of classes) and fails with a
+    clear message if it does not.
+
+    Args:
+        limit: keep only the first ``limit`` images (must be at least 1).
+        skip_bad: image folders: leave out unreadable images (listed on stderr) instead of stopping at the first.
+        progress: show progress while ``skip_bad`` checks the images.
     """
+    from ..analysis.macs import default_input_size
+
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
-    input_size, mean, std = _model_input(model)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive number of images, got {limit!r}")
+    _, mean, std = _model_input(model)
+    input_size = default_input_size(model)
     if spec.kind == "fmnist":
         if input_size != (1, 28, 28):
             raise DataError(
@@ -70,7 +88,8 @@ def build_dataset(
         ds = FashionMNIST(spec.path, split=split, train_aug=train, mean=mean, std=std, limit=limit)
     elif spec.kind == "imagefolder":
         sub = "train" if split in ("train", "trainval") else "val"
-        ds = build_imagefolder(spec.path, model, train=train, split=sub)
+        ds = build_imagefolder(spec.path, model, train=train, split=sub, skip_bad=skip_bad,
+                               progress=progress)
         if limit is not None:
             ds = Subset(ds, range(min(limit, len(ds))))
     else:
@@ -79,4 +98,19 @@ def build_dataset(
         ds = SyntheticImages(input_size, num_classes, size=n if limit is None else min(n, limit))
     if len(ds) == 0:
         raise DataError(f"data source '{spec}' ({split}) is empty")
+    _check_classes(model, num_classes_of(ds), spec)
     return ds
+
+
+def _check_classes(model: nn.Module, data_classes: int | None, spec: DataSpec) -> None:
+    """The model's head must have one output per class of the data, or the labels do not line up with it."""
+    head = getattr(model, "num_classes", None)
+    if data_classes is None or head is None:
+        return
+    if head == 0:
+        raise DataError(f"the model has no classifier head (num_classes=0); it cannot be evaluated or trained on "
+                        f"'{spec}' ({data_classes} classes)")
+    if head != data_classes:
+        raise DataError(f"'{spec}' has {data_classes} classes but the model's head has {head} outputs; labels would "
+                        f"not line up with the head. Give --num-classes {data_classes} to train a new head, or use "
+                        f"data with the model's classes")

@@ -1,8 +1,12 @@
-"""Atomic checkpoints and weight files.
+"""Atomic checkpoints and weight files, read without running code.
 
 A checkpoint is written to a temporary file in the destination folder, flushed to disk, then renamed over the old
 one (``os.replace`` is atomic on POSIX), so a run killed at any moment leaves either the previous checkpoint or the
 new one, never a torn file.
+
+Reading never unpickles arbitrary objects: a pickle can run any command when it is loaded, so torch files are read
+with ``torch.load(weights_only=True)`` (tensors, numbers, strings and containers only) and a file that needs more is
+refused with the reason. Safetensors files are recognised by their content, not their name.
 """
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-FORMAT = "leanvit-checkpoint-v1"
+FORMAT = "leanvit-checkpoint-v2"  # v2: RNG states stored as tensors, so the file loads with weights_only=True
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file that is renamed over it when complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -37,10 +42,48 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write a text file (UTF-8)."""
+    data = text.encode()
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with the 8-byte little-endian length of a JSON header that begins with '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= path.stat().st_size - 8 and head[8:9] == b"{"
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load`` that runs no code from the file; the refusal names what the file wanted to run."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text or "Weights only load failed" in text:
+            glob = next((line.split("GLOBAL", 1)[1].split()[0] for line in text.splitlines() if "GLOBAL" in line),
+                        None)
+            raise CheckpointError(
+                f"{what} {path} was refused: it is a pickle that needs "
+                f"{f'the Python object {glob}' if glob else 'Python objects beyond tensors'} to load, and loading a "
+                f"pickle can run arbitrary code. Save the weights as a state dict of tensors or as safetensors "
+                f"(leanvit.engine.save_weights) from a trusted copy") from None
+        raise CheckpointError(f"{what} {path} is corrupt or truncated (UnpicklingError: {e})") from None
+    except Exception as e:  # a torn zip, garbage bytes, or a foreign file
+        raise CheckpointError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Atomically save a training checkpoint (a dict of state dicts, counters and RNG states)."""
     state = {"format": FORMAT, **state}
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -48,12 +91,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn zip, garbage bytes (UnpicklingError, ImportError, ...), or a foreign file
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if _is_safetensors(path):
+        raise CheckpointError(f"{path} is a weights file (safetensors), not a leanvit training checkpoint; load it "
+                              f"with --weights")
+    state = _torch_load(path, "checkpoint")
+    if not isinstance(state, dict) or not str(state.get("format", "")).startswith("leanvit-checkpoint"):
         raise CheckpointError(f"{path} is not a leanvit training checkpoint")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"{path} is a {state['format']} checkpoint; this leanvit reads {FORMAT} (start the "
+                              f"run again, or resume it with the leanvit version that wrote it)")
     return state
 
 
@@ -65,29 +111,30 @@ def save_weights(model_or_state: nn.Module | dict[str, torch.Tensor], path: str 
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
     data = save(sd, metadata=metadata)
-    _atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from a safetensors file, a leanvit checkpoint, or a plain torch state-dict file.
 
-    timm-style wrappers (``{"state_dict": ...}``, ``{"model": ...}``, ``{"model_ema": ...}`` is not chosen
-    implicitly) and a DDP ``module.`` prefix are handled.
+    The format is told by content (a ``.pth`` that holds safetensors loads too). torch files are read with
+    ``weights_only=True``: a pickle that needs Python objects beyond tensors and containers is refused, because
+    loading it could run code. timm-style wrappers (``{"state_dict": ...}``, ``{"model": ...}``;
+    ``{"model_ema": ...}`` is not chosen implicitly) and a DDP ``module.`` prefix are handled.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise CheckpointError(f"weights file {path} is corrupt ({e})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn zip, garbage bytes (UnpicklingError, ImportError, ...), or a foreign file
-        raise CheckpointError(f"weights file {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"weights file {path} is not a valid safetensors file (bad header)")
+    obj = _torch_load(path, "weights file")
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "module"):
             if key in obj and isinstance(obj[key], dict):

@@ -1,4 +1,4 @@
-"""Pluggable loss terms for the training loop.
+"""Pluggable loss terms for the training loop (distillation terms live in :mod:`leanvit.distill`).
 
 A term is an ``nn.Module`` (it may own parameters, e.g. distillation projectors; the trainer optimises and
 checkpoints them with the model) whose ``forward(ctx)`` returns a scalar. The trainer sums ``weight * term(ctx)``.
@@ -38,14 +38,16 @@ class StepContext:
     cache: dict[str, Any] = field(default_factory=dict)
 
     def teacher_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher ``(pre_logits_features, logits)`` for this batch, computed once without gradients."""
+        """Teacher ``(pre_logits_features, logits)`` for this batch, computed once per step without gradients and
+        shared by every term (:func:`leanvit.distill.pooled_features`: timm's ``forward_head(pre_logits=True)``,
+        or a hook on the classifier's input for models without it)."""
+        from ..distill.features import pooled_features
+
         if self.teacher is None:
             raise RuntimeError("this loss term needs a teacher; pass --teacher")
         if "teacher" not in self.cache:
             with torch.no_grad():
-                f = self.teacher.forward_features(self.images)
-                pre = self.teacher.forward_head(f, pre_logits=True)
-                logits = self.teacher.forward_head(f)
+                pre, logits = pooled_features(self.teacher, self.images)
             self.cache["teacher"] = (pre.float(), logits.float())
         return self.cache["teacher"]
 
@@ -75,20 +77,3 @@ class CrossEntropyTerm(LossTerm):
         if ctx.targets.dim() == 2:  # soft targets already carry smoothing (timm Mixup applies it)
             return torch.sum(-ctx.targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, ctx.targets, label_smoothing=self.label_smoothing)
-
-
-class LogitKDTerm(LossTerm):
-    """Hinton et al. (2015) logit distillation: ``T^2 * KL(softmax(t/T) || softmax(s/T))``."""
-
-    name = "kd"
-
-    def __init__(self, weight: float = 1.0, temperature: float = 4.0):
-        super().__init__(weight)
-        self.temperature = temperature
-
-    def forward(self, ctx: StepContext) -> torch.Tensor:
-        _, t_logits = ctx.teacher_outputs()
-        T = self.temperature
-        s = F.log_softmax(ctx.logits.float() / T, dim=-1)
-        t = F.log_softmax(t_logits / T, dim=-1)
-        return F.kl_div(s, t, log_target=True, reduction="batchmean") * T * T

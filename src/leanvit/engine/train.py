@@ -73,7 +73,11 @@ def _seed_all(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's generator state holds an ndarray; it is stored as a tensor so that checkpoints load with
+    # torch.load(weights_only=True), which runs no code from the file
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -81,20 +85,32 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _StepModule(nn.Module):
-    """Student + loss terms in one module, so DDP synchronises the gradients of both (e.g. projectors)."""
+    """Student + loss terms in one module, so DDP synchronises the gradients of both (e.g. projectors).
+
+    Each term's value is returned under the term's ``name``; terms that share a name are told apart by a suffix
+    in their order (``pefd``, ``pefd_1``, ...), so that every part is logged.
+    """
 
     def __init__(self, model: nn.Module, terms: nn.ModuleList, teacher: nn.Module | None):
         super().__init__()
         self.model = model
         self.terms = terms
         object.__setattr__(self, "_teacher", teacher)  # not a submodule: frozen, not synchronised or saved
+        self.part_names: list[str] = []
+        for t in terms:
+            name, i = t.name, 0
+            while name in self.part_names:
+                i += 1
+                name = f"{t.name}_{i}"
+            self.part_names.append(name)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor):
         if any(t.needs_features for t in self.terms):
@@ -104,8 +120,8 @@ class _StepModule(nn.Module):
         else:
             features, logits = None, self.model(images)
         ctx = StepContext(self.model, images, targets, logits, features, self._teacher)
-        parts = {t.name: t(ctx) for t in self.terms}
-        total = sum(t.weight * parts[t.name] for t in self.terms)
+        parts = {name: t(ctx) for name, t in zip(self.part_names, self.terms)}
+        total = sum(t.weight * parts[name] for name, t in zip(self.part_names, self.terms))
         return total, parts, logits
 
 
@@ -149,6 +165,12 @@ class Trainer:
             self.teacher = teacher.to(self.device).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
+        names = [name for name, _ in self.model.named_parameters()]
+        for f in cfg.frozen:
+            if not any(name == f or name.startswith(f + ".") for name in names):
+                tops = sorted({name.split(".")[0] for name in names})
+                raise ConfigError(f"frozen prefix '{f}' matches no parameter of the model; its parameters start "
+                                  f"with {', '.join(tops)} (e.g. blocks.0.attn)")
         for name, p in self.model.named_parameters():
             if any(name == f or name.startswith(f + ".") for f in cfg.frozen):
                 p.requires_grad_(False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 import timm
 from torch import nn
@@ -12,6 +13,17 @@ from ..errors import ConfigError
 def list_models(pattern: str = "leanvit_*") -> list[str]:
     """Names of leanvit's registered models (``pattern`` is a timm wildcard; ``"*"`` lists every timm model)."""
     return timm.list_models(pattern)
+
+
+def check_model_name(name: str) -> None:
+    """Raise a :class:`ConfigError` listing the valid names (and close matches) if timm does not know ``name``."""
+    if not isinstance(name, str) or not timm.is_model(name):
+        known = timm.list_models()
+        close = difflib.get_close_matches(str(name), known, n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown model '{name}'. leanvit reference models: {', '.join(list_models())}; any timm ViT name "
+            f"also works (`leanvit list-models '*vit*'`).{hint}")
 
 
 def create_model(name: str, pretrained: bool = False, weights: str | None = None, **kwargs) -> nn.Module:
@@ -25,13 +37,9 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
     """
     from ..engine.checkpoint import load_into, load_weights
 
-    if not timm.is_model(name):
-        known = timm.list_models()
-        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown model '{name}'. leanvit reference models: {', '.join(list_models())}; any timm ViT name "
-            f"also works (`leanvit list-models '*vit*'`).{hint}")
+    check_model_name(name)
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"weights file {weights} does not exist")
     try:
         model = timm.create_model(name, pretrained=pretrained and not weights, **kwargs)
     except FileNotFoundError as e:

@@ -21,6 +21,9 @@ class ConvStemEmbed(nn.Module):
 
     Layout: conv3x3 (in -> dim/2, stride 1) -> BN -> GELU -> conv (dim/2 -> dim, kernel = stride = patch_size
     rounded up to odd: 3x3 stride 2 for patch 2). Output ``(B, N, C)`` with N = grid_h * grid_w.
+
+    ``hidden_dim`` sets the first convolution's width (default ``embed_dim // 2``); a widened model (the
+    channel-shuffle ViTs) keeps its vanilla partner's, so that the stem's MACs grow linearly with the width.
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class ConvStemEmbed(nn.Module):
         flatten: bool = True,
         bias: bool = True,
         dynamic_img_pad: bool = False,
+        hidden_dim: int | None = None,
         **kwargs,
     ):
         super().__init__()
@@ -45,7 +49,7 @@ class ConvStemEmbed(nn.Module):
         self.dynamic_img_pad = dynamic_img_pad
         self.strict_img_size = True
         self.in_chans = in_chans
-        hidden = max(embed_dim // 2, 8)
+        hidden = hidden_dim or max(embed_dim // 2, 8)
         self.conv1 = nn.Conv2d(in_chans, hidden, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
         self.act = nn.GELU()

@@ -39,6 +39,65 @@ def list_methods() -> list[str]:
     return list(METHODS)
 
 
+_TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string", "None": "null"}
+
+
+def _matches(value: Any, type_name: str) -> bool:
+    if type_name == "bool":
+        return isinstance(value, bool)
+    if type_name == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if type_name == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if type_name == "str":
+        return isinstance(value, str)
+    if type_name == "None":
+        return value is None
+    return True  # a type we do not check (the reducer validates it)
+
+
+def method_options(method: str) -> dict[str, tuple[str, Any]]:
+    """A method's options: ``{name: (annotation, default)}`` read from its reducer's constructor."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(METHODS)} (or 'dense' for none)")
+    params = inspect.signature(METHODS[method].__init__).parameters
+    return {name: (str(p.annotation), p.default) for name, p in params.items()
+            if name not in ("self", "info", "schedule")}
+
+
+def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Check a method's options (and ``r``/``budget``/``keep``) against their declared types before any work.
+
+    Returns the options with ints given for float options turned into floats. Raises :class:`ConfigError` naming
+    the option, the expected type and the value (``-O k=2.5``, ``-O prop_attn=maybe``, ``budget="0.7"``).
+    """
+    declared = method_options(method)
+    out = {}
+    for name, value in options.items():
+        if name in ("r", "budget", "keep", "measure"):
+            out[name] = value
+            continue
+        if name not in declared:
+            raise ConfigError(f"unknown option '{name}' for '{method}'; it takes {', '.join(sorted(declared))}")
+        types = [t.strip() for t in declared[name][0].split("|")]
+        if not any(_matches(value, t) for t in types):
+            want = " or ".join(_TYPE_NAMES.get(t, t) for t in types)
+            raise ConfigError(f"option '{name}' of '{method}' must be {want}, got {value!r}")
+        out[name] = float(value) if types == ["float"] else value
+    _check_amount(options.get("r"), options.get("budget"), options.get("keep"))
+    return out
+
+
+def _check_amount(r: Any, budget: Any, keep: Any) -> None:
+    for name, value in (("budget", budget), ("keep", keep)):
+        if value is None:
+            continue
+        if not _matches(value, "float") or not 0.0 < float(value) <= 1.0:
+            raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+    if r is not None and not (_matches(r, "int") or isinstance(r, (list, tuple))):
+        raise ConfigError(f"r must be an int, a per-block list or an (r, inflection) tuple, got {r!r}")
+
+
 def _dense_macs(model: nn.Module) -> int:
     from ..analysis import count_macs
 
@@ -64,14 +123,9 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
         ConfigError: unknown method or option, impossible schedule or budget.
         UnsupportedModelError: a model whose blocks leanvit does not know.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method '{method}'; choose one of {', '.join(METHODS)} (or 'dense' for none)")
+    options = check_options(method, options)
     cls = METHODS[method]
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "info", "schedule"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for '{method}'; "
-                          f"it takes {', '.join(sorted(allowed))}")
+    _check_amount(r, budget, keep)
     given = [name for name, v in (("r", r), ("budget", budget), ("keep", keep)) if v is not None]
     if len(given) != 1:
         raise ConfigError(f"give exactly one of r=, budget= or keep= (got {', '.join(given) or 'none'})")
@@ -105,6 +159,7 @@ def _patch(model: nn.Module, method: str, cls: type[TokenReducer], r: Any, budge
             if not measure:
                 break
             reached = _dense_macs(model)
+            reducer.reset_stats()  # the counting forward is not an evaluation
             reducer.report.update(macs=reached, achieved=reached / dense)
             if reached <= budget * dense or target <= 0.05:
                 break

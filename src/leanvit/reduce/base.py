@@ -90,6 +90,17 @@ class TokenReducer:
 
     _trace_extra: dict[str, torch.Tensor] = {}
 
+    # --------------------------------------------------------------- diagnostics
+    def set_stats(self, on: bool) -> None:
+        """Turn a method's diagnostic counters on or off (and zero them); no-op for methods without any."""
+
+    def reset_stats(self) -> None:
+        """Zero the diagnostic counters (e.g. after a forward that was not an evaluation)."""
+
+    def stats_summary(self) -> dict[str, float]:
+        """The diagnostic counters since the last reset (GTP: lost tokens); empty when off or not supported."""
+        return {}
+
     # --------------------------------------------------------------- helpers for subclasses
     def _sizes_or_ones(self, x: torch.Tensor) -> torch.Tensor:
         if self._size is None:

@@ -1,7 +1,10 @@
 """Side-by-side comparison of token-reduction methods at equal MACs budgets (the ``leanvit compare`` job).
 
-Every method at a budget runs the same per-block schedule (solved once from the dense model's MACs), is evaluated
-on the same images, has its MACs counted the same way and its throughput measured in the same interleaved run.
+Every method at a budget is held to the same measured MACs: its schedule is solved for the budget and then
+tightened until the patched model's counted MACs, including the method's own work (GTP's graph, ToMe's matching),
+fit it. Schedules therefore differ slightly between methods at one budget (the table shows each). All variants are
+evaluated on the same images in one pass over the data, have their MACs counted the same way and their throughput
+measured in the same interleaved run.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
-from . import METHODS, get_reducer, patch
+from ..progress import track
+from . import METHODS, check_options, get_reducer, patch
 
 # options whose results vary with the RNG (selection by random score): evaluated over several seeds
 _RANDOM_OPTIONS = {("score", "random")}
@@ -56,31 +60,48 @@ def resolve_method(name: str, method_options: dict[str, dict[str, Any]] | None =
         hint = f" (label '{name}' names method '{method}')" if method != name else ""
         raise ConfigError(f"unknown method '{method}'{hint}; choose from dense, {', '.join(METHODS)}, or a label "
                           f"with a 'method' option (e.g. -O gtp-cls.method=gtp -O gtp-cls.score=cls)")
-    return method, opts
+    if "budget" in opts:
+        raise ConfigError(f"'{name}': budgets come from --budgets, not from an option")
+    if "r" in opts and "keep" in opts:
+        raise ConfigError(f"'{name}': give r or keep, not both")
+    return method, check_options(method, opts)
+
+
+def _own_schedule(opts: dict[str, Any]) -> bool:
+    """A variant with its own schedule (``keep`` or ``r``) runs once, not at every budget."""
+    return "keep" in opts or "r" in opts
 
 
 def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[float],
-                   method_options: dict[str, dict[str, Any]] | None = None) -> list[tuple[str, float, nn.Module]]:
+                   method_options: dict[str, dict[str, Any]] | None = None,
+                   progress: bool = False) -> list[tuple[str, float | None, nn.Module]]:
     """Deep copies of ``model``, one per (method, budget), patched; ``dense`` appears once at budget 1.0.
 
-    A name in ``methods`` may be a label whose options carry ``method`` (see :func:`resolve_method`)."""
+    A name in ``methods`` may be a label whose options carry ``method`` (see :func:`resolve_method`); a label with
+    its own schedule (``keep`` or ``r``) gives one variant with budget None."""
     resolved = {m: resolve_method(m, method_options) for m in methods if m != "dense"}
+    jobs = [(m, None if _own_schedule(opts) else b) for m, (_, opts) in resolved.items()
+            for b in ([None] if _own_schedule(opts) else budgets)]
     out = []
     if "dense" in methods:
         out.append(("dense", 1.0, model))
-    for m, (method, opts) in resolved.items():
-        for b in budgets:
-            variant = copy.deepcopy(model)
-            patch(variant, method, budget=b, **opts)
-            out.append((m, b, variant))
+    for m, b in track(jobs, desc="solving schedules", enabled=progress):
+        method, opts = resolved[m]
+        variant = copy.deepcopy(model)
+        patch(variant, method, **({} if b is None else {"budget": b}), **opts)
+        out.append((m, b, variant))
     return out
 
 
 def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequence[str], budgets: Sequence[float],
                    method_options: dict[str, dict[str, Any]] | None = None, seeds: int = 3,
-                   bench_batch: int = 32, bench_runs: int = 5, device: str | torch.device = "cpu",
+                   bench_batch: int = 32, bench_runs: int = 3, device: str | torch.device = "cpu",
                    progress: bool = True) -> list[CompareRow]:
     """Evaluate and time every (method, budget) on ``loader``; returns one row each (dense first).
+
+    Phases, each with its progress output: solving the schedules, one evaluation pass over the data for every
+    variant whose selection is deterministic (:func:`leanvit.engine.evaluate.evaluate_many`), one pass per seed for
+    each variant with random selection (seeded as if evaluated alone), then the interleaved timing.
 
     Args:
         loader: evaluation data; None skips accuracy (speed and MACs only).
@@ -89,40 +110,55 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
     """
     from ..analysis import compare_throughput, count_macs
     from ..engine import evaluate
+    from ..engine.evaluate import evaluate_many
 
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
     device = torch.device(device)
     method_options = method_options or {}
     model = model.to(device).eval()
-    variants = build_variants(model, methods, budgets, method_options)
+    variants = build_variants(model, methods, budgets, method_options, progress=progress)
     dense_macs = count_macs(model, device=device).macs
     rows: list[CompareRow] = []
     for method, budget, variant in variants:
         red = get_reducer(variant)
         opts = red.options() if red is not None else {}
-        macs = red.report.get("macs", dense_macs) if red is not None else dense_macs
-        row = CompareRow(method=method, budget=budget, schedule=list(red.schedule) if red else [],
-                         gmacs=macs / 1e9, top1=float("nan"), macs_ratio=macs / dense_macs, options=opts)
-        if loader is not None:
-            n_seeds = seeds if _is_random(opts) else 1
-            accs = []
-            if red is not None and hasattr(red, "stats"):
-                red.stats = True
-                red.report.update(lost_tokens=0, removed_tokens=0)
-            for s in range(n_seeds):
-                torch.manual_seed(s)
-                res = evaluate(variant, loader, device, progress=progress, desc=f"{method}@{budget}")
-                accs.append(res.top1)
+        macs = dense_macs if red is None else red.report.get("macs") or count_macs(variant, device=device).macs
+        rows.append(CompareRow(method=method, budget=macs / dense_macs if budget is None else budget,
+                               schedule=list(red.schedule) if red else [], gmacs=macs / 1e9, top1=float("nan"),
+                               macs_ratio=macs / dense_macs, options=opts))
+    if loader is not None:
+        reducers = [get_reducer(v) for _, _, v in variants]
+        for red in reducers:
+            if red is not None:
+                red.set_stats(True)
+        fixed = {i: v for i, (_, _, v) in enumerate(variants) if not _is_random(rows[i].options)}
+        results = evaluate_many({str(i): v for i, v in fixed.items()}, loader, device, progress=progress,
+                                desc=f"evaluating {len(fixed)} variants") if fixed else {}
+        for i, (method, budget, variant) in enumerate(variants):
+            row = rows[i]
+            if i in fixed:
+                accs = [results[str(i)].top1]
+            else:
+                accs = []
+                for s in range(seeds):
+                    torch.manual_seed(s)
+                    accs.append(evaluate(variant, loader, device, progress=progress,
+                                         desc=f"evaluating {method}@{row.budget:.2f} seed {s}").top1)
             row.top1 = statistics.fmean(accs)
             row.top1_std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            row.seeds = n_seeds
-        if red is not None and getattr(red, "stats", False):
-            row.extra["lost_token_fraction"] = float(red.report["lost_tokens"]) / max(red.report["removed_tokens"], 1)
-        if red is not None and hasattr(red, "stats"):
-            red.stats = False  # timed without the bookkeeping
-        rows.append(row)
+            row.seeds = len(accs)
+            if reducers[i] is not None:
+                summary = reducers[i].stats_summary()
+                if "lost_token_fraction" in summary:
+                    row.extra["lost_token_fraction"] = summary["lost_token_fraction"]
+        for red in reducers:
+            if red is not None:
+                red.set_stats(False)  # timed without the bookkeeping
     if bench_runs > 0:
         named = {f"{m}@{b}": v for m, b, v in variants}
-        speed = compare_throughput(named, batch_size=bench_batch, runs=bench_runs, device=device)
+        speed = compare_throughput(named, batch_size=bench_batch, runs=bench_runs, device=device,
+                                   progress=progress)
         base = speed.get("dense@1.0")
         for row, key in zip(rows, named):
             row.images_per_s = speed[key]

@@ -201,11 +201,13 @@ class ReducingBlock(TimmBlock):
         i = self._leanvit_index
         if i == 0:
             n_img = x.shape[1] - red.info.num_prefix
-            if n_img != red.info.num_image:
+            # a schedule that removes nothing is size-agnostic, so a dynamic_img_size model keeps taking any size;
+            # a reducing schedule was solved for the native token count and its MACs hold only there
+            if n_img != red.info.num_image and any(red.schedule):
                 raise UnsupportedModelError(
                     f"the input gives {n_img} image tokens but the patch was set up for the model's "
                     f"{red.info.grid[0]}x{red.info.grid[1]} grid ({red.info.num_image} tokens); token reduction "
-                    f"needs images of the model's native size")
+                    f"needs images of the model's native size (or patch with r=0)")
             red.begin(x)
         a = attention_forward(self.attn, self.norm1(x), size_bias=red.size_bias(), need_probs=red.needs_probs(i),
                               need_keys=red.needs_keys(i), need_cls_probs=red.needs_cls_probs(i), theta=red.theta,

@@ -37,8 +37,10 @@ class GTPReducer(TokenReducer):
         prop_attn: token sizes with proportional attention (recommended).
         theta: attention sparsification keep ratio (1 = off).
         stats: count removed tokens that had no kept neighbour (their features are lost) in
-            ``report["lost_tokens"]`` / ``report["removed_tokens"]``, summed over forwards (a few extra ops per
-            block; ``leanvit compare`` turns it on).
+            ``report["lost_tokens"]`` / ``report["removed_tokens"]``, summed over the forwards since the last
+            :meth:`set_stats` / :meth:`reset_stats` (a few extra ops per block, so off by default; the keys are absent
+            from the report while it is off). ``leanvit eval`` and ``leanvit compare`` turn it on for their
+            evaluation only; the MACs-counting forward of ``budget=`` is not counted.
     """
 
     name = "gtp"
@@ -64,7 +66,25 @@ class GTPReducer(TokenReducer):
         self.graph_kind, self.k, self.score, self.alpha = graph, int(k), score, float(alpha)
         self.graph: torch.Tensor | None = None  # (B, N0, N0) normalised graph over the original image tokens
         self.index: torch.Tensor | None = None  # (B, N) original positions of the current image tokens
-        self.report.update(lost_tokens=0, removed_tokens=0)
+        self.reset_stats()
+
+    def set_stats(self, on: bool) -> None:
+        self.stats = bool(on)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        if self.stats:
+            self.report.update(lost_tokens=0, removed_tokens=0)
+        else:
+            self.report.pop("lost_tokens", None)
+            self.report.pop("removed_tokens", None)
+
+    def stats_summary(self) -> dict[str, float]:
+        if not self.stats:
+            return {}
+        removed = int(self.report["removed_tokens"])
+        return {"lost_tokens": int(self.report["lost_tokens"]), "removed_tokens": removed,
+                "lost_token_fraction": float(self.report["lost_tokens"]) / max(removed, 1)}
 
     def options(self) -> dict[str, Any]:
         return {"graph": self.graph_kind, "k": self.k, "score": self.score, "alpha": self.alpha,

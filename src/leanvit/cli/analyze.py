@@ -1,0 +1,169 @@
+"""``leanvit analyze``: a model's accuracy gap, calibration and, against a teacher, feature similarity.
+
+Figures: top-1 on the test split and on the train split (no augmentation) and their gap; expected calibration
+error (15 equal-width bins, torchmetrics) with a reliability diagram; with ``--teacher``, linear CKA between the
+model's and the teacher's pre-logits features (the features PEFD distils) and between every pair of their blocks
+(each block's output averaged over its patch tokens), drawn as a heatmap. The teacher sees the model's input.
+
+    leanvit analyze -m leanvit_vit_fm_student --weights runs/pefd/model.safetensors --teacher leanvit_vit_fm_teacher \\
+        --json analysis.json --reliability-plot reliability.png --cka-plot cka.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
+                     resolve_device, setup_runtime)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("analyze", help="train-test gap, calibration (ECE, reliability diagram), CKA to a teacher",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arg(p)
+    add_model_args(p)
+    p.add_argument("--teacher", default=None, help="model whose features are compared with the model's (CKA)")
+    p.add_argument("--teacher-weights", default=None, help="weights of the teacher (default: its pretrained)")
+    add_data_args(p, split="test")
+    p.add_argument("--train-split", default="train",
+                   help="split whose top-1 gives the train-test gap ('none' to skip; default: %(default)s)")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N images of the train split")
+    p.add_argument("--bins", type=int, default=15, help="confidence bins of the ECE (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every figure to this JSON file")
+    p.add_argument("--reliability-plot", default=None, metavar="FILE", help="reliability diagram (.png, .pdf, ...)")
+    p.add_argument("--cka-plot", default=None, metavar="FILE", help="per-block CKA heatmap (needs --teacher)")
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _check_plot_path(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(path).is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    if Path(path).suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(f"{flag} {path}: use a file name ending in one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before loading a model or data."""
+    import timm
+
+    from ..models import create_model
+
+    if args.bins < 1:
+        raise ConfigError(f"--bins must be >= 1, got {args.bins}")
+    if args.cka_plot and not args.teacher:
+        raise ConfigError("--cka-plot compares with a teacher; pass --teacher")
+    _check_plot_path(args.reliability_plot, "--reliability-plot")
+    _check_plot_path(args.cka_plot, "--cka-plot")
+    if args.json and Path(args.json).is_dir():
+        raise ConfigError(f"--json {args.json} is a folder; give a file name")
+    for name in (args.model, args.teacher):
+        if name is not None and not timm.is_model(name):
+            create_model(name)  # raises the ConfigError that lists the valid names
+
+
+def _collect(models: list[nn.Module], loader: DataLoader, device: torch.device, blocks: bool,
+             progress: bool) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """One pass over ``loader`` through every model: per model ``{"logits", "features"[, "blocks"]}`` (CPU)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..distill import block_features, pooled_features
+
+    out: list[dict[str, list]] = [{"logits": [], "features": [], "blocks": []} for _ in models]
+    targets = []
+    with torch.no_grad():
+        for images, y in tqdm(loader, desc="analyze", disable=not progress, leave=False, dynamic_ncols=True):
+            images = images.to(device)
+            for model, acc in zip(models, out):
+                if blocks:
+                    per_block, features, logits = block_features(model, images)
+                    acc["blocks"].append([b.float().cpu() for b in per_block])
+                else:
+                    features, logits = pooled_features(model, images)
+                acc["features"].append(features.float().cpu())
+                acc["logits"].append(logits.float().cpu())
+            targets.append(y)
+    result = []
+    for acc in out:
+        r = {"logits": torch.cat(acc["logits"]), "features": torch.cat(acc["features"])}
+        if blocks:
+            r["blocks"] = [torch.cat(parts) for parts in zip(*acc["blocks"])]
+        result.append(r)
+    return result, torch.cat(targets)
+
+
+def run(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from ..analysis import calibration, cka_matrix, linear_cka
+    from ..data import build_dataset
+    from ..engine import evaluate
+    from ..models import create_model
+    from ..vis import plot_cka, plot_reliability
+
+    _check_args(args)
+    setup_runtime(args)
+    device = resolve_device(args)
+    model = build_model_from_args(args).to(device).eval()
+    models = [model]
+    if args.teacher:
+        teacher = create_model(args.teacher, pretrained=args.teacher_weights is None, weights=args.teacher_weights)
+        models.append(teacher.to(device).eval())
+    test = build_dataset(args.data, args.split, model, train=False, limit=args.limit)
+    outputs, targets = _collect(models, DataLoader(test, batch_size=args.batch_size, num_workers=args.workers),
+                                device, blocks=args.teacher is not None, progress=args.progress)
+    s = outputs[0]
+    top1 = 100.0 * s["logits"].argmax(1).eq(targets).double().mean().item()
+    cal = calibration(s["logits"], targets, args.bins)
+    row: dict[str, Any] = {"model": args.model, "teacher": args.teacher, "data": args.data, "split": args.split,
+                           "n": len(targets), "top1": top1, "ece": cal.ece, "bins": args.bins}
+    print(f"{args.model} on {args.data} ({args.split}, {len(targets)} images): top-1 {top1:.2f}%  "
+          f"ECE {100 * cal.ece:.2f}% ({args.bins} bins)")
+    if args.train_split and args.train_split.lower() != "none":
+        train = build_dataset(args.data, args.train_split, model, train=False, limit=args.limit_train)
+        res = evaluate(model, DataLoader(train, batch_size=args.batch_size, num_workers=args.workers), device,
+                       progress=args.progress, desc="train split")
+        row.update(train_split=args.train_split, train_n=res.n, train_top1=res.top1, gap=res.top1 - top1)
+        print(f"{args.train_split} top-1 {res.top1:.2f}% ({res.n} images, no augmentation): train-test gap "
+              f"{res.top1 - top1:+.2f} points")
+    if args.teacher:
+        t = outputs[1]
+        t_top1 = 100.0 * t["logits"].argmax(1).eq(targets).double().mean().item()
+        t_cal = calibration(t["logits"], targets, args.bins)
+        matrix = cka_matrix(s["blocks"], t["blocks"])
+        row.update(teacher_top1=t_top1, teacher_ece=t_cal.ece, cka=linear_cka(s["features"], t["features"]),
+                   cka_blocks=matrix)
+        print(f"teacher {args.teacher}: top-1 {t_top1:.2f}%  ECE {100 * t_cal.ece:.2f}%")
+        print(f"linear CKA of the pre-logits features: {row['cka']:.4f}")
+        print(f"linear CKA per block (rows: {args.model} blocks 1-{len(matrix)}, columns: {args.teacher} blocks "
+              f"1-{len(matrix[0])}):")
+        for r in matrix:
+            print("  " + " ".join(f"{v:.2f}" for v in r))
+        if args.cka_plot:
+            plot_cka(matrix, args.cka_plot, row_label=f"{args.model} block", col_label=f"{args.teacher} block",
+                     title=f"linear CKA on {args.split} ({len(targets)} images)")
+            print(f"wrote {args.cka_plot}")
+    row["calibration"] = cal.as_dict()
+    if args.reliability_plot:
+        plot_reliability(cal, args.reliability_plot, title=f"{args.model} on {args.split}")
+        print(f"wrote {args.reliability_plot}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(row, indent=1))
+    return 0

@@ -1,0 +1,86 @@
+"""``leanvit distill``: train a student from a frozen teacher with one of leanvit's distillation methods.
+
+Every option of ``leanvit train`` works here (resume, torchrun, ``-c config.yaml``; the config's ``model`` key is
+the student), so ``-c configs/fmnist_student.yaml`` trains the reference student's recipe with a teacher:
+
+    leanvit distill -c configs/fmnist_student.yaml --teacher leanvit_vit_fm_teacher --method pefd --projectors 3 \\
+        -o runs/pefd --resume
+
+Projectors are saved in OUTPUT/last.pt with the optimiser; OUTPUT/model.safetensors holds the student alone.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from .common import add_config_arg, add_model_args, add_runtime_args
+from .train import add_train_options, run_training
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..engine.losses import LossTerm
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from ..distill import METHODS
+
+    methods = "; ".join(f"{m.name}: {m.describe()}" for m in METHODS.values())
+    p = sub.add_parser("distill", help="train a student from a frozen teacher (PEFD, KD, ...; resumable, torchrun)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arg(p)
+    add_model_args(p, model="leanvit_vit_fm_student")
+    p.add_argument("--student", dest="model", metavar="MODEL",
+                   help="the student to train: the same option as --model (default: leanvit_vit_fm_student)")
+    p.add_argument("--teacher", default=None, help="frozen teacher model name (any timm or leanvit classifier)")
+    p.add_argument("--teacher-weights", default=None, help="weights of the teacher (default: its pretrained)")
+    p.add_argument("--method", default="pefd", help=f"distillation method (default: %(default)s). {methods}")
+    p.add_argument("--projectors", type=int, default=None, help="number of projectors in PEFD's ensemble")
+    p.add_argument("--no-projector-relu", dest="projector_relu", action="store_false", default=None,
+                   help="PEFD projectors without ReLU (a ViT teacher's features are signed; see leanvit.distill)")
+    p.add_argument("--distill-weight", type=float, default=None,
+                   help="weight of the distillation term (default: the method's)")
+    p.add_argument("--ce-weight", type=float, default=None,
+                   help="weight of cross-entropy on the labels (default: the method's)")
+    p.add_argument("--kd-temperature", type=float, default=None, help="KD softmax temperature (default: the method's)")
+    add_train_options(p)
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method's options from the flags (None: the method's default)."""
+    return {"weight": args.distill_weight, "temperature": args.kd_temperature, "projectors": args.projectors,
+            "relu": args.projector_relu}
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+
+    from ..distill import check_options
+    from ..models import create_model
+
+    # everything that can be checked without loading a model or data is checked first
+    check_options(args.method, args.teacher is not None, args.ce_weight, **_options(args))
+    for name in (args.model, args.teacher):
+        if name is not None and not timm.is_model(name):
+            create_model(name)  # raises the ConfigError that lists the valid names
+    return run_training(args, _losses, run_info={"teacher": args.teacher, "method": args.method})
+
+
+def _losses(args: argparse.Namespace, model: nn.Module) -> tuple[list[LossTerm], nn.Module | None, float]:
+    from ..distill import build_terms
+    from ..engine import init_distributed
+    from ..models import create_model
+
+    teacher = None
+    if args.teacher:
+        teacher = create_model(args.teacher, pretrained=args.teacher_weights is None, weights=args.teacher_weights)
+    d = build_terms(args.method, model, teacher, args.ce_weight, **_options(args))
+    if init_distributed(args.device).is_main:
+        n_proj = sum(p.numel() for t in d.terms for p in t.parameters())
+        opts = ", ".join(f"{k}={v}" for k, v in d.options.items())
+        print(f"distill: {args.method} ({opts}{', ' if opts else ''}ce_weight={d.ce_weight:g}) from "
+              f"{args.teacher or 'no teacher'} into {args.model}; {n_proj:,} projector parameters")
+    return d.terms, teacher, d.ce_weight

@@ -1,0 +1,96 @@
+"""Progress reporting that suits where the output goes.
+
+On a terminal this is a tqdm bar. When stderr is not a terminal (CI, ``nohup``, a pipe, ``make demo > log``) a
+redrawn bar would write one line per update, so :func:`track` prints one line when a phase starts, one at every
+``step_percent`` of its work and one when it ends, with the elapsed time. tqdm has no mode that prints plain lines
+at coarse steps (its ``mininterval`` still redraws with carriage returns), which is why the line mode is written here.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Iterable, Iterator, TextIO
+
+__all__ = ["track"]
+
+
+class _LineProgress:
+    """A tqdm look-alike (iteration, ``update``, ``set_postfix``, ``close``) that prints a few whole lines."""
+
+    def __init__(self, iterable: Iterable | None, total: int | None, desc: str, step_percent: float,
+                 file: TextIO):
+        self.iterable = iterable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.desc, self.file = desc, file
+        self.step = max(step_percent, 1.0) / 100.0
+        self.n = 0
+        self.postfix = ""
+        self._next = self.step
+        self._t0 = time.perf_counter()
+        self._closed = False
+        self._print("started" + (f" ({self.total} steps)" if self.total else ""))
+
+    def _print(self, what: str) -> None:
+        print(f"{self.desc}: {what}", file=self.file, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.total and self.n < self.total and self.n / self.total >= self._next:
+            while self._next <= self.n / self.total:
+                self._next += self.step
+            elapsed = time.perf_counter() - self._t0
+            self._print(f"{100 * self.n / self.total:3.0f}% ({self.n}/{self.total}) {elapsed:.0f} s"
+                        + (f" {self.postfix}" if self.postfix else ""))
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in kwargs.items())
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            elapsed = time.perf_counter() - self._t0
+            self._print(f"done in {elapsed:.1f} s" + (f" {self.postfix}" if self.postfix else ""))
+
+    def __iter__(self) -> Iterator:
+        try:
+            for item in self.iterable:
+                yield item
+                self.update()
+        finally:
+            self.close()
+
+    def __enter__(self) -> "_LineProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Silent(_LineProgress):
+    def __init__(self, iterable: Iterable | None, total: int | None = None):  # noqa: D107
+        self.iterable, self.total, self.n, self._closed = iterable, total, 0, True
+
+    def _print(self, what: str) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+
+def track(iterable: Iterable | None = None, desc: str = "", total: int | None = None, enabled: bool = True,
+          step_percent: float = 25.0, file: TextIO | None = None):
+    """Wrap ``iterable`` (or count ``update()`` calls up to ``total``) with progress output.
+
+    Args:
+        enabled: False prints nothing.
+        step_percent: in line mode (stderr not a terminal), print a line every this many percent.
+        file: where to write (default ``sys.stderr``).
+    """
+    file = file or sys.stderr
+    if not enabled:
+        return _Silent(iterable, total)
+    if getattr(file, "isatty", lambda: False)():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=file)
+    return _LineProgress(iterable, total, desc, step_percent, file)
