@@ -120,6 +120,7 @@ def test_ensemble_initialises_projectors_independently():
 # ---------------------------------------------------------------- registry and options
 def test_registry_and_defaults(student, teacher):
     assert list(METHODS) == ["none", "kd", "kd-proj", "proj", "pefd"]
+    assert leanvit.engine.LogitKDTerm is LogitKDTerm  # moved to leanvit.distill, still importable from the engine
     d = build_terms("pefd", student, teacher)
     assert d.ce_weight == 1.0 and d.options == {"weight": 25.0, "projectors": 3, "relu": True}
     (term,) = d.terms
@@ -179,7 +180,11 @@ def test_features_from_timm_and_from_hooks():
         assert torch.allclose(f, f2) and torch.allclose(logits, vit(x))
         assert [b.shape for b in blocks] == [(3, 64)] * len(vit.blocks)
         # the last block's patch tokens, averaged (the cls token is left out by forward_intermediates)
-        assert torch.allclose(blocks[-1], vit.blocks(vit._pos_embed(vit.patch_embed(x)))[:, 1:].mean(1), atol=1e-5)
+        seen = []
+        handle = vit.blocks[-1].register_forward_hook(lambda _m, _i, out: seen.append(out))
+        vit(x)
+        handle.remove()
+        assert torch.allclose(blocks[-1], seen[0][:, vit.num_prefix_tokens:].mean(1), atol=1e-6)
 
     class Plain(nn.Module):  # no timm interface: features read by hooks
         def __init__(self):
@@ -242,6 +247,7 @@ def test_one_teacher_pass_per_step_and_distinct_part_names(tmp_path, student, te
              LogitKDTerm(0.5)]
     cfg = TrainConfig(epochs=1, batch_size=8, progress=False, amp=False)
     trainer = Trainer(student, _images(), None, cfg, tmp_path / "run", loss_terms=terms, teacher=teacher)
+    calls.clear()  # build_terms' dry runs
     trainer.fit()
     assert calls == [8, 8]  # two steps, one teacher pass each, shared by three terms
     row = trainer.history[-1]
@@ -297,20 +303,27 @@ def test_distill_cli_end_to_end(tmp_path, run_cli, fmnist_dir):
                                 "--no-progress", "--threads", "1", "-o", out, "--resume")
     assert code == 0, err
     assert "resumed" in stdout and "nothing to do" in stdout
+    # resuming with other projectors is refused in one line
+    code, stdout, err = run_cli("distill", "--teacher", "leanvit_vit_fm_teacher", "--projectors", "3",
+                                "--data", f"fmnist:{fmnist_dir}", "--split", "trainval", "--val-split", "none",
+                                "--limit", "64", "--epochs", "1", "--batch-size", "32", "--no-progress", "-o", out,
+                                "--resume")
+    assert code == 2 and "cannot resume" in err and "loss terms differ" in err and "Traceback" not in err
+
+
+T = ("--teacher", "leanvit_vit_fm_teacher")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "fitnet"], "unknown distillation method 'fitnet'; choose one of none, kd, kd-proj, proj, pefd"),
-    (["--projectors", "0"], "projectors must be an integer >= 1, got 0"),
-    (["--method", "kd", "--projectors", "3"], "method 'kd' has no option 'projectors'"),
-    (["--distill-weight", "-1"], "weight must be a number >= 0"),
+    ([*T, "--method", "fitnet"], "unknown distillation method 'fitnet'; choose one of none, kd, kd-proj, proj, pefd"),
+    ([*T, "--projectors", "0"], "projectors must be an integer >= 1, got 0"),
+    ([*T, "--method", "kd", "--projectors", "3"], "method 'kd' has no option 'projectors'"),
+    ([*T, "--distill-weight", "-1"], "weight must be a number >= 0"),
+    ([*T, "--method", "none"], "method 'none' learns from the labels alone"),
     (["--teacher", "leanvit_vit_fm_teachr"], "unknown model 'leanvit_vit_fm_teachr'"),
+    ([], "method 'pefd' needs a teacher (--teacher)"),
 ])
 def test_distill_cli_errors_before_any_work(tmp_path, run_cli, argv, message):
-    args = ["distill", "--teacher", "leanvit_vit_fm_teacher", "--data", f"fmnist:{tmp_path / 'missing'}",
-            "-o", tmp_path / "run", *argv]
-    code, _, err = run_cli(*args)
+    code, _, err = run_cli("distill", "--data", f"fmnist:{tmp_path / 'missing'}", "-o", tmp_path / "run", *argv)
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
-    code, _, err = run_cli("distill", "--data", f"fmnist:{tmp_path}", "-o", tmp_path / "run")
-    assert code == 2 and "method 'pefd' needs a teacher" in err

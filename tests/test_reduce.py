@@ -603,3 +603,44 @@ def test_patched_model_compiles(method):
     with torch.no_grad():
         compiled = torch.compile(model)(x)
     assert torch.allclose(compiled, eager, atol=1e-4), (compiled - eager).abs().max()
+
+
+# ================================================================================ heads and input sizes
+@pytest.mark.parametrize("method", ["gtp", "tome", "evit"])
+def test_attention_pool_head_patches_by_budget(method):
+    """SigLIP-style attention pooling (global_pool="map"): MACs are counted and the budget is solved."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=10,
+                              global_pool="map").eval()
+    x = image(64)
+    dense = run(model, x)
+    leanvit.patch(model, method, r=0)
+    assert torch.allclose(run(model, x), dense, atol=1e-5)
+    leanvit.patch(model, method, budget=0.7)
+    rep = get_reducer(model).report
+    assert rep["achieved"] <= 0.7 and sum(rep["schedule"]) > 0
+    assert run(model, x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_r0_on_dynamic_img_size_takes_other_sizes(method):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=10,
+                              dynamic_img_size=True).eval()
+    x = image(96)  # not the 64x64 the model was built for
+    dense = run(model, x)
+    leanvit.patch(model, method, r=0)
+    assert torch.allclose(run(model, x), dense, atol=1e-5)
+    leanvit.patch(model, method, r=2)  # a reducing schedule was solved for the native grid: refused clearly
+    with pytest.raises(UnsupportedModelError, match="native size"):
+        run(model, x)
+
+
+def test_patch_checks_option_types():
+    model = make("deit")
+    for kwargs, msg in ((dict(budget="0.7"), "budget must be a number"), (dict(r=2, alpha="abc"), "'alpha'"),
+                        (dict(r=2, k=2.5), "'k' of 'gtp' must be an integer"),
+                        (dict(r=2, prop_attn="maybe"), "true or false"), (dict(keep=1.5), "keep must be")):
+        with pytest.raises(ConfigError, match=msg):
+            leanvit.patch(model, "gtp", **kwargs)
+    assert not is_patched(model)
+    leanvit.patch(model, "gtp", r=2, alpha=1)  # an int where a float is declared is fine
+    assert get_reducer(model).alpha == 1.0

@@ -11,13 +11,11 @@ model's and the teacher's pre-logits features (the features PEFD distils) and be
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
-                     resolve_device, setup_runtime)
+                     check_model_name, check_output_file, positive_int, resolve_device, setup_runtime, write_json)
 
 if TYPE_CHECKING:
     import torch
@@ -33,10 +31,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="model whose features are compared with the model's (CKA)")
     p.add_argument("--teacher-weights", default=None, help="weights of the teacher (default: its pretrained)")
     add_data_args(p, split="test")
-    p.add_argument("--train-split", default="train",
+    p.add_argument("--train-split", default="train", choices=("train", "val", "trainval", "test", "none"),
                    help="split whose top-1 gives the train-test gap ('none' to skip; default: %(default)s)")
-    p.add_argument("--limit-train", type=int, default=None, help="use only the first N images of the train split")
-    p.add_argument("--bins", type=int, default=15, help="confidence bins of the ECE (default: %(default)s)")
+    p.add_argument("--limit-train", type=positive_int, default=None,
+                   help="use only the first N images of the train split")
+    p.add_argument("--bins", type=positive_int, default=15, help="confidence bins of the ECE (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every figure to this JSON file")
     p.add_argument("--reliability-plot", default=None, metavar="FILE", help="reliability diagram (.png, .pdf, ...)")
     p.add_argument("--cka-plot", default=None, metavar="FILE", help="per-block CKA heatmap (needs --teacher)")
@@ -45,50 +44,33 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _check_plot_path(path: str | None, flag: str) -> None:
-    if path is None:
-        return
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if Path(path).is_dir():
-        raise ConfigError(f"{flag} {path} is a folder; give a file name")
-    if Path(path).suffix.lower().lstrip(".") not in formats:
-        raise ConfigError(f"{flag} {path}: use a file name ending in one of "
-                          f"{', '.join('.' + f for f in sorted(formats))}")
-
-
 def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading a model or data."""
-    import timm
+    from ..models.factory import check_model_name as check_name
 
-    from ..models import create_model
-
-    if args.bins < 1:
-        raise ConfigError(f"--bins must be >= 1, got {args.bins}")
     if args.cka_plot and not args.teacher:
         raise ConfigError("--cka-plot compares with a teacher; pass --teacher")
-    _check_plot_path(args.reliability_plot, "--reliability-plot")
-    _check_plot_path(args.cka_plot, "--cka-plot")
-    if args.json and Path(args.json).is_dir():
-        raise ConfigError(f"--json {args.json} is a folder; give a file name")
-    for name in (args.model, args.teacher):
-        if name is not None and not timm.is_model(name):
-            create_model(name)  # raises the ConfigError that lists the valid names
+    check_output_file(args.json, "--json")
+    check_output_file(args.reliability_plot, "--reliability-plot", plot=True)
+    check_output_file(args.cka_plot, "--cka-plot", plot=True)
+    check_model_name(args)
+    if args.teacher is not None:
+        check_name(args.teacher)
+    resolve_device(args)
 
 
 def _collect(models: list[nn.Module], loader: DataLoader, device: torch.device, blocks: bool,
              progress: bool) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """One pass over ``loader`` through every model: per model ``{"logits", "features"[, "blocks"]}`` (CPU)."""
     import torch
-    from tqdm.auto import tqdm
 
     from ..distill import block_features, pooled_features
+    from ..progress import track
 
     out: list[dict[str, list]] = [{"logits": [], "features": [], "blocks": []} for _ in models]
     targets = []
     with torch.no_grad():
-        for images, y in tqdm(loader, desc="analyze", disable=not progress, leave=False, dynamic_ncols=True):
+        for images, y in track(loader, desc="analyze", enabled=progress):
             images = images.to(device)
             for model, acc in zip(models, out):
                 if blocks:
@@ -125,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if args.teacher:
         teacher = create_model(args.teacher, pretrained=args.teacher_weights is None, weights=args.teacher_weights)
         models.append(teacher.to(device).eval())
-    test = build_dataset(args.data, args.split, model, train=False, limit=args.limit)
+    test = build_dataset(args.data, args.split, model, train=False, limit=args.limit, skip_bad=args.skip_bad_images,
+                         progress=args.progress)
     outputs, targets = _collect(models, DataLoader(test, batch_size=args.batch_size, num_workers=args.workers),
                                 device, blocks=args.teacher is not None, progress=args.progress)
     s = outputs[0]
@@ -135,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
                            "n": len(targets), "top1": top1, "ece": cal.ece, "bins": args.bins}
     print(f"{args.model} on {args.data} ({args.split}, {len(targets)} images): top-1 {top1:.2f}%  "
           f"ECE {100 * cal.ece:.2f}% ({args.bins} bins)")
-    if args.train_split and args.train_split.lower() != "none":
-        train = build_dataset(args.data, args.train_split, model, train=False, limit=args.limit_train)
+    if args.train_split != "none":
+        train = build_dataset(args.data, args.train_split, model, train=False, limit=args.limit_train,
+                              skip_bad=args.skip_bad_images, progress=args.progress)
         res = evaluate(model, DataLoader(train, batch_size=args.batch_size, num_workers=args.workers), device,
                        progress=args.progress, desc="train split")
         row.update(train_split=args.train_split, train_n=res.n, train_top1=res.top1, gap=res.top1 - top1)
@@ -164,6 +148,5 @@ def run(args: argparse.Namespace) -> int:
         plot_reliability(cal, args.reliability_plot, title=f"{args.model} on {args.split}")
         print(f"wrote {args.reliability_plot}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(row, indent=1))
+        write_json(args.json, row)
     return 0

@@ -56,16 +56,14 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
-
     from ..distill import check_options
-    from ..models import create_model
+    from ..models.factory import check_model_name
 
-    # everything that can be checked without loading a model or data is checked first
+    # the method, its options and the teacher's name are checked before any model or data is loaded (the student,
+    # data and output by run_training)
     check_options(args.method, args.teacher is not None, args.ce_weight, **_options(args))
-    for name in (args.model, args.teacher):
-        if name is not None and not timm.is_model(name):
-            create_model(name)  # raises the ConfigError that lists the valid names
+    if args.teacher is not None:
+        check_model_name(args.teacher)
     return run_training(args, _losses, run_info={"teacher": args.teacher, "method": args.method})
 
 

@@ -129,7 +129,15 @@ def run_training(args: argparse.Namespace, build_losses: LossBuilder, run_info: 
                 "command": "leanvit " + shlex.join(sys.argv[1:])}
     trainer = Trainer(model, train_set, val_set, cfg, out, loss_terms=terms, teacher=teacher, ce_weight=ce_weight,
                       run_info=run_info, dist=dist)
-    if args.resume and trainer.resume():
+    try:
+        resumed = args.resume and trainer.resume()
+    except RuntimeError as e:  # torch's load_state_dict: the checkpoint's loss terms (projectors) differ from these
+        if "state_dict" not in str(e):
+            raise
+        raise ConfigError(f"cannot resume {trainer.last_path}: its loss terms differ from this command's "
+                          f"({str(e).splitlines()[-1].strip()}); resume with the method and options it was started "
+                          f"with, or choose another --output") from None
+    if resumed:
         if dist.is_main:
             print(f"resumed {trainer.last_path} at epoch {trainer.epoch}, step {trainer.step}")
     elif trainer.last_path.exists():

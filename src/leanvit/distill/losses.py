@@ -81,9 +81,9 @@ class ProjectedFeatureTerm(LossTerm):
     """Feature distillation through a projector: ``mean_i (1 - cos(P(s_i), t_i))`` on the student's and the
     teacher's pre-logits features (PEFD's loss, Chen et al., NeurIPS 2022).
 
-    With a :class:`~leanvit.distill.ProjectorEnsemble` of three Linear + ReLU projectors this is PEFD; with one Linear projector
-    it is the single-projector baseline. Where the authors' code differs: a projection whose ReLUs are all off
-    gives loss 1 rather than NaN (see :func:`cosine_distance`).
+    With a :class:`~leanvit.distill.ProjectorEnsemble` of three Linear + ReLU projectors this is PEFD; with one
+    Linear projector it is the single-projector baseline. Where the authors' code differs: a projection whose ReLUs
+    are all off gives loss 1 rather than NaN (see :func:`cosine_distance`).
 
     Args:
         projector: maps ``(B, D_student)`` to ``(B, D_teacher)``.

@@ -24,10 +24,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .reference import FMNIST_MEAN, FMNIST_STD
+from ..errors import ConfigError
+from ..zoo import require_weights, weight_file
+from .reference import _cfg as fmnist_cfg
 from .shuffle import ChannelShuffleBlock
 from .stem import ConvStemEmbed
-from ..zoo import weight_file
 
 __all__ = ["SHUFFLE_ARCHS", "VANILLA_ARCHS", "ShuffleArch"]
 
@@ -118,13 +119,11 @@ FM_STEM_HIDDEN = 32
 
 
 def _cfg(name: str, geometry: str) -> dict:
-    common = {"file": weight_file(name), "pool_size": None, "classifier": "head", "license": "apache-2.0"}
     if geometry == "fm":
-        return {**common, "num_classes": 10, "input_size": (1, 28, 28), "crop_pct": 1.0, "interpolation": "bilinear",
-                "mean": FMNIST_MEAN, "std": FMNIST_STD, "first_conv": "patch_embed.conv1"}
-    return {**common, "num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.875,
-            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "first_conv": "patch_embed.proj"}
+        return fmnist_cfg(name)  # the reference models' config: same input, classes and weights folder
+    return {"file": weight_file(name), "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+            "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0"}
 
 
 def _tag(geometry: str) -> str:
@@ -139,8 +138,6 @@ default_cfgs = generate_default_cfgs({
 
 def _build(name: str, pretrained: bool, args: dict) -> VisionTransformer:
     if pretrained:
-        from ..zoo import require_weights
-
         require_weights(name)
     return build_model_with_cfg(VisionTransformer, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 **args)
@@ -154,7 +151,11 @@ def _create_shuffle(name: str, pretrained: bool = False, **kwargs) -> VisionTran
         args.update(img_size=28, patch_size=2, in_chans=1, num_classes=10,
                     embed_layer=partial(ConvStemEmbed, hidden_dim=FM_STEM_HIDDEN))
     args.update(kwargs)
-    return _build(name, pretrained, args)
+    model = _build(name, pretrained, args)
+    if a.alternate and model.blocks[1].attn_span[0] == 0:  # timm passes each block its index as depth=
+        raise ConfigError(f"{name} alternates its attended channels by block index, which this timm version "
+                          f"does not pass to its blocks; upgrade timm")
+    return model
 
 
 def _create_vanilla(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:

@@ -1,10 +1,12 @@
 """The one place that touches timm internals.
 
 Patching swaps the class of each timm ``Block`` for :class:`ReducingBlock` (a module-level subclass, so patched
-models still pickle, keep their state-dict keys and can be restored exactly) and, for average-pooling models, the
-model's class for one that pools with token sizes. The block's forward reuses the block's own sub-modules (norms,
-LayerScale, drop-path, MLP) and re-implements only the attention call, to expose the attention map, keys and a
-size bias; that is the part that depends on timm's ``Attention`` layout, checked here before anything is patched.
+models still pickle, keep their state-dict keys and can be restored exactly), of each of leanvit's
+:class:`~leanvit.models.shuffle.ChannelShuffleBlock` for :class:`ReducingShuffleBlock`, and, for average-pooling
+models, the model's class for one that pools with token sizes. The block's forward reuses the block's own
+sub-modules (norms, LayerScale, drop-path, MLP; a channel-shuffle block's own steps around its attention) and
+re-implements only the attention call, to expose the attention map, keys and a size bias; that is the part that
+depends on timm's ``Attention`` layout, checked here before anything is patched.
 Anything not recognised (post-norm blocks, parallel blocks, RoPE attention, another model family) raises
 :class:`~leanvit.errors.UnsupportedModelError` instead of running a silently different forward.
 """
@@ -21,6 +23,7 @@ from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block as TimmBlock, VisionTransformer
 
 from ..errors import UnsupportedModelError
+from ..models.shuffle import ChannelShuffleBlock
 from ..ops.schedule import BlockShape
 from ..ops.select import sparsify_attention
 
@@ -61,7 +64,7 @@ def inspect_vit(model: nn.Module) -> ViTInfo:
         _fail(model, "model.blocks is not a non-empty nn.Sequential")
     shapes = []
     for i, blk in enumerate(model.blocks):
-        if type(blk) not in (TimmBlock, ReducingBlock):
+        if type(blk) not in BLOCK_CLASSES and type(blk) not in BLOCK_CLASSES.values():
             _fail(model, f"block {i} is a {type(blk).__name__}, not timm's pre-norm Block")
         attn = blk.attn
         if type(attn) is not TimmAttention:
@@ -70,10 +73,13 @@ def inspect_vit(model: nn.Module) -> ViTInfo:
             if not hasattr(attn, name):
                 _fail(model, f"block {i} attention has no '{name}' (unknown timm version)")
         head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
-        linears = [m for m in blk.mlp.modules() if isinstance(m, nn.Linear)]
+        # a channel-shuffle block's idle group may have an MLP of its own
+        mlps = [m for m in (blk.mlp, getattr(blk, "mlp_idle", None)) if m is not None]
+        linears = [m for mlp in mlps for m in mlp.modules() if isinstance(m, nn.Linear)]
         if not linears:
             _fail(model, f"block {i} MLP has no Linear layers")
-        shapes.append(BlockShape(int(model.embed_dim), attn.num_heads * head_dim,
+        # attention's MACs follow the channels qkv reads: all of them, or a channel-shuffle block's attended group
+        shapes.append(BlockShape(attn.qkv.in_features, attn.num_heads * head_dim,
                                  sum(m.in_features * m.out_features for m in linears)))
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     num_prefix = int(model.num_prefix_tokens)
@@ -183,8 +189,9 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None
     return logits.view(B, H, N, N).softmax(dim=-1)
 
 
-class ReducingBlock(TimmBlock):
-    """timm ``Block`` whose forward lets a :class:`TokenReducer` act between attention and MLP.
+class _Reducing:
+    """What every patched block does around its own layout: start the reducer at block 0, and run the attention
+    with what the reducer asks for.
 
     Never constructed: patching swaps the class of an existing block and sets ``_leanvit_reducer`` and
     ``_leanvit_index``.
@@ -192,14 +199,13 @@ class ReducingBlock(TimmBlock):
 
     _leanvit_reducer: "TokenReducer"
     _leanvit_index: int
+    attn: TimmAttention
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                **kwargs: Any) -> torch.Tensor:
+    def _begin(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> "TokenReducer":
         if attn_mask is not None or is_causal:
             raise UnsupportedModelError("token reduction cannot be combined with attention masks")
         red = self._leanvit_reducer
-        i = self._leanvit_index
-        if i == 0:
+        if self._leanvit_index == 0:
             n_img = x.shape[1] - red.info.num_prefix
             # a schedule that removes nothing is size-agnostic, so a dynamic_img_size model keeps taking any size;
             # a reducing schedule was solved for the native token count and its MACs hold only there
@@ -209,13 +215,48 @@ class ReducingBlock(TimmBlock):
                     f"{red.info.grid[0]}x{red.info.grid[1]} grid ({red.info.num_image} tokens); token reduction "
                     f"needs images of the model's native size (or patch with r=0)")
             red.begin(x)
-        a = attention_forward(self.attn, self.norm1(x), size_bias=red.size_bias(), need_probs=red.needs_probs(i),
-                              need_keys=red.needs_keys(i), need_cls_probs=red.needs_cls_probs(i), theta=red.theta,
-                              score_fn=red.score_fn(i))
+        return red
+
+    def _attention(self, red: "TokenReducer", x: torch.Tensor) -> AttnOut:
+        i = self._leanvit_index
+        return attention_forward(self.attn, x, size_bias=red.size_bias(), need_probs=red.needs_probs(i),
+                                 need_keys=red.needs_keys(i), need_cls_probs=red.needs_cls_probs(i),
+                                 theta=red.theta, score_fn=red.score_fn(i))
+
+
+class ReducingBlock(_Reducing, TimmBlock):
+    """timm ``Block`` whose forward lets a :class:`TokenReducer` act between attention and MLP."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                **kwargs: Any) -> torch.Tensor:
+        red = self._begin(x, attn_mask, is_causal)
+        a = self._attention(red, self.norm1(x))
         x = x + self.drop_path1(self.ls1(a.x))
-        x = red.reduce(i, x, a)
+        x = red.reduce(self._leanvit_index, x, a)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+
+class ReducingShuffleBlock(_Reducing, ChannelShuffleBlock):
+    """:class:`~leanvit.models.shuffle.ChannelShuffleBlock` whose forward lets a :class:`TokenReducer` act between
+    the attention (on the attended group) and the MLP, on every channel of the stream.
+
+    The block's own steps do everything but the attention call: its forward is ``attn_input`` -> attention ->
+    ``attn_residual`` -> ``mlp_residual`` by contract, and reducers treat channels alike, so reducing the stream
+    whatever its channel order is exact.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                **kwargs: Any) -> torch.Tensor:
+        red = self._begin(x, attn_mask, is_causal)
+        a = self._attention(red, self.attn_input(x))  # attention on the attended group, (B, N, a)
+        x = self.attn_residual(x, a.x)  # (B, N, C)
+        x = red.reduce(self._leanvit_index, x, a)
+        return self.mlp_residual(x)
+
+
+# the blocks leanvit can patch -> the classes they are swapped for
+BLOCK_CLASSES: dict[type, type] = {TimmBlock: ReducingBlock, ChannelShuffleBlock: ReducingShuffleBlock}
 
 
 def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | None) -> torch.Tensor | None:
@@ -272,7 +313,7 @@ def apply_patch(model: VisionTransformer, reducer: "TokenReducer") -> None:
     model.__dict__["_leanvit_orig_class"] = orig_model_cls
     model.__class__ = MODEL_CLASSES.get(orig_model_cls, orig_model_cls)
     for i, blk in enumerate(model.blocks):
-        blk.__class__ = ReducingBlock
+        blk.__class__ = BLOCK_CLASSES.get(type(blk), type(blk))
         blk.__dict__["_leanvit_reducer"] = reducer
         blk.__dict__["_leanvit_index"] = i
 
@@ -280,8 +321,9 @@ def apply_patch(model: VisionTransformer, reducer: "TokenReducer") -> None:
 def remove_patch(model: nn.Module) -> None:
     if "_leanvit_reducer" not in model.__dict__:
         raise UnsupportedModelError(f"{type(model).__name__} is not patched by leanvit")
+    original = {reducing: block for block, reducing in BLOCK_CLASSES.items()}
     for blk in model.blocks:
-        blk.__class__ = TimmBlock
+        blk.__class__ = original.get(type(blk), type(blk))
         blk.__dict__.pop("_leanvit_reducer", None)
         blk.__dict__.pop("_leanvit_index", None)
     model.__class__ = model.__dict__.pop("_leanvit_orig_class")

@@ -1,0 +1,127 @@
+"""Ablation of the channel-shuffle ViT's design on Fashion-MNIST: every registered ``leanvit_shuffle_fm_*`` variant
+and its vanilla partner, trained with the reference student's recipe, in one table with MACs and parameters.
+
+Each model trains in its own run folder with ``leanvit train -c configs/fmnist_student.yaml --resume`` (one
+process per run), so the script can be stopped at any time and re-run with the same flags to continue where it
+stopped: finished runs are skipped, an interrupted one resumes from its ``last.pt``. The run folders are named
+after the schedule (epochs and limits), so a shorter trial never resumes into a real run. The table
+(``results/<name>.md`` and ``.json``) gives per model its design, GMACs, parameters, MACs against its partner,
+the last epoch's validation top-1 (held-out split) and the test top-1 of the last epoch's weights.
+
+    # the real ablation: the student's recipe and schedule (10 epochs; about 40 min per model on 2 cores)
+    python benchmarks/ablate_shuffle.py --threads 2
+    # a shorter schedule, or a subset of variants
+    python benchmarks/ablate_shuffle.py --epochs 3 --variants leanvit_shuffle_fm_student leanvit_shuffle_fm_pos_none
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+from leanvit.analysis import count_macs
+from leanvit.models import SHUFFLE_ARCHS, ShuffleArch
+
+from common import write
+
+ROOT = Path(__file__).resolve().parents[1]
+FM_VARIANTS = [n for n, a in SHUFFLE_ARCHS.items() if a.geometry == "fm"]
+
+
+def design(arch: ShuffleArch | None) -> str:
+    """A short description of a variant's block options (``vanilla`` for a partner)."""
+    if arch is None:
+        return "vanilla"
+    mlp = (f"shared x{arch.mlp_ratio:g}" if arch.mlp_mode == "shared" else
+           f"grouped x{arch.mlp_ratio:g}/x{arch.idle_mlp_ratio:g}")
+    return (f"C={arch.embed_dim} a={arch.attn_dim} shuffle={arch.shuffle} mlp={mlp}"
+            + (" alternate" if arch.alternate else ""))
+
+
+def leanvit(*argv: str) -> None:
+    """Run ``leanvit ARGV`` in its own process (a failed run stops the ablation with its exit status)."""
+    cmd = [sys.executable, "-m", "leanvit.cli.main", *argv]
+    print("$ leanvit " + " ".join(argv), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def finished_epochs(run: Path) -> int:
+    log = run / "log.json"
+    rows = json.loads(log.read_text()) if log.is_file() else []
+    return rows[-1]["epoch"] if rows else 0
+
+
+def train_and_test(name: str, run: Path, args: argparse.Namespace) -> dict:
+    """Train ``name`` in ``run`` (resuming), evaluate its last weights on the test split; the run's results."""
+    common = ["--data", args.data, "--threads", str(args.threads), "--no-progress"]
+    if finished_epochs(run) < args.epochs:
+        limits = [f for flag, v in (("--limit", args.limit), ("--limit-val", args.limit_val)) if v
+                  for f in (flag, str(v))]
+        leanvit("train", "-c", str(args.config), "--model", name, "-o", str(run), "--resume",
+                "--epochs", str(args.epochs), "--seed", str(args.seed), *limits, *common)
+    test = run / "test.json"
+    weights = run / "model.safetensors"
+    if not test.is_file() or test.stat().st_mtime < weights.stat().st_mtime:
+        limit = ["--limit", str(args.limit_test)] if args.limit_test else []
+        leanvit("eval", "--model", name, "--weights", str(weights), "--split", "test", "--json", str(test),
+                *limit, *common)
+    log = json.loads((run / "log.json").read_text())
+    return {"val_top1": log[-1].get("val_top1"), "test_top1": json.loads(test.read_text())["top1"],
+            "epochs": log[-1]["epoch"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=FM_VARIANTS, choices=FM_VARIANTS, metavar="NAME",
+                   help="channel-shuffle variants (default: all Fashion-MNIST ones); partners are added")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "fmnist_student.yaml",
+                   help="the training recipe (default: the reference student's)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per run (the student's recipe: 10)")
+    p.add_argument("--limit", type=int, default=None, help="training images per run (default: all)")
+    p.add_argument("--limit-val", type=int, default=None, help="held-out images evaluated per epoch (default: all)")
+    p.add_argument("--limit-test", type=int, default=None, help="test images (default: all 10,000)")
+    p.add_argument("--data", default="fmnist", help="leanvit --data (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablate_shuffle", help="parent of the run folders")
+    p.add_argument("--name", default="ablate_shuffle", help="results/<name>.md and .json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    partners = list(dict.fromkeys(SHUFFLE_ARCHS[v].partner for v in args.variants))
+    schedule = f"e{args.epochs}" + "".join(f"_{k}{v}" for k, v in (("l", args.limit), ("v", args.limit_val)) if v)
+    rows = []
+    for name in partners + args.variants:
+        arch = SHUFFLE_ARCHS.get(name)
+        model = timm.create_model(name)
+        rows.append({"model": name, "axis": arch.axis if arch else "partner", "design": design(arch),
+                     "partner": arch.partner if arch else None, "macs": count_macs(model).macs,
+                     "params": sum(q.numel() for q in model.parameters()),
+                     **train_and_test(name, args.runs / schedule / name, args)})
+    by_name = {r["model"]: r for r in rows}
+    for r in rows:
+        partner = by_name.get(r["partner"])
+        r["macs_vs_partner"] = r["macs"] / partner["macs"] if partner else 1.0
+        r["test_vs_partner"] = r["test_top1"] - partner["test_top1"] if partner else 0.0
+
+    data = f"{args.data}, {args.limit or 'all'} training images" + (f", {args.limit_val} held-out" if args.limit_val
+                                                                     else "")
+    md = [f"Recipe `{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}` for "
+          f"{args.epochs} epochs ({data}), seed {args.seed}; top-1 of the last epoch's weights (val: held-out "
+          f"split, test: {args.limit_test or 'all 10,000'} test images). MACs per image at 28x28.\n",
+          "| axis | model | design | GMACs | params (M) | MACs vs partner | val top-1 % | test top-1 % | "
+          "test vs partner |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        val = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
+        md.append(f"| {r['axis']} | {r['model']} | {r['design']} | {r['macs'] / 1e9:.4f} | {r['params'] / 1e6:.3f} | "
+                  f"{100 * r['macs_vs_partner']:.1f}% | {val} | {r['test_top1']:.2f} | {r['test_vs_partner']:+.2f} |")
+    write(args.name, {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
