@@ -113,6 +113,15 @@ def _cases(fm: str, tmp: Path) -> list[tuple[list[str], str]]:
           "--frozen", "no_such_param", "-o", str(tmp / "run")], "frozen prefix 'no_such_param' matches no"),
         (["train", *m, *data, "--split", "trainval", "--num-classes", "5", "-o", str(tmp / "run")],
          "10 classes but the model's head has 5"),
+        # ------------------------------------------------------------------ distill, analyze
+        (["distill", "--method", "foo", "-o", str(tmp / "run")], "unknown distillation method 'foo'"),
+        (["distill", "--method", "pefd", "--projectors", "0", "-o", str(tmp / "run")], "projectors"),
+        (["distill", "--method", "pefd", "-o", str(tmp / "run")], "needs a teacher"),
+        (["distill", "--teacher", "nope_vit", "-o", str(tmp / "run")], "unknown model 'nope_vit'"),
+        (["distill", "--teacher", "leanvit_vit_fm_teacher", "-o", str(afile)], "is a file"),
+        (["analyze", "--json", "/proc/leanvit.json"], "cannot write in /proc"),
+        (["analyze", "--reliability-plot", str(tmp / "r.xyz")], "cannot write plots as 'xyz'"),
+        (["analyze", "--teacher", "nope_vit"], "unknown model 'nope_vit'"),
         # ------------------------------------------------------------------ list-models, verbs
         (["list-models", "nonexist*"], "no model matches 'nonexist*'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
+from ..engine.checkpoint import to_json_safe, write_json  # noqa: F401  (re-exported for the verbs)
 from ..errors import ConfigError
 
 
@@ -146,9 +147,10 @@ def _key_hint(key: str, actions: dict[str, argparse.Action]) -> str:
     return f"; did you mean '{close[0]}' for {key}?" if close else ""
 
 
-# Evaluation batch size: on a 2-core CPU the reference teacher evaluates the 10,000 test images faster at batch 64
-# than at 256 (44 s vs 59 s for `leanvit eval`, 2026-11-26): batches of 64 keep each block's activations in cache.
-EVAL_BATCH_SIZE = 64
+# Evaluation batch size: on a 2-core CPU small batches keep each block's activations in cache. `leanvit eval` of the
+# reference teacher on the 10,000 test images took 59 s at batch 256 and 44 s at 64; the 13 variants of `leanvit
+# compare` on 1,280 images took 48 s at batch 32, 51 s at 64 and 57 s at 128 (2026-11-26).
+EVAL_BATCH_SIZE = 32
 
 # the embedded default: the reference teacher, or the student while the teacher's weights are not shipped yet
 DEFAULT_MODELS = ("leanvit_vit_fm_teacher", "leanvit_vit_fm_student")
@@ -384,23 +386,3 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
         raise ConfigError(f"{flag} {p} is a file; give a folder")
     _writable_folder(p, flag, p)
     return p
-
-
-def to_json_safe(obj: Any) -> Any:
-    """Non-finite floats become None (JSON has no NaN); tuples become lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): to_json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write strict JSON (NaN and infinities as null) atomically."""
-    import json
-
-    from ..engine.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(to_json_safe(obj), indent=1, allow_nan=False) + "\n")

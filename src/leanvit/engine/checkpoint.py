@@ -10,6 +10,8 @@ refused with the reason. Safetensors files are recognised by their content, not 
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +48,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write a text file (UTF-8)."""
     data = text.encode()
     atomic_write(Path(path), lambda f: f.write(data))
+
+
+def to_json_safe(obj: Any) -> Any:
+    """Non-finite floats become None (JSON has no NaN); tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write strict JSON (NaN and infinities as null) atomically."""
+    atomic_write_text(path, json.dumps(to_json_safe(obj), indent=1, allow_nan=False) + "\n")
 
 
 def _is_safetensors(path: Path) -> bool:

@@ -9,6 +9,7 @@ outside the epoch loop stays reproducible.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import time
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, TrainingError
-from .checkpoint import load_checkpoint, load_into, save_checkpoint, save_weights
+from .checkpoint import atomic_write_text, load_checkpoint, to_json_safe, load_into, save_checkpoint, save_weights
 from .distributed import DistInfo, barrier, broadcast_buffers, init_distributed
 from .evaluate import evaluate
 from .losses import CrossEntropyTerm, LossTerm, StepContext
@@ -280,13 +281,13 @@ class Trainer:
     def _write_logs(self) -> None:
         if not self.dist.is_main or not self.history:
             return
-        self.output.mkdir(parents=True, exist_ok=True)
         keys = list(dict.fromkeys(k for row in self.history for k in row))
-        with open(self.output / "log.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.history)
-        (self.output / "log.json").write_text(json.dumps(self.history, indent=1))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.history)
+        atomic_write_text(self.output / "log.csv", buf.getvalue())
+        atomic_write_text(self.output / "log.json", json.dumps(to_json_safe(self.history), indent=1, allow_nan=False))
 
     # ------------------------------------------------------------------ loop
     def _train_epoch(self) -> dict[str, float]:
