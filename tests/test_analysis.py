@@ -143,9 +143,13 @@ def test_bench_patched_with_options(tmp_path, capsys):
                "--threads", "1", "--json", str(out)])
     assert rc == 0
     row = json.loads(out.read_text())
-    assert row["method"] == "gtp" and row["options"] == {"score": "cls", "graph": "spatial"}
+    assert row["method"] == "gtp" and row["options"]["score"] == "cls" and row["options"]["graph"] == "spatial"
     assert row["compiled"] is False
-    assert "score" in capsys.readouterr().out
+    # the schedule that ran and the share of dense MACs it reached are printed and saved
+    assert len(row["schedule"]) == 4 and sum(row["schedule"]) > 0
+    assert row["macs_fraction"] <= 0.8 and row["gmacs"] == pytest.approx(row["macs_fraction"] * row["dense_gmacs"])
+    out = capsys.readouterr().out
+    assert "score" in out and f"schedule     {row['schedule']}" in out and "of dense" in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -137,9 +137,8 @@ def test_cli_compare_bad_input(run_cli, fmnist_dir, argv, match):
 
 
 def test_cli_compare_budgets_not_numbers(run_cli, fmnist_dir):
-    with pytest.raises(SystemExit) as e:
-        run_cli("compare", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--budgets", "abc")
-    assert e.value.code == 2
+    code, _, err = run_cli("compare", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--budgets", "abc")
+    assert code == 2 and "--budgets" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_vis(run_cli, fmnist_dir, tmp_path):

@@ -200,7 +200,7 @@ def _make_imagefolder(root, classes=("cat", "dog"), per_class=3):
 @pytest.mark.parametrize("train", [False, True])
 def test_imagefolder_uses_model_transform(tmp_path, train):
     root = _make_imagefolder(tmp_path / "imgs")
-    model = timm.create_model("test_vit", pretrained=False)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=2)
     ds = build_dataset(f"imagefolder:{root}", "train" if train else "test", model, train=train)
     assert len(ds) == 6
     x, y = ds[4]
@@ -210,13 +210,16 @@ def test_imagefolder_uses_model_transform(tmp_path, train):
         # test_vit's mean/std are 0.5/0.5: values lie in [-1, 1]
         assert x.min() >= -1.0 - 1e-5 and x.max() <= 1.0 + 1e-5
     with torch.no_grad():
-        assert model.eval()(x[None]).shape == (1, 1000)
+        assert model.eval()(x[None]).shape == (1, 2)
+    # a head that does not match the data's classes is refused before any image is read
+    with pytest.raises(DataError, match="2 classes but the model's head has 1000 outputs"):
+        build_dataset(f"imagefolder:{root}", "test", timm.create_model("test_vit", pretrained=False))
 
 
 def test_imagefolder_train_val_subfolders_and_limit(tmp_path):
     _make_imagefolder(tmp_path / "ds" / "train", per_class=3)
     _make_imagefolder(tmp_path / "ds" / "val", per_class=1)
-    model = timm.create_model("test_vit", pretrained=False)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=2)
     assert len(build_dataset(f"imagefolder:{tmp_path / 'ds'}", "train", model, train=True)) == 6
     assert len(build_dataset(f"imagefolder:{tmp_path / 'ds'}", "test", model)) == 2
     assert len(build_dataset(f"imagefolder:{tmp_path / 'ds'}", "train", model, limit=4)) == 4
