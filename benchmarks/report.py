@@ -16,6 +16,9 @@ SECTIONS = [
      "`leanvit compare` on the shipped model and the Fashion-MNIST test set. At a budget every method meets the "
      "same measured MACs; a method whose own work costs MACs (ToMe's matching, GTP's semantic graph) removes a few "
      "more tokens to pay for it. Script: `benchmarks/compare_fmnist.py`."),
+    ("demo_time", "The main job's wall time (`make demo`)",
+     "The README's first command, timed end to end with its output sent to a pipe (as in CI or `make demo > log`). "
+     "Script: `benchmarks/demo_time.py`."),
     ("tune_gtp", "GTP settings chosen on the held-out split",
      "GTP's alpha and graph were chosen on the 5,000 held-out training images (`--split val`), never on the test "
      "set. Script: `benchmarks/tune_gtp.py`."),
