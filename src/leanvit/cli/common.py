@@ -230,7 +230,10 @@ def check_method_args(args: argparse.Namespace) -> dict[str, Any]:
         return opts
     if args.method not in METHODS:
         raise ConfigError(f"unknown method '{args.method}'; choose one of dense, {', '.join(METHODS)}")
-    if not amount and "keep" not in opts:
+    given = [f"--{k}" for k in amount] + [f"-O {k}" for k in ("r", "budget", "keep") if k in opts]
+    if len(given) > 1:
+        raise ConfigError(f"give one of --r, --budget or --keep, not {' and '.join(given)}")
+    if not given:
         raise ConfigError(f"--method {args.method} needs --r, --budget or --keep")
     check_options(args.method, {**opts, **amount})
     return opts

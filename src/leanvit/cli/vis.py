@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods needs at least one method, e.g. gtp,tome,evit")
+    if "dense" in methods:
+        raise ConfigError("vis draws what token reduction does to the tokens; 'dense' has nothing to draw (drop it "
+                          "from --methods)")
     options = parse_options(args.option, per_method=True)
     for m in options:
         if m not in methods:

@@ -84,7 +84,7 @@ def _torch_load(path: Path, what: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        if "weights_only" in text or "Unsupported global" in text or "Weights only load failed" in text:
+        if "Unsupported global" in text or "GLOBAL" in text:  # a pickle that asks for code to run
             glob = next((line.split("GLOBAL", 1)[1].split()[0] for line in text.splitlines() if "GLOBAL" in line),
                         None)
             raise CheckpointError(
@@ -92,7 +92,10 @@ def _torch_load(path: Path, what: str) -> Any:
                 f"{f'the Python object {glob}' if glob else 'Python objects beyond tensors'} to load, and loading a "
                 f"pickle can run arbitrary code. Save the weights as a state dict of tensors or as safetensors "
                 f"(leanvit.engine.save_weights) from a trusted copy") from None
-        raise CheckpointError(f"{what} {path} is corrupt or truncated (UnpicklingError: {e})") from None
+        reason = next((line.strip() for line in text.splitlines() if "Unsupported" in line or "load key" in line),
+                      "not a torch file")
+        raise CheckpointError(f"{what} {path} is not a readable torch file ({reason}); give a safetensors file, a "
+                              f"leanvit checkpoint or a torch state dict") from None
     except Exception as e:  # a torn zip, garbage bytes, or a foreign file
         raise CheckpointError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -89,3 +89,29 @@ def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: 
     else:  # mixed: the union of both graphs, normalised in place
         graph = _normalize_(_set_knn_(spatial_adjacency(grid, x.device).expand(B, N, N).clone(), x, k, 1.0))
     return graph.to(x.dtype)
+
+
+def fallback_edges(w: torch.Tensor, x_kept: torch.Tensor, x_removed: torch.Tensor,
+                   weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges that give every removed token without a kept neighbour (an orphan) its most similar kept token.
+
+    Fixed shapes and no host sync: every removed token's nearest kept token is found (one ``(B, r, K)`` product of
+    ``r * K * C`` MACs per image), and the edge is written for the orphans only.
+
+    Args:
+        w: edge weights from kept to removed tokens ``(B, K, r)``, non-negative; removed token j is an orphan when
+            ``w[b, :, j]`` is all zero.
+        x_kept: kept tokens ``(B, K, C)``.
+        x_removed: removed tokens ``(B, r, C)``.
+        weight: ``(B, r)`` the weight of each removed token's fallback edge.
+
+    Returns:
+        ``(edges (B, K, r), orphan (B, r))``: ``edges[b, k, j] = weight[b, j]`` where j is an orphan and k its most
+        cosine-similar kept token (the first on ties), 0 elsewhere; ``orphan`` marks the orphans.
+    """
+    orphan = w.sum(1) == 0  # (B, r)
+    # cosine similarity up to the removed token's norm, which does not change its argmax over the kept tokens
+    sim = x_removed @ torch.nn.functional.normalize(x_kept, dim=-1).transpose(1, 2)  # (B, r, K)
+    nearest = sim.argmax(-1, keepdim=True).transpose(1, 2)  # (B, 1, r) kept position of each removed token
+    edges = torch.zeros_like(w).scatter_(1, nearest, (weight * orphan).unsqueeze(1).to(w.dtype))  # (B, K, r)
+    return edges, orphan

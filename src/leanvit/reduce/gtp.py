@@ -9,6 +9,11 @@ Where we differ from the authors' code (Ackesnal/GTP-ViT): the graph is built on
 hard-coded to CUDA); a block with nothing to remove is a no-op (theirs drops every token for P = 0); no debug file
 is written during propagation; distillation and register tokens are prefix tokens and never propagated; tokens
 lost because they had no kept neighbour are counted in ``report["lost_tokens"]`` instead of logged to a file.
+
+Beyond the paper, ``orphans`` chooses what happens to such a token (an orphan). As published (``drop``) its features
+and size are lost; on small models, whose low-scoring tokens resemble each other and are removed neighbourhood by
+neighbourhood, that is a large share of the removed tokens (BENCHMARKS.md). ``nearest`` and ``merge`` keep every
+removed token's information: the orphan goes to its most cosine-similar kept token, by a fallback edge or by a merge.
 """
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ import torch
 from torch.profiler import record_function
 
 from ..errors import ConfigError
-from ..ops.graph import GRAPHS, build_graph
+from ..ops.graph import GRAPHS, build_graph, fallback_edges
 from ..ops.select import SCORES, attention_score, cls_score, gather_tokens, split_topk
 from .base import TokenReducer
 from .compat import AttnOut, ViTInfo
+
+ORPHANS = ("drop", "nearest", "merge")
 
 
 class GTPReducer(TokenReducer):
@@ -36,7 +43,22 @@ class GTPReducer(TokenReducer):
         alpha: propagation coefficient (the paper's DeiT settings use 0.1-0.4).
         prop_attn: token sizes with proportional attention (recommended).
         theta: attention sparsification keep ratio (1 = off).
-        stats: count removed tokens that had no kept neighbour (their features are lost) in
+        orphans: what becomes of a removed token with no kept neighbour in the (restricted) graph, an orphan:
+
+            * ``drop`` (the paper): nothing reaches a kept token; its features and size are lost.
+            * ``nearest``: a fallback edge joins it to its most cosine-similar kept token (on the tokens at the
+              reduction point), weighted like its strongest edge in the graph (its largest entry of ``A_hat``:
+              ``1/k`` on the semantic graph), and it is propagated along that edge like any other, ``alpha``
+              and token size included. Pure graph propagation with one edge more per orphan.
+            * ``merge``: after propagation it is merged into its most similar kept token as ToMe merges, by a
+              size-weighted average, its size added whole (sizes of 1 without ``prop_attn``).
+
+            Cost of either, per reducing block and image: ``r * K * C`` MACs for the similarity of the ``r``
+            removed to the ``K`` kept tokens (``merge``: ``2 r K C``), counted in the MACs a budget is held to, and
+            about 10 (``merge``: 15) small kernels; no host sync and fixed shapes, so the forward still compiles
+            as one graph. The default is ``drop``, the paper's rule, so that ``gtp`` stays the published method;
+            ``benchmarks/gtp_nolost.py`` measures the variants against it.
+        stats: count removed tokens whose features reached no kept token (lost; with ``drop``, the orphans) in
             ``report["lost_tokens"]`` / ``report["removed_tokens"]``, summed over the forwards since the last
             :meth:`set_stats` / :meth:`reset_stats` (a few extra ops per block, so off by default; the keys are absent
             from the report while it is off). ``leanvit eval`` and ``leanvit compare`` turn it on for their
@@ -46,11 +68,11 @@ class GTPReducer(TokenReducer):
     name = "gtp"
     tracks_sizes = True
     _per_forward = TokenReducer._per_forward + ("graph", "index", "_batch", "_prefix_rows", "_graph_flat",
-                                                "_graph_rows")
+                                                "_graph_rows", "_edge")
 
     def __init__(self, info: ViTInfo, schedule: list[int], graph: str = "mixed", k: int = 8, score: str = "mixed",
-                 alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, stats: bool = False,
-                 trace: bool = False):
+                 alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, orphans: str = "drop",
+                 stats: bool = False, trace: bool = False):
         super().__init__(info, schedule, prop_attn=prop_attn, theta=theta, trace=trace)
         self.stats = bool(stats)
         if graph not in GRAPHS:
@@ -63,7 +85,9 @@ class GTPReducer(TokenReducer):
             raise ConfigError(f"semantic graph needs k >= 1 neighbours, got {k}")
         if alpha < 0:
             raise ConfigError(f"alpha must be >= 0, got {alpha}")
-        self.graph_kind, self.k, self.score, self.alpha = graph, int(k), score, float(alpha)
+        if orphans not in ORPHANS:
+            raise ConfigError(f"unknown GTP orphans '{orphans}'; choose one of {', '.join(ORPHANS)}")
+        self.graph_kind, self.k, self.score, self.alpha, self.orphans = graph, int(k), score, float(alpha), orphans
         self.graph: torch.Tensor | None = None  # (B, N0, N0) normalised graph over the original image tokens
         self.index: torch.Tensor | None = None  # (B, N) original positions of the current image tokens
         self.reset_stats()
@@ -88,7 +112,7 @@ class GTPReducer(TokenReducer):
 
     def options(self) -> dict[str, Any]:
         return {"graph": self.graph_kind, "k": self.k, "score": self.score, "alpha": self.alpha,
-                **super().options()}
+                "orphans": self.orphans, **super().options()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -96,7 +120,7 @@ class GTPReducer(TokenReducer):
 
     def begin(self, x: torch.Tensor) -> None:
         super().begin(x)
-        self.graph = self.index = self._graph_flat = None
+        self.graph = self.index = self._graph_flat = self._edge = None
         if any(self.schedule):
             P = self.info.num_prefix
             B = x.shape[0]
@@ -113,6 +137,9 @@ class GTPReducer(TokenReducer):
             # graph[index][:, index], so it is never copied, only indexed
             self.index = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
             self._prefix_rows = torch.arange(P, device=x.device).expand(B, P)  # (B, P)
+            if self.orphans == "nearest":
+                # each token's strongest edge, the weight of its fallback edge should it become an orphan
+                self._edge = self.graph[0].amax(-1).expand(B, -1) if shared else self.graph.amax(-1)  # (B, N0)
 
     def score_fn(self, i: int):
         if self.schedule[i] == 0 or self.score in ("random", "cls"):
@@ -151,19 +178,40 @@ class GTPReducer(TokenReducer):
         w = self._graph_flat.take(torch.add(self._graph_rows, kept_orig, alpha=N0).unsqueeze(-1)
                                   + removed_orig.unsqueeze(1))
         xf = x.reshape(B * N, C)
-        out = xf.index_select(0, rows_keep).view(B, -1, C)
-        out[:, P:].baddbmm_(w, xf.index_select(0, rows_rm).view(B, -1, C), alpha=self.alpha)
-        if self.prop_attn:
+        out = xf.index_select(0, rows_keep).view(B, -1, C)  # (B, P + K, C)
+        x_rm = xf.index_select(0, rows_rm).view(B, -1, C)  # (B, r, C)
+        fallback = orphan = None
+        if self.orphans != "drop":
+            # merge: a 0/1 assignment of each orphan to its kept token; nearest: edges weighted like the graph's
+            weight = torch.ones_like(w[:, 0]) if self.orphans == "merge" else self._edge.gather(1, removed_orig)
+            fallback, orphan = fallback_edges(w, out[:, P:], x_rm, weight)  # (B, K, r), (B, r)
+            if self.orphans == "nearest":
+                w.add_(fallback)
+        out[:, P:].baddbmm_(w, x_rm, alpha=self.alpha)
+        if self.prop_attn or self.orphans == "merge":
             sf = self._sizes_or_ones(x).reshape(B * N, 1)
-            size = sf.index_select(0, rows_keep).view(B, -1, 1)
-            size[:, P:].baddbmm_(w, sf.index_select(0, rows_rm).view(B, -1, 1), alpha=self.alpha)
-            self._size = size.view(B, -1)
+            size = sf.index_select(0, rows_keep).view(B, -1, 1)  # (B, P + K, 1)
+            s_rm = sf.index_select(0, rows_rm).view(B, -1, 1)  # (B, r, 1)
+            if self.prop_attn:
+                size[:, P:].baddbmm_(w, s_rm, alpha=self.alpha)
+            if self.orphans == "merge":
+                # x_k <- (s_k x_k + sum_j s_j x_j) / (s_k + sum_j s_j) over the orphans j merged into k
+                s_kept = size[:, P:]  # (B, K, 1)
+                merged = torch.baddbmm(s_kept, fallback, s_rm)  # (B, K, 1)
+                out[:, P:].mul_(s_kept).baddbmm_(fallback, s_rm * x_rm).div_(merged)
+                s_kept.copy_(merged)
+            if self.prop_attn:
+                self._size = size.view(B, -1)
         self.index = kept_orig
+        if self.stats or self.trace:
+            edges = w + fallback if self.orphans == "merge" else w  # (B, K, r) every edge a removed token took
         if self.stats:
-            self.report["lost_tokens"] += (w.sum(1) == 0).sum()  # a tensor: no device sync in the forward
+            self.report["lost_tokens"] += (edges.sum(1) == 0).sum()  # a tensor: no device sync in the forward
             self.report["removed_tokens"] += removed.numel()
         if self.trace:
-            self._trace_extra = {"kept": kept, "removed": removed, "weights": w.detach(),
+            self._trace_extra = {"kept": kept, "removed": removed, "weights": edges.detach(),
                                  "removed_source": gather_tokens(self.source.float(), removed).bool()}
+            if orphan is not None:
+                self._trace_extra["fallback"] = orphan  # (B, r) removed tokens whose edge is a fallback edge
             self.source = gather_tokens(self.source.float(), kept).bool()
         return out
