@@ -194,16 +194,14 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress output")
 
 
-def add_reduction_args(p: argparse.ArgumentParser, per_method: bool = False) -> None:
+def add_reduction_args(p: argparse.ArgumentParser) -> None:
     """``--r``, ``--budget``, ``--keep`` and ``-O`` for the verbs that patch one method."""
     p.add_argument("--r", type=nonneg_int, default=None, help="tokens removed per block")
     p.add_argument("--budget", type=fraction, default=None, help="fraction of dense MACs to keep, e.g. 0.74")
     p.add_argument("--keep", type=fraction, default=None,
                    help="keep rate of methods with their own schedule (EViT: at its three reduction blocks)")
-    p.add_argument("--option", "-O", action="append", default=[],
-                   metavar="METHOD.OPT=VALUE" if per_method else "OPT=VALUE",
-                   help="method option, repeatable (e.g. -O alpha=0.2 -O graph=spatial)" if not per_method else
-                   "method option, repeatable (e.g. -O gtp.alpha=0.2 -O evit.fuse=sum)")
+    p.add_argument("--option", "-O", action="append", default=[], metavar="OPT=VALUE",
+                   help="method option, repeatable (e.g. -O alpha=0.2 -O graph=spatial)")
 
 
 def reduction_amount(args: argparse.Namespace) -> dict[str, Any]:

@@ -116,8 +116,9 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
             MACs reached are measured and stored in ``get_reducer(model).report``.
         keep: EViT's own keep rate at its three reduction blocks (EViT only).
         measure: with ``budget``, count the patched model's MACs (one batch-1 forward) for the report.
-        options: method options (GTP: ``graph``, ``k``, ``score``, ``alpha``, ``prop_attn``, ``theta``;
-            ToMe: ``prop_attn``; EViT: ``fuse``; all: ``trace``).
+        options: method options, type-checked against the reducer's signature (GTP: ``graph``, ``k``, ``score``,
+            ``alpha``, ``prop_attn``, ``theta``, ``orphans``, ``stats``; ToMe: ``prop_attn``; EViT: ``fuse``; all:
+            ``trace``).
 
     Raises:
         ConfigError: unknown method or option, impossible schedule or budget.

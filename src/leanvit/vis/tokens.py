@@ -36,9 +36,12 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
         traces: method name -> the reducer's ``trace_log`` for this image (batch element 0).
         grid: the token grid ``(h, w)``.
 
-    Kept tokens show the image; patches removed so far are tinted blue. GTP: red dots mark propagated patches and
-    lines join each to the kept neighbours that received its features (the strongest ``max_arrows`` edges). ToMe:
-    patches merged into one token share a colour. EViT: removed patches fused into the extra token are tinted green.
+    Kept tokens show the image; patches removed so far are tinted blue. GTP (any trace with ``weights``, whatever
+    its label): red dots mark propagated patches and lines join each to the kept tokens that received its features,
+    yellow along graph edges, cyan along the fallback edges of ``orphans="nearest"`` / ``"merge"``; every dot keeps
+    its strongest line, then the strongest others are drawn up to ``max_arrows``; a black cross marks a removed
+    token whose features reached no kept token (lost). ToMe: patches merged into one token share a colour. EViT:
+    removed patches fused into the extra token are tinted green.
     """
     import matplotlib
 
@@ -75,27 +78,30 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
                     if g >= 0 and counts[g] > 1:
                         overlay[yy, xx] = (*cmap(g % 20)[:3], 0.55)
                 ax.imshow(overlay, extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest")
-            if method == "gtp" and "weights" in entry:
+            if "weights" in entry:
                 wts = entry["weights"][0]  # (K, r)
                 kept_src = entry["source"][0]  # (K, N_orig)
                 rm_src = entry["removed_source"][0]  # (r, N_orig)
-                edges = []
-                for j in range(wts.shape[1]):
-                    recv = torch.nonzero(wts[:, j] > 0).flatten().tolist()
-                    for k in recv:
-                        edges.append((float(wts[k, j]), j, k))
-                edges.sort(reverse=True)
+                fallback = entry["fallback"][0] if "fallback" in entry else torch.zeros(wts.shape[1], dtype=torch.bool)
+                edges = sorted(((float(wts[k, j]), j, k) for j, k in torch.nonzero(wts.T > 0).tolist()), reverse=True)
+                strongest = {}  # removed token -> its strongest edge, drawn first so that no propagated dot is bare
+                for e in edges:
+                    strongest.setdefault(e[1], e)
+                edges = [*strongest.values(), *(e for e in edges if strongest[e[1]] is not e)]
                 def centre(row):
                     idx = torch.nonzero(row).flatten()
                     ys, xs = (idx // w).float().mean().item(), (idx % w).float().mean().item()
                     return (xs + 0.5) * pw - 0.5, (ys + 0.5) * ph - 0.5
-                for _, j, k in edges[:max_arrows]:
+                for _, j, k in edges[:max(max_arrows, len(strongest))]:
                     (x0, y0), (x1, y1) = centre(rm_src[j]), centre(kept_src[k])
-                    ax.plot([x0, x1], [y0, y1], color="yellow", lw=0.6, alpha=0.8)
+                    ax.plot([x0, x1], [y0, y1], color="cyan" if fallback[j] else "yellow", lw=0.6, alpha=0.8)
                 for j in range(rm_src.shape[0]):
                     x0, y0 = centre(rm_src[j])
-                    ax.plot(x0, y0, "o", color="red", ms=2.5)
-            if method == "evit" and "removed_source" in entry:
+                    if j in strongest:
+                        ax.plot(x0, y0, "o", color="red", ms=2.5)
+                    else:
+                        ax.plot(x0, y0, "x", color="black", ms=3.5, mew=1.0)
+            elif "removed_source" in entry:  # EViT: fused into the extra token
                 rm = entry["removed_source"][0].any(0).reshape(h, w).cpu().numpy()
                 overlay = np.zeros((h, w, 4))
                 overlay[rm] = (0.1, 0.8, 0.2, 0.45)
