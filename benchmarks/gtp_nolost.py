@@ -188,7 +188,8 @@ def main() -> None:
              *((", ".join(f"{k}={v}" for k, v in t["options"].items()), t) for t in trials)]
     for label, t in shown:
         lost = " / ".join(_pct(x) or "-" for x in t["lost"])
-        md.append(f"| {label} | " + " | ".join(f"{a:.2f}" for a in t["top1"]) + f" | {t['mean']:.2f} | {lost} |")
+        top1 = t["top1"] * len(args.budgets) if len(t["top1"]) == 1 else t["top1"]  # dense: one row, every budget
+        md.append(f"| {label} | " + " | ".join(f"{a:.2f}" for a in top1) + f" | {t['mean']:.2f} | {lost} |")
     for name, rows in test.items():
         md += ["", (f"Test set ({images[name]} images), `{name}`; `gtp-nolost` = {options['gtp-nolost']}; "
                     f"throughput at batch 32, {args.threads} threads, one interleaved run.\n"), *_test_table(rows)]

@@ -24,6 +24,11 @@ SECTIONS = [
      "set. Script: `benchmarks/tune_gtp.py`."),
     ("gtp_scores", "GTP selection scores on the held-out split",
      "Which tokens GTP propagates away, scored six ways. Script: `benchmarks/ablate_gtp_score.py`."),
+    ("gtp_nolost", "GTP that loses no removed token (`orphans`)",
+     "GTP's `orphans` option: what becomes of a removed token with no kept neighbour in the graph (`drop`, as "
+     "published; `nearest`, a fallback edge to its most similar kept token; `merge`, merged into that token). "
+     "Settings chosen on the held-out split of the teacher; the comparison on the test set of both shipped models. "
+     "Script: `benchmarks/gtp_nolost.py`."),
     ("speed_deit", "Token reduction speed on DeiT-S / DeiT-B at 224 (CPU)",
      "Script: `benchmarks/speed_deit.py`."),
     ("speed_deit_compiled", "Token reduction speed on DeiT-S at batch 1 with torch.compile (CPU)",
