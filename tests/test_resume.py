@@ -136,3 +136,16 @@ def test_resume_finished_run_is_noop(runs, run_cli, fmnist_train_dir):
     assert "nothing to do" in out
     after = load_file(str(runs["straight"] / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_with_other_model_or_loss_refused(runs, run_cli, fmnist_train_dir):
+    """A run resumes only as what it was: another model, or another loss (a teacher term added), is refused."""
+    before = (runs["straight"] / "last.pt").read_bytes()
+    argv = _train_argv(fmnist_train_dir, runs["straight"], "--resume")
+    argv[argv.index("--model") + 1] = "leanvit_vit_fm_teacher"
+    code, _, err = run_cli(*argv)
+    assert code == 2 and "model leanvit_vit_fm_student, now leanvit_vit_fm_teacher" in err
+    code, _, err = run_cli(*_train_argv(fmnist_train_dir, runs["straight"], "--resume", "--teacher",
+                                        "leanvit_vit_fm_student", "--kd-weight", "0.5"))
+    assert code == 2 and "loss terms were" in err and "'kd'" in err and "Traceback" not in err
+    assert (runs["straight"] / "last.pt").read_bytes() == before

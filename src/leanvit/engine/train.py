@@ -248,7 +248,12 @@ class Trainer:
             "best_top1": self.best_top1,
             "config": asdict(self.cfg),
             "run_info": self.run_info,
+            "terms": self._terms_desc(),
         }
+
+    def _terms_desc(self) -> list[tuple[str, float]]:
+        """``(name, weight)`` of each loss term, to refuse resuming a run with other terms."""
+        return [(t.name, float(t.weight)) for t in self.terms]
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         load_into(self.model, state["model"], source)
@@ -274,6 +279,16 @@ class Trainer:
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise ConfigError(f"cannot resume {path}: it was run with {key}={saved[key]}, now "
                                   f"{key}={getattr(self.cfg, key)}; resume with the same settings")
+        # what the run trains and how: the same model, data, teacher and distillation method, the same loss terms
+        was, now = state.get("run_info", {}), self.run_info
+        for key in ("model", "data", "teacher", "method"):
+            if key in was and key in now and was[key] != now[key]:
+                raise ConfigError(f"cannot resume {path}: it was run with {key} {was[key]}, now {now[key]}; resume "
+                                  f"with the same settings or choose another --output")
+        terms = self._terms_desc()
+        if "terms" in state and [tuple(t) for t in state["terms"]] != terms:
+            raise ConfigError(f"cannot resume {path}: its loss terms were {state['terms']}, now {terms} "
+                              f"(name, weight); resume with the same settings or choose another --output")
         self.load_state_dict(state, str(path))
         return True
 
