@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import build_dataset
     from ..errors import ConfigError
     from ..reduce import get_reducer, inspect_vit, patch
-    from ..reduce.compare import resolve_method
+    from ..reduce.compare import own_schedule, resolve_method
     from ..vis import plot_token_maps
 
     # everything the user typed is checked before the model or the data is loaded
@@ -64,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     traces, preds = {}, {}
     for name, (method, opts) in resolved.items():
         variant = copy.deepcopy(model)
-        amount = {} if "keep" in opts or "r" in opts else (
-            {"r": args.r} if args.r is not None else {"budget": args.budget})
+        amount = {} if own_schedule(opts) else ({"r": args.r} if args.r is not None else {"budget": args.budget})
         patch(variant, method, trace=True, **amount, **opts)
         with torch.no_grad():
             logits = variant(image.unsqueeze(0).to(device))

@@ -67,7 +67,7 @@ def resolve_method(name: str, method_options: dict[str, dict[str, Any]] | None =
     return method, check_options(method, opts)
 
 
-def _own_schedule(opts: dict[str, Any]) -> bool:
+def own_schedule(opts: dict[str, Any]) -> bool:
     """A variant with its own schedule (``keep`` or ``r``) runs once, not at every budget."""
     return "keep" in opts or "r" in opts
 
@@ -80,8 +80,7 @@ def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[f
     A name in ``methods`` may be a label whose options carry ``method`` (see :func:`resolve_method`); a label with
     its own schedule (``keep`` or ``r``) gives one variant with budget None."""
     resolved = {m: resolve_method(m, method_options) for m in methods if m != "dense"}
-    jobs = [(m, None if _own_schedule(opts) else b) for m, (_, opts) in resolved.items()
-            for b in ([None] if _own_schedule(opts) else budgets)]
+    jobs = [(m, b) for m, (_, opts) in resolved.items() for b in ([None] if own_schedule(opts) else budgets)]
     out = []
     if "dense" in methods:
         out.append(("dense", 1.0, model))
