@@ -52,7 +52,7 @@ def _cases(fm: str, tmp: Path) -> list[tuple[list[str], str]]:
         (["eval", "--method", "gtp", "--r", "2", "-O", "prop_attn=maybe"], "must be true or false"),
         (["eval", "--method", "gtp", "--r", "2", "-O", "nope=1"], "unknown option 'nope'"),
         (["eval", "--method", "gtp", "--r", "2", "-O", "novalue"], "OPTION=VALUE"),
-        (["eval", "--method", "tome", "--keep", "0.7"], "keep= is EViT's keep rate"),
+        (["eval", "--method", "tome", "--keep", "0.7"], "keep= is not an option of 'tome'"),
         (["eval", "--method", "evit", "--keep", "0.7", "-O", "keep=0.5"], "not --keep and -O keep"),
         (["bench", "--method", "evit", "--budget", "0.7", "-O", "r=2"], "not --budget and -O r"),
         (["eval", "--device", "foo"], "unknown device 'foo'"),

@@ -172,22 +172,64 @@ def test_plot_token_maps_from_real_traces(tmp_path):
 
 
 def test_plot_token_maps_hand_made(tmp_path):
+    """Every record is drawn from its data (states, groups, edges), whatever its row's label."""
+    from leanvit.reduce.base import IDLE, KEPT, MERGED, PROPAGATED, REACTIVATED, REMOVED
+
     h = w = 4
     n = h * w
     eye = torch.eye(n, dtype=torch.bool)
     kept = [i for i in range(n) if i not in (0, 5)]
-    gtp_entry = {"block": torch.tensor(0), "source": eye[kept][None], "removed_source": eye[[0, 5]][None],
+
+    def state(**codes):
+        s = torch.full((1, n), KEPT, dtype=torch.uint8)
+        for code, idx in codes.items():
+            s[0, idx] = {"merged": MERGED, "propagated": PROPAGATED, "removed": REMOVED, "idle": IDLE,
+                         "reactivated": REACTIVATED}[code]
+        return s
+
+    gtp_entry = {"block": torch.tensor(0), "tokens": torch.tensor(14), "source": eye[kept][None],
+                 "state": state(propagated=[0], removed=[5]), "removed_source": eye[[0, 5]][None],
                  "weights": torch.rand(1, len(kept), 2) * (torch.rand(1, len(kept), 2) > 0.5)}
     merged = eye.clone()[1::2]
     merged[0, 0] = True  # token 0 merged into token 1
-    tome_entry = {"block": torch.tensor(1), "source": torch.cat([eye[2::2], merged])[None]}
-    evit_entry = {"block": torch.tensor(2), "source": eye[2:][None], "removed_source": eye[:2][None]}
+    tome_entry = {"block": torch.tensor(1), "tokens": torch.tensor(15), "source": torch.cat([eye[2::2], merged])[None],
+                  "state": state(merged=[0, 1])}
+    idle_entry = {"block": torch.tensor(2), "tokens": torch.tensor(10), "source": eye[None],
+                  "state": state(idle=[0, 1, 2, 3, 4, 5], reactivated=[6])}
     gray = torch.rand(1, 32, 32)
-    path = plot_token_maps(gray, {"gtp": [gtp_entry], "tome": [tome_entry], "evit": [evit_entry, evit_entry]},
+    path = plot_token_maps(gray, {"gtp": [gtp_entry], "my-merge": [tome_entry], "idle": [idle_entry, idle_entry]},
                            (h, w), tmp_path / "sub" / "hand.png")
     assert path.is_file() and path.stat().st_size > 1000
     # an empty trace (e.g. truncate, or r=0) still plots the input
     assert plot_token_maps(torch.rand(3, 32, 32), {"truncate": []}, (h, w), tmp_path / "empty.png").is_file()
+
+
+def test_trace_states_of_every_method():
+    """The trace says what happened to each patch: ToMe merges, EViT fuses (merged) or drops (removed), GTP
+    propagates (and, as published, loses orphans), IdleViT idles and re-activates."""
+    from leanvit.reduce.base import IDLE, KEPT, MERGED, PROPAGATED, REACTIVATED, REMOVED
+    from test_reduce import image, make
+
+    x = image(96, batch=1)
+    found = {}
+    for method, kw in (("tome", dict(r=6)), ("evit", dict(keep=0.5)), ("evit", dict(keep=0.5, fuse=None)),
+                       ("gtp", dict(r=6, graph="spatial")), ("idle", dict(keep=[1.0, 0.3, 0.3, 0.3]))):
+        model = make("deit", img_size=96, depth=4)
+        leanvit.patch(model, method, trace=True, **kw)
+        with torch.no_grad():
+            model(x)
+        log = get_reducer(model).trace_log
+        assert log, method
+        states = torch.stack([e["state"][0] for e in log])
+        found[(method, kw.get("fuse", "mean"))] = set(states.unique().tolist())
+        for e in log:  # tokens: image tokens the block goes on with (removal) or computes (idling)
+            assert int(e["tokens"]) == (int((e["state"][0] == KEPT).sum() + (e["state"][0] == REACTIVATED).sum())
+                                        if method == "idle" else e["source"].shape[1])
+    assert MERGED in found[("tome", "mean")] and PROPAGATED not in found[("tome", "mean")]
+    assert MERGED in found[("evit", "mean")] and REMOVED not in found[("evit", "mean")]
+    assert REMOVED in found[("evit", None)] and MERGED not in found[("evit", None)]
+    assert PROPAGATED in found[("gtp", "mean")]
+    assert {IDLE, REACTIVATED} <= found[("idle", "mean")]
 
 
 def test_plot_pareto_hand_made(tmp_path):

@@ -319,7 +319,7 @@ def test_budget_never_returns_silently_unpatched(monkeypatch):
     (dict(method="gtp", r=100), "block 0"),
     (dict(method="truncate", r=[2, 2, 2, 40]), "block 3"),
     (dict(method="tome", r=19), "block 0"),
-    (dict(method="nope", r=1), "gtp, tome, evit, truncate"),
+    (dict(method="nope", r=1), "gtp, tome, evit, idle, truncate"),
     (dict(method="gtp", r=1, foo=1), "foo"),
     (dict(method="gtp", r=1, budget=0.8), "exactly one"),
     (dict(method="gtp"), "exactly one"),
@@ -503,7 +503,8 @@ def test_gtp_cls_score_on_fused_attention_matches_reference(variant, graph):
     sched = [4, 3, 5]
     ref = gtp_reference(copy.deepcopy(model), x, sched, 0.3, True, graph=graph, score="cls")
     leanvit.patch(model, "gtp", r=sched, alpha=0.3, graph=graph, score="cls")
-    assert not get_reducer(model).score_fn(0) and get_reducer(model).needs_cls_probs(0)
+    req = get_reducer(model).request(0)
+    assert req.score is None and req.cls_probs and not req.explicit
     out = run(model, x)
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
 

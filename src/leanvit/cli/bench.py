@@ -18,8 +18,6 @@ from .common import (add_config_arg, add_model_args, add_reduction_args, add_run
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..reduce import METHODS
-
     p = sub.add_parser("bench", help="measure a model's GMACs, throughput and latency", description=__doc__)
     add_config_arg(p)
     add_model_args(p)
@@ -27,8 +25,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="load pretrained weights (default: only for leanvit_* models with shipped weights)")
     # None = decide from the model name in run(); --no-pretrained / --pretrained force it
     p.set_defaults(pretrained=None)
-    p.add_argument("--method", default="dense", choices=("dense", *METHODS),
-                   help="token reduction method to patch in (default: %(default)s)")
     add_reduction_args(p)
     p.add_argument("--compile", action="store_true", help="time the model after torch.compile")
     p.add_argument("--batch-size", "-b", type=positive_int, default=32,

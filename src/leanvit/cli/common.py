@@ -194,12 +194,20 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress output")
 
 
-def add_reduction_args(p: argparse.ArgumentParser) -> None:
-    """``--r``, ``--budget``, ``--keep`` and ``-O`` for the verbs that patch one method."""
+def add_reduction_args(p: argparse.ArgumentParser, method: bool = True) -> None:
+    """``--method`` (choices and help from the registry ``leanvit.reduce.METHODS``), ``--r``, ``--budget``,
+    ``--keep`` and ``-O`` for the verbs that patch one method."""
+    from ..reduce import METHODS, method_help
+
+    if method:
+        p.add_argument("--method", default="dense", metavar="METHOD",
+                       help=f"token reduction, one of dense, {', '.join(METHODS)} (default: %(default)s): "
+                            f"{method_help()}")
     p.add_argument("--r", type=nonneg_int, default=None, help="tokens removed per block")
     p.add_argument("--budget", type=fraction, default=None, help="fraction of dense MACs to keep, e.g. 0.74")
+    keeps = "; ".join(f"{m}: {cls.keep_help}" for m, cls in METHODS.items() if "keep" in cls.amounts)
     p.add_argument("--keep", type=fraction, default=None,
-                   help="keep rate of methods with their own schedule (EViT: at its three reduction blocks)")
+                   help=f"keep rate of methods with their own schedule ({keeps})")
     p.add_argument("--option", "-O", action="append", default=[], metavar="OPT=VALUE",
                    help="method option, repeatable (e.g. -O alpha=0.2 -O graph=spatial)")
 

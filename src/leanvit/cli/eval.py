@@ -13,7 +13,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_config_arg(p)
     add_model_args(p)
     add_data_args(p, split="test", batch_size=EVAL_BATCH_SIZE)
-    p.add_argument("--method", default="dense", help="token reduction: dense, gtp, tome, evit (default: dense)")
     add_reduction_args(p)
     p.add_argument("--json", default=None, help="write the result to this JSON file")
     add_runtime_args(p)

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in (train, eval_cmd, list_models):
         mod.add_parser(sub)
-    for name in ("bench", "compare", "vis", "distill", "analyze"):
+    for name in ("bench", "compare", "vis", "distill", "finetune", "analyze"):
         try:
             mod = __import__(f"leanvit.cli.{name}", fromlist=["add_parser"])
         except ImportError:  # a verb whose module is missing is simply not offered

@@ -279,9 +279,10 @@ class Trainer:
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise ConfigError(f"cannot resume {path}: it was run with {key}={saved[key]}, now "
                                   f"{key}={getattr(self.cfg, key)}; resume with the same settings")
-        # what the run trains and how: the same model, data, teacher and distillation method, the same loss terms
+        # what the run trains and how: the same model, data, teacher, distillation method and token-reduction
+        # patch (leanvit finetune), the same loss terms
         was, now = state.get("run_info", {}), self.run_info
-        for key in ("model", "data", "teacher", "method"):
+        for key in ("model", "data", "teacher", "method", "patch"):
             if key in was and key in now and was[key] != now[key]:
                 raise ConfigError(f"cannot resume {path}: it was run with {key} {was[key]}, now {now[key]}; resume "
                                   f"with the same settings or choose another --output")
@@ -389,7 +390,9 @@ class Trainer:
                     self.on_epoch_end(row)
             barrier(self.dist)
         if self.dist.is_main:
-            meta = {k: str(v) for k, v in self.run_info.items()}
+            # mappings and lists (e.g. leanvit finetune's patch) as JSON, so that an export can read them back
+            meta = {k: json.dumps(to_json_safe(v)) if isinstance(v, (dict, list)) else str(v)
+                    for k, v in self.run_info.items()}
             save_weights(self.model, self.output / "model.safetensors", metadata=meta)
             if self.ema is not None:
                 save_weights(self.ema.module, self.output / "model_ema.safetensors", metadata=meta)

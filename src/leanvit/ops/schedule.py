@@ -1,7 +1,9 @@
-"""Token-reduction schedules: how many image tokens each block removes, and solving a schedule for a MACs budget.
+"""Token-reduction schedules: how many image tokens each block removes, the tokens each block computes, and
+solving a schedule for a MACs budget.
 
-Every method (GTP, ToMe, EViT, the ideal truncation) takes the same schedule, so methods compared at one budget
-run with exactly the same number of tokens in every block.
+Every removing method (GTP, ToMe, EViT, the ideal truncation) takes the same schedule, so methods compared at one
+budget run with exactly the same number of tokens in every block. Every method, idling included, describes its
+work per block as :class:`BlockTokens`, which :func:`tokens_macs` costs, so all methods are costed by one model.
 """
 from __future__ import annotations
 
@@ -67,6 +69,31 @@ def check_schedule(sched: Sequence[int], num_image_tokens: int, max_fraction: fl
 
 
 @dataclass(frozen=True)
+class BlockTokens:
+    """The tokens one block computes (prefix tokens included).
+
+    Attributes:
+        attn: tokens whose queries, keys and values are computed and that attend to each other.
+        mlp: tokens entering the MLP (fewer than ``attn`` when a method removes tokens after the attention).
+        keys: tokens whose keys only are computed on top of ``attn`` (IdleViT scores idle tokens by their key).
+    """
+
+    attn: int
+    mlp: int
+    keys: int = 0
+
+
+def removal_tokens(sched: Sequence[int], num_prefix: int, num_image: int) -> list[BlockTokens]:
+    """:class:`BlockTokens` of a removal schedule: block i attends over the tokens that reach it and removes
+    ``sched[i]`` of them before its MLP."""
+    out, n = [], num_image
+    for r in sched:
+        out.append(BlockTokens(attn=n + num_prefix, mlp=n - r + num_prefix))
+        n -= r
+    return out
+
+
+@dataclass(frozen=True)
 class BlockShape:
     """What decides one block's MACs: width, attention width and the MLP's MACs per token."""
 
@@ -81,14 +108,19 @@ class BlockShape:
     def mlp_macs(self, n: int) -> int:
         return n * self.mlp_per_token
 
+    def macs(self, tokens: BlockTokens) -> int:
+        """Analytic MACs of the block computing ``tokens`` (keys of idle tokens: one third of qkv for each)."""
+        return self.attn_macs(tokens.attn) + tokens.keys * self.dim * self.attn_dim + self.mlp_macs(tokens.mlp)
+
+
+def tokens_macs(shapes: Sequence[BlockShape], tokens: Sequence[BlockTokens]) -> int:
+    """Analytic MACs of the blocks computing ``tokens`` (one entry per block)."""
+    return sum(shape.macs(t) for shape, t in zip(shapes, tokens))
+
 
 def block_macs(shapes: Sequence[BlockShape], sched: Sequence[int], num_prefix: int, num_image: int) -> int:
     """Analytic MACs of the blocks when block i removes ``sched[i]`` tokens between its attention and its MLP."""
-    total, n = 0, num_image
-    for shape, r in zip(shapes, sched):
-        total += shape.attn_macs(n + num_prefix) + shape.mlp_macs(n - r + num_prefix)
-        n -= r
-    return total
+    return tokens_macs(shapes, removal_tokens(sched, num_prefix, num_image))
 
 
 def solve_budget(budget: float, shapes: Sequence[BlockShape], num_prefix: int, num_image: int, other_macs: int,

@@ -1,7 +1,10 @@
-"""Token reduction for timm ViTs: ``leanvit.patch(model, method, r=... | budget=...)`` and ``leanvit.unpatch``.
+"""Token reduction for timm ViTs: ``leanvit.patch(model, method, r=... | budget=... | keep=...)`` and
+``leanvit.unpatch``.
 
-Methods: ``gtp`` (graph-based token propagation), ``tome`` (token merging), ``evit`` (keep attentive tokens,
-fuse the rest) and ``truncate`` (the zero-overhead ideal, for speed benchmarks only).
+Methods (:data:`METHODS`, the one registry every command reads its choices, help and plot styles from):
+``gtp`` (graph-based token propagation), ``tome`` (token merging), ``evit`` (keep attentive tokens, fuse the
+rest), ``idle`` (IdleViT, token idling) and ``truncate`` (the zero-overhead ideal, for speed benchmarks only).
+A method is one :class:`TokenReducer` subclass (the contract is in :mod:`leanvit.reduce.base`).
 
 Example:
     >>> model = timm.create_model("deit_small_patch16_224", pretrained=True)
@@ -13,30 +16,31 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..ops.schedule import block_macs, check_schedule, parse_schedule, solve_budget
-from .base import TokenReducer
+from ..ops.schedule import block_macs, tokens_macs
+from .base import TOKEN_STATES, AttnRequest, TokenReducer
 from .compat import apply_patch, inspect_vit, remove_patch
-from .evit import EViTReducer, keep_schedule
+from .evit import EViTReducer
 from .gtp import GTPReducer
+from .idle import IdleReducer
 from .tome import ToMeReducer
 from .truncate import TruncateReducer
 
-METHODS: dict[str, type[TokenReducer]] = {
-    "gtp": GTPReducer,
-    "tome": ToMeReducer,
-    "evit": EViTReducer,
-    "truncate": TruncateReducer,
-}
+METHODS: dict[str, type[TokenReducer]] = {cls.name: cls for cls in (
+    GTPReducer, ToMeReducer, EViTReducer, IdleReducer, TruncateReducer)}
 
-__all__ = ["METHODS", "TokenReducer", "get_reducer", "inspect_vit", "is_patched", "list_methods", "patch", "unpatch"]
+__all__ = ["METHODS", "TOKEN_STATES", "AttnRequest", "TokenReducer", "get_reducer", "inspect_vit", "is_patched", "list_methods", "patch", "unpatch"]
 
 
 def list_methods() -> list[str]:
     return list(METHODS)
+
+
+def method_help() -> str:
+    """One line per method for CLI help texts: ``name (Display): summary``."""
+    return "; ".join(f"{name} ({cls.display}): {cls.summary}" for name, cls in METHODS.items())
 
 
 _TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string", "None": "null"}
@@ -72,8 +76,12 @@ def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     the option, the expected type and the value (``-O k=2.5``, ``-O prop_attn=maybe``, ``budget="0.7"``).
     """
     declared = method_options(method)
+    amounts = METHODS[method].amounts
     out = {}
     for name, value in options.items():
+        if name in ("r", "budget", "keep") and value is not None and name not in amounts:
+            raise ConfigError(f"{name}= is not an option of '{method}'; give "
+                              f"{' or '.join(a + '=' for a in amounts)}")
         if name in ("r", "budget", "keep", "measure"):
             out[name] = value
             continue
@@ -89,11 +97,13 @@ def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_amount(r: Any, budget: Any, keep: Any) -> None:
-    for name, value in (("budget", budget), ("keep", keep)):
-        if value is None:
-            continue
-        if not _matches(value, "float") or not 0.0 < float(value) <= 1.0:
-            raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+    if budget is not None and (not _matches(budget, "float") or not 0.0 < float(budget) <= 1.0):
+        raise ConfigError(f"budget must be a number in (0, 1], got {budget!r}")
+    if keep is not None:
+        values = list(keep) if isinstance(keep, (list, tuple)) else [keep]
+        if not values or not all(_matches(v, "float") and 0.0 < float(v) <= 1.0 for v in values):
+            raise ConfigError(f"keep must be a number in (0, 1] (or, for idle, a per-block list of them), "
+                              f"got {keep!r}")
     if r is not None and not (_matches(r, "int") or isinstance(r, (list, tuple))):
         raise ConfigError(f"r must be an int, a per-block list or an (r, inflection) tuple, got {r!r}")
 
@@ -110,11 +120,12 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
 
     Args:
         model: a timm ``VisionTransformer`` (cls or no cls token, dist token, registers, LayerScale, q/k norm).
-        method: ``gtp``, ``tome``, ``evit`` or ``truncate``.
+        method: a key of :data:`METHODS`: ``gtp``, ``tome``, ``evit``, ``idle`` or ``truncate``.
         r: tokens removed per block: an int, a per-block list, or ToMe's ``(r, inflection)``.
         budget: fraction of the dense model's MACs to keep (e.g. 0.74); the schedule is solved for it and the
             MACs reached are measured and stored in ``get_reducer(model).report``.
-        keep: EViT's own keep rate at its three reduction blocks (EViT only).
+        keep: the method's own keep rate (EViT: at its three reduction blocks; idle: r, r^2, r^3 in its three
+            stages, or a per-block list).
         measure: with ``budget``, count the patched model's MACs (one batch-1 forward) for the report.
         options: method options, type-checked against the reducer's signature (GTP: ``graph``, ``k``, ``score``,
             ``alpha``, ``prop_attn``, ``theta``, ``orphans``, ``stats``; ToMe: ``prop_attn``; EViT: ``fuse``; all:
@@ -142,10 +153,12 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
 
 
 def _patch(model: nn.Module, method: str, cls: type[TokenReducer], r: Any, budget: float | None,
-           keep: float | None, measure: bool, options: dict[str, Any]) -> nn.Module:
+           keep: Any, measure: bool, options: dict[str, Any]) -> nn.Module:
     info = inspect_vit(model)
     report: dict[str, Any] = {"method": method}
     if budget is not None:
+        if "budget" not in cls.amounts:
+            raise ConfigError(f"'{method}' does not take budget=; give {' or '.join(a + '=' for a in cls.amounts)}")
         dense = _dense_macs(model)
         other = dense - block_macs(info.blocks, [0] * info.depth, info.num_prefix, info.num_image)
         report.update(budget=budget, dense_macs=dense)
@@ -153,8 +166,8 @@ def _patch(model: nn.Module, method: str, cls: type[TokenReducer], r: Any, budge
         # the schedule is solved from token counts; the method's own work (graph, matching, propagation) costs
         # MACs too, so tighten the target until the measured MACs of the patched model fit the budget
         for _ in range(8):
-            schedule = solve_budget(target, info.blocks, info.num_prefix, info.num_image, other, max_fraction=0.5)
-            reducer = _build(cls, method, info, schedule, options)
+            schedule = cls.schedule_for_budget(target, info, other, options)
+            reducer = _build(cls, info, schedule, options)
             reducer.report.update(report, schedule=schedule)
             apply_patch(model, reducer)
             if not measure:
@@ -166,29 +179,25 @@ def _patch(model: nn.Module, method: str, cls: type[TokenReducer], r: Any, budge
                 break
             remove_patch(model)
             # the method's own MACs on top of the token-count model; aim that much lower
-            analytic = (block_macs(info.blocks, schedule, info.num_prefix, info.num_image) + other) / dense
+            analytic = (tokens_macs(info.blocks, reducer.block_tokens()) + other) / dense
             target = min(target - 1e-4, budget - (reached / dense - analytic))
         else:  # every try was removed again: never hand back a silently unpatched model
             raise ConfigError(f"'{method}' could not reach budget {budget}: its own work keeps the measured MACs "
                               f"above the target; use a larger budget or r=")
         return model
     if keep is not None:
-        if method != "evit":
-            raise ConfigError("keep= is EViT's keep rate; use r= or budget= for other methods")
-        schedule = keep_schedule(keep, info.depth, info.num_image, fuse=options.get("fuse", "mean") is not None)
+        schedule = cls.schedule_from_keep(keep, info, options)
         report.update(keep=keep)
     else:
-        schedule = parse_schedule(r, info.depth)
-    reducer = _build(cls, method, info, schedule, options)
+        schedule = cls.schedule_from_r(r, info, options)
+    reducer = _build(cls, info, schedule, options)
     reducer.report.update(report, schedule=schedule)
     apply_patch(model, reducer)
     return model
 
 
-def _build(cls: type[TokenReducer], method: str, info, schedule: list[int], options: dict[str, Any]) -> TokenReducer:
-    check_schedule(schedule, info.num_image, cls.max_fraction)
-    if method == "evit" and options.get("fuse", "mean") is not None and any(schedule):
-        check_schedule(schedule, info.num_image - 1, 1.0)  # room for the fused token
+def _build(cls: type[TokenReducer], info, schedule: list[int], options: dict[str, Any]) -> TokenReducer:
+    cls.check_schedule(schedule, info, options)
     return cls(info, schedule, **options)
 
 
@@ -207,11 +216,10 @@ def get_reducer(model: nn.Module) -> TokenReducer | None:
     return model.__dict__.get("_leanvit_reducer")
 
 
-@torch.no_grad()
 def tokens_per_block(model: nn.Module) -> list[int]:
-    """Tokens (prefix included) entering each block's MLP for the current patch (dense: all tokens)."""
+    """Tokens (prefix included) each block's MLP computes under the current patch (dense: all tokens)."""
     info = inspect_vit(model)
     red = get_reducer(model)
-    sched = red.schedule if red is not None else [0] * info.depth
-    counts = check_schedule(sched, info.num_image, 1.0)
-    return [c + info.num_prefix for c in counts[1:]]
+    if red is None:
+        return [info.num_image + info.num_prefix] * info.depth
+    return [t.mlp for t in red.block_tokens()]

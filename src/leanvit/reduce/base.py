@@ -1,35 +1,112 @@
-"""The reducer interface that every token-reduction method implements, and the state it keeps per forward pass.
+"""The reducer contract that every token-reduction method implements, and the state it keeps per forward pass.
 
 A reducer is a plain object attached to the patched blocks (not an ``nn.Module``: it owns no parameters, so the
-state dict of a patched model is the original one). Block 0 calls :meth:`TokenReducer.begin` at the start of
-every forward pass (``forward``, ``forward_features`` and ``forward_intermediates`` alike), then each block calls
-:meth:`TokenReducer.reduce` between its attention and its MLP.
+state dict of a patched model is the original one). A patched block ``i`` runs, around its own modules:
+
+1. ``x = reducer.before_attn(i, x)`` (block 0 first calls :meth:`TokenReducer.begin`, at the start of every
+   forward pass: ``forward``, ``forward_features`` and ``forward_intermediates`` alike);
+2. the attention, producing what ``reducer.request(i)`` (an :class:`AttnRequest`) asks for: the attention
+   probabilities or a score of them, the cls row, the keys, the size bias, or the tokens the block computes
+   (``select``, for methods that compute a subset);
+3. the attention residual; when the request selected a subset, only on the selected tokens;
+4. ``x = reducer.reduce(i, x, attn)``, between attention and MLP (removal, merging, propagation);
+5. the MLP residual, gated by the selection mask on a masked path;
+6. ``x = reducer.after_mlp(i, x)``, and after the last block ``x = reducer.end(x)``.
+
+Every hook but :meth:`TokenReducer.reduce` defaults to a no-op. A method also says what each block computes
+(:meth:`TokenReducer.block_tokens`, which the MACs solver and ``tokens_per_block`` use), how it turns ``r=``,
+``budget=`` and ``keep=`` into its schedule, and, when tracing, what happened to every patch in every block
+(:data:`TOKEN_STATES`), which is all ``leanvit vis`` draws from. A new method is one new file with a
+:class:`TokenReducer` subclass, registered in :data:`leanvit.reduce.METHODS`.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
 from ..errors import ConfigError
-from .compat import AttnOut, ViTInfo
+from ..ops.schedule import BlockTokens, check_schedule, parse_schedule, removal_tokens, solve_budget
+
+if TYPE_CHECKING:
+    from .compat import AttnOut, ViTInfo
+
+# What happened to an original patch by the end of a block (trace records, ``state``):
+KEPT, MERGED, PROPAGATED, REMOVED, IDLE, REACTIVATED = range(6)
+TOKEN_STATES = ("kept", "merged", "propagated", "removed", "idle", "reactivated")
+"""``kept``: its own token, computed; ``merged``: part of a token that stands for several patches (ToMe's merges,
+EViT's fused token); ``propagated``: removed after passing its features to kept tokens (GTP's graph edges);
+``removed``: removed and its features reached no token (EViT without fusing, GTP's orphans as published);
+``idle``: still a token but not computed by this block (IdleViT); ``reactivated``: computed again after idling."""
+
+
+@dataclass(frozen=True)
+class AttnRequest:
+    """What one block's attention must produce for its reducer.
+
+    Attributes:
+        probs: the post-softmax attention probabilities ``(B, H, N, N)`` (forces explicit attention).
+        score: a function from probabilities ``(b, H, N, N)`` to per-image-token scores ``(b, N_img)``, computed
+            beside explicit attention and, on CPU, on slices of the batch so the map is never held whole.
+        cls_probs: the cls query's attention row ``(B, H, N)``, computed beside fused attention.
+        keys: the keys ``(B, H, N, Dh)``.
+        size_bias: ``(B, N)`` added to every query's logits for key j (``log s_j``, proportional attention).
+        theta: keep ratio of attention entries per head (GTP's sparsification; 1 = dense).
+        select: the block computes a subset of the tokens: a function from the head-averaged, scaled logits of the
+            cls query against every key ``(B, N)`` to the positions ``(B, M)`` of the tokens to compute, prefix
+            tokens included. Only keys are computed for the others.
+        masked: with ``select``, compute every token but mask the unselected ones out as keys and gate the block's
+            outputs by the selection (the differentiable training path; the same output as the gathered path).
+        logits: with a masked ``select``, also return the head-averaged, scaled, pre-mask logits ``(B, N, N)``.
+    """
+
+    probs: bool = False
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None
+    cls_probs: bool = False
+    keys: bool = False
+    size_bias: torch.Tensor | None = None
+    theta: float = 1.0
+    select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    masked: bool = False
+    logits: bool = False
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the attention map must be computed explicitly (no fused kernel)."""
+        return self.probs or self.theta < 1.0 or self.score is not None or (self.select is not None and self.masked)
 
 
 class TokenReducer:
-    """Base class: removes ``schedule[i]`` image tokens after block i's attention.
+    """Base class of every method: by default removes ``schedule[i]`` image tokens after block i's attention.
 
     Args:
         info: the model description from :func:`~leanvit.reduce.compat.inspect_vit`.
-        schedule: image tokens removed per block.
+        schedule: the method's per-block schedule (removing methods: image tokens removed after block i's
+            attention; idling: image tokens idle in block i). ``any(schedule)`` is true when the patch reduces.
         prop_attn: proportional attention, ``+ log(size_j)`` on the attention logits (ToMe, GTP token size).
         theta: attention sparsification keep ratio (GTP; 1 = off).
-        trace: record which original patches every token stands for after each block (for ``leanvit vis``);
-            costs a ``(B, N, N)`` tensor per block, so keep it off for timing.
+        trace: record what happened to every patch in every reducing block (:data:`TOKEN_STATES`) in
+            ``trace_log`` (for ``leanvit vis``); costs a ``(B, N, N)`` tensor per block, so keep it off for timing.
+
+    Class attributes a method sets: ``name`` (its key in ``METHODS``), ``display`` and ``summary`` (CLI help and
+    plot labels), ``style`` (plot colour and marker), ``amounts`` (which of ``r``, ``budget``, ``keep`` it
+    takes), ``max_fraction`` (largest share of a block's image tokens one block may remove), ``tracks_sizes``
+    (tokens stand for several patches: size-weighted pooling), ``keeps_all_tokens`` (the output has every token,
+    so ``forward_intermediates`` can be reshaped to NCHW), ``shuffle_blocks`` (works on channel-shuffle blocks).
     """
 
     name: ClassVar[str] = "base"
-    max_fraction: ClassVar[float] = 1.0  # largest share of a block's image tokens one block may remove
+    display: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""
+    style: ClassVar[tuple[str | None, str]] = (None, "o")
+    amounts: ClassVar[tuple[str, ...]] = ("r", "budget")
+    keep_help: ClassVar[str] = ""  # what keep= means, for methods that take it
+    max_fraction: ClassVar[float] = 1.0
     tracks_sizes: ClassVar[bool] = False
+    keeps_all_tokens: ClassVar[bool] = False
+    shuffle_blocks: ClassVar[bool] = True
+    training: bool = False  # the patched model's mode in the current forward (set at block 0)
 
     def __init__(self, info: ViTInfo, schedule: list[int], prop_attn: bool = False, theta: float = 1.0,
                  trace: bool = False):
@@ -43,9 +120,49 @@ class TokenReducer:
         self.report: dict[str, Any] = {}
         self._size: torch.Tensor | None = None  # (B, N) token sizes incl. prefix, None = all ones
         self.source: torch.Tensor | None = None  # (B, N_img, N_img_orig) bool, when tracing
+        self._state: torch.Tensor | None = None  # (B, N_img_orig) uint8 TOKEN_STATES code, when tracing
         self.trace_log: list[dict[str, torch.Tensor]] = []
 
-    # --------------------------------------------------------------- hooks used by ReducingBlock
+    # --------------------------------------------------------------- schedules (class methods: before building)
+    @classmethod
+    def schedule_from_r(cls, r: Any, info: ViTInfo, options: dict[str, Any]) -> list[int]:
+        """The schedule of ``r=`` (an int, a per-block list or ToMe's ``(r, inflection)``)."""
+        if "r" not in cls.amounts:
+            raise ConfigError(f"'{cls.name}' does not take r=; give {' or '.join(a + '=' for a in cls.amounts)}")
+        return parse_schedule(r, info.depth)
+
+    @classmethod
+    def schedule_from_keep(cls, keep: Any, info: ViTInfo, options: dict[str, Any]) -> list[int]:
+        """The schedule of the method's own keep rate ``keep=`` (methods that have one)."""
+        raise ConfigError(f"keep= is not an option of '{cls.name}'; give {' or '.join(a + '=' for a in cls.amounts)}")
+
+    @classmethod
+    def schedule_for_budget(cls, target: float, info: ViTInfo, other_macs: int, options: dict[str, Any]
+                            ) -> list[int]:
+        """The schedule whose analytic MACs (:meth:`block_tokens` costed) are the largest within ``target`` of the
+        dense MACs; ``other_macs`` is the cost outside the blocks."""
+        return solve_budget(target, info.blocks, info.num_prefix, info.num_image, other_macs, max_fraction=0.5)
+
+    @classmethod
+    def check_schedule(cls, schedule: list[int], info: ViTInfo, options: dict[str, Any]) -> None:
+        """Raise ConfigError if the schedule cannot run on the model."""
+        check_schedule(schedule, info.num_image, cls.max_fraction)
+
+    @classmethod
+    def schedule_tokens(cls, schedule: list[int], info: ViTInfo) -> list[BlockTokens]:
+        """What each block computes under ``schedule`` (prefix tokens included)."""
+        return removal_tokens(schedule, info.num_prefix, info.num_image)
+
+    def block_tokens(self) -> list[BlockTokens]:
+        """What each block of the patched model computes: the MACs solver and ``tokens_per_block`` use it."""
+        return type(self).schedule_tokens(self.schedule, self.info)
+
+    @property
+    def reducing(self) -> bool:
+        """Whether the patch changes anything (a zero schedule is the unpatched model)."""
+        return any(self.schedule)
+
+    # --------------------------------------------------------------- hooks called by the patched blocks
     def begin(self, x: torch.Tensor) -> None:
         """Reset per-forward state; ``x`` (B, N, C) is the input of block 0 (all tokens)."""
         self._size = None
@@ -53,6 +170,38 @@ class TokenReducer:
         if self.trace:
             B, n = x.shape[0], self.info.num_image
             self.source = torch.eye(n, dtype=torch.bool, device=x.device).expand(B, n, n).clone()
+            self._state = torch.full((B, n), KEPT, dtype=torch.uint8, device=x.device)
+
+    def request(self, i: int) -> AttnRequest:
+        """What block i's attention must produce (default: the size bias and the sparsification)."""
+        return AttnRequest(size_bias=self.size_bias(), theta=self.theta)
+
+    def before_attn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block i's input, before its attention (default: unchanged)."""
+        return x
+
+    def reduce(self, i: int, x: torch.Tensor, attn: AttnOut) -> torch.Tensor:
+        """Between block i's attention residual and its MLP: remove, merge or propagate ``schedule[i]`` tokens."""
+        r = self.schedule[i]
+        if r == 0:
+            return x
+        if self.trace:
+            self._trace_extra, self._passed = {}, None
+        x = self._reduce(i, x, attn, r)
+        if self.trace:
+            self._trace_step(i, self._passed)
+        return x
+
+    def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block i's output, after its MLP residual (default: unchanged)."""
+        return x
+
+    def end(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output, before the final norm (default: unchanged)."""
+        return x
 
     def size_bias(self) -> torch.Tensor | None:
         if self.prop_attn and self._size is not None:
@@ -62,33 +211,30 @@ class TokenReducer:
     def current_sizes(self) -> torch.Tensor | None:
         return self._size
 
-    def needs_probs(self, i: int) -> bool:
-        return False
-
-    def score_fn(self, i: int):
-        """A function from block i's attention probabilities ``(b, H, N, N)`` to token scores ``(b, N_img)``, or
-        None. Cheaper than :meth:`needs_probs` when only a score is needed: the map is never held whole."""
-        return None
-
-    def needs_keys(self, i: int) -> bool:
-        return False
-
-    def needs_cls_probs(self, i: int) -> bool:
-        return False
-
-    def reduce(self, i: int, x: torch.Tensor, attn: AttnOut) -> torch.Tensor:
-        r = self.schedule[i]
-        if r == 0:
-            return x
-        x = self._reduce(i, x, attn, r)
-        if self.trace:
-            self.trace_log.append({"block": torch.tensor(i), "source": self.source.clone(), **self._trace_extra})
-        return x
-
-    def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
-        raise NotImplementedError
-
+    # --------------------------------------------------------------- tracing
     _trace_extra: dict[str, torch.Tensor] = {}
+    _passed: torch.Tensor | None = None  # (B, N_img_orig) patches whose features a removal passed on
+
+    def _trace_step(self, i: int, passed: torch.Tensor | None, computed: int | None = None) -> None:
+        """Append block i's trace record from ``self.source`` (updated by the method) and the previous states.
+
+        A patch that still belongs to a token is ``kept`` or ``merged`` (its token stands for several patches);
+        one that lost its token in this block is ``propagated`` where ``passed`` (its features reached a kept
+        token; None: all did) and ``removed`` otherwise; a patch removed earlier keeps its state.
+        """
+        src = self.source  # (B, N_cur, N_orig)
+        owned = src.any(1)
+        group = (src.float() * src.sum(-1, keepdim=True).float()).amax(1)  # size of the token owning each patch
+        prev = self._state
+        newly = ~owned & (prev != PROPAGATED) & (prev != REMOVED)
+        gone = torch.full_like(prev, PROPAGATED)
+        if passed is not None:
+            gone = torch.where(passed, gone, torch.full_like(prev, REMOVED))
+        state = torch.where(owned, torch.where(group > 1, MERGED, KEPT).to(prev.dtype), prev)
+        self._state = torch.where(newly, gone, state)
+        tokens = torch.tensor(src.shape[1] if computed is None else computed)
+        self.trace_log.append({"block": torch.tensor(i), "tokens": tokens, "source": src.clone(),
+                               "state": self._state.clone(), **self._trace_extra})
 
     # --------------------------------------------------------------- diagnostics
     def set_stats(self, on: bool) -> None:
@@ -116,11 +262,11 @@ class TokenReducer:
         return f"{type(self).__name__}(schedule={self.schedule}, {opts})"
 
     # attributes that only live for one forward pass; not pickled or deep-copied with a model
-    _per_forward: ClassVar[tuple[str, ...]] = ("_size", "source", "trace_log", "_trace_extra")
+    _per_forward: ClassVar[tuple[str, ...]] = ("_size", "source", "_state", "trace_log", "_trace_extra", "_passed")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._per_forward}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._size, self.source, self.trace_log = None, None, []
+        self._size, self.source, self._state, self.trace_log = None, None, None, []

@@ -26,6 +26,7 @@ from ..errors import UnsupportedModelError
 from ..models.shuffle import ChannelShuffleBlock
 from ..ops.schedule import BlockShape
 from ..ops.select import sparsify_attention
+from .base import AttnRequest
 
 if TYPE_CHECKING:
     from .base import TokenReducer
@@ -91,13 +92,17 @@ def inspect_vit(model: nn.Module) -> ViTInfo:
 
 @dataclass
 class AttnOut:
-    """Attention output and the internals a reducer may need."""
+    """Attention output and the internals a reducer asked for (:class:`~leanvit.reduce.base.AttnRequest`)."""
 
-    x: torch.Tensor  # (B, N, C) after proj
+    x: torch.Tensor  # (B, N, C) after proj; (B, M, C) for the tokens in ``index`` when the block computes a subset
     probs: torch.Tensor | None = None  # (B, H, N, N) post-softmax (after sparsification), if requested
     keys: torch.Tensor | None = None  # (B, H, N, Dh), if requested
     cls_probs: torch.Tensor | None = None  # (B, H, N) attention of the first token (cls), if requested
-    score: torch.Tensor | None = None  # score_fn(probs), if a score function was given
+    score: torch.Tensor | None = None  # request.score(probs), if a score function was given
+    index: torch.Tensor | None = None  # (B, M) positions of the tokens computed (gathered subset path)
+    gate: torch.Tensor | None = None  # (B, N, 1) 0/1 selection that gates the block's outputs (masked path)
+    selected: torch.Tensor | None = None  # (B, N) bool, the tokens the block computes (either subset path)
+    logits: torch.Tensor | None = None  # (B, N, N) head-averaged scaled pre-mask logits (masked path), if requested
 
 
 # Explicit attention on CPU is computed this many bytes of probabilities at a time, so that each slice of the
@@ -106,22 +111,15 @@ class AttnOut:
 CPU_PROBS_CHUNK_BYTES = 1 << 21
 
 
-def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.Tensor | None = None,
-                      need_probs: bool = False, need_keys: bool = False, need_cls_probs: bool = False,
-                      theta: float = 1.0, score_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> AttnOut:
-    """timm ``Attention.forward`` with an optional additive key bias (``log(size)``, proportional attention),
-    the attention probabilities and keys exposed, and GTP's attention sparsification.
+def attention_forward(attn: TimmAttention, x: torch.Tensor, req: AttnRequest = AttnRequest()) -> AttnOut:
+    """timm ``Attention.forward`` producing what ``req`` asks for: an additive key bias (``log(size)``,
+    proportional attention), the attention probabilities, a score of them, the cls row, the keys, GTP's attention
+    sparsification, or attention over a selected subset of the tokens (gathered, or masked for training).
 
-    Uses fused ``scaled_dot_product_attention`` unless the probabilities are needed.
-
-    Args:
-        size_bias: ``(B, N)`` added to every query's logits for key j (``log s_j``), or None.
-        need_cls_probs: the cls query's attention row only (EViT), computed beside fused attention.
-        theta: keep ratio of attention entries per head (1 = dense).
-        score_fn: maps probabilities ``(b, H, N, N)`` to per-image scores ``(b, ...)``; applied to slices of the
-            batch on CPU (see ``CPU_PROBS_CHUNK_BYTES``) when the full map is not needed, so that a reducer that
-            only needs a score never holds the whole map.
+    Uses fused ``scaled_dot_product_attention`` unless the probabilities (or a score of them) are needed.
     """
+    if req.select is not None and not req.masked:
+        return _subset_attention(attn, x, req)
     B, N, C = x.shape
     heads = attn.num_heads
     head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // heads)
@@ -130,19 +128,32 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
     qkv = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (B, H, N, Dh)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    size_bias = req.size_bias
     bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None  # (B, 1, 1, N)
-    probs = score = None
-    if need_probs or theta < 1.0 or score_fn is not None:
+    probs = score = selected = keep = mean_logits = None
+    if req.select is not None:
+        # the masked (training) path of a subset: unselected tokens are masked out as keys; outputs gated below
+        logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+        if bias is not None:
+            logits = logits + bias
+        index = req.select(logits[:, :, 0].mean(1))
+        selected = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, index, True)
+        if req.logits:
+            mean_logits = logits.mean(1)
+        probs = logits.masked_fill(~selected[:, None, None, :], float("-inf")).softmax(dim=-1)
+        out = attn.attn_drop(probs) @ v
+        keep = selected[..., None].to(x.dtype)
+    elif req.explicit:
         # explicit attention: the reducer needs the probabilities or a score of them (labelled for profiles);
         # sliced over the batch on CPU unless the whole map is asked for
-        sliced = score_fn is not None and not need_probs and not q.is_cuda
+        sliced = req.score is not None and not req.probs and not q.is_cuda
         with record_function("leanvit.attn.explicit"):
-            out, probs, score = _explicit_attention(q, k, v, bias, attn, theta, score_fn, sliced)
+            out, probs, score = _explicit_attention(q, k, v, bias, attn, req.theta, req.score, sliced)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
     cls_probs = None
-    if need_cls_probs:
+    if req.cls_probs:
         if probs is not None:
             cls_probs = probs[:, :, 0]
         else:
@@ -153,7 +164,49 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, *, size_bias: torch.
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return AttnOut(out, probs if need_probs else None, k if need_keys else None, cls_probs, score)
+    if keep is not None:
+        out = out * keep
+    return AttnOut(out, probs if req.probs else None, k if req.keys else None, cls_probs, score, gate=keep,
+                   selected=selected, logits=mean_logits)
+
+
+def _subset_attention(attn: TimmAttention, x: torch.Tensor, req: AttnRequest) -> AttnOut:
+    """Attention among the tokens ``req.select`` chooses, computing only what they need (the inference path of
+    idling): keys for every token (to score them), the cls query, then queries and values of the selected tokens;
+    unselected tokens are neither queries, keys nor values. Returns the output of the selected tokens only."""
+    B, N, C = x.shape
+    heads = attn.num_heads
+    A = attn.qkv.out_features // 3
+    head_dim = A // heads
+    w, b = attn.qkv.weight, attn.qkv.bias
+    k = attn.k_norm(F.linear(x, w[A:2 * A], None if b is None else b[A:2 * A])
+                    .view(B, N, heads, head_dim).transpose(1, 2))  # (B, H, N, Dh)
+    q_cls = attn.q_norm(F.linear(x[:, :1], w[:A], None if b is None else b[:A]).view(B, 1, heads, head_dim)
+                        .transpose(1, 2))  # (B, H, 1, Dh)
+    cls_logits = ((q_cls * attn.scale) @ k.transpose(-2, -1)).mean(1)[:, 0]  # (B, N)
+    if req.size_bias is not None:
+        cls_logits = cls_logits + req.size_bias
+    index = req.select(cls_logits)  # (B, M)
+    M = index.shape[1]
+    xs = x.gather(1, index[..., None].expand(B, M, C))
+    ks = k.gather(2, index[:, None, :, None].expand(B, heads, M, head_dim))
+    qv_w = torch.cat([w[:A], w[2 * A:]])
+    qv_b = None if b is None else torch.cat([b[:A], b[2 * A:]])
+    q, v = F.linear(xs, qv_w, qv_b).view(B, M, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q = attn.q_norm(q)
+    bias = None
+    if req.size_bias is not None:
+        bias = req.size_bias.gather(1, index)[:, None, None, :].to(q.dtype)
+    out = F.scaled_dot_product_attention(q, ks, v, attn_mask=bias,
+                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = out.transpose(1, 2).reshape(B, M, A)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    gate_layer = getattr(attn, "gate", None)
+    if gate_layer is not None:
+        out = out * gate_layer(xs).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    selected = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, index, True)
+    return AttnOut(out, index=index, selected=selected)
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -209,19 +262,19 @@ class _Reducing:
             n_img = x.shape[1] - red.info.num_prefix
             # a schedule that removes nothing is size-agnostic, so a dynamic_img_size model keeps taking any size;
             # a reducing schedule was solved for the native token count and its MACs hold only there
-            if n_img != red.info.num_image and any(red.schedule):
+            if n_img != red.info.num_image and red.reducing:
                 raise UnsupportedModelError(
                     f"the input gives {n_img} image tokens but the patch was set up for the model's "
                     f"{red.info.grid[0]}x{red.info.grid[1]} grid ({red.info.num_image} tokens); token reduction "
                     f"needs images of the model's native size (or patch with r=0)")
+            red.training = self.training
             red.begin(x)
         return red
 
-    def _attention(self, red: "TokenReducer", x: torch.Tensor) -> AttnOut:
+    def _finish(self, red: "TokenReducer", x: torch.Tensor) -> torch.Tensor:
         i = self._leanvit_index
-        return attention_forward(self.attn, x, size_bias=red.size_bias(), need_probs=red.needs_probs(i),
-                                 need_keys=red.needs_keys(i), need_cls_probs=red.needs_cls_probs(i),
-                                 theta=red.theta, score_fn=red.score_fn(i))
+        x = red.after_mlp(i, x)
+        return red.end(x) if i == red.info.depth - 1 else x
 
 
 class ReducingBlock(_Reducing, TimmBlock):
@@ -230,11 +283,16 @@ class ReducingBlock(_Reducing, TimmBlock):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 **kwargs: Any) -> torch.Tensor:
         red = self._begin(x, attn_mask, is_causal)
-        a = self._attention(red, self.norm1(x))
+        i = self._leanvit_index
+        x = red.before_attn(i, x)
+        a = attention_forward(self.attn, self.norm1(x), red.request(i))
+        if a.index is not None:  # the attention computed a subset: so does the rest of the block
+            x = x.gather(1, a.index[..., None].expand(-1, -1, x.shape[-1]))
         x = x + self.drop_path1(self.ls1(a.x))
-        x = red.reduce(self._leanvit_index, x, a)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        x = red.reduce(i, x, a)
+        y = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + (y if a.gate is None else y * a.gate)
+        return self._finish(red, x)
 
 
 class ReducingShuffleBlock(_Reducing, ChannelShuffleBlock):
@@ -249,10 +307,12 @@ class ReducingShuffleBlock(_Reducing, ChannelShuffleBlock):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 **kwargs: Any) -> torch.Tensor:
         red = self._begin(x, attn_mask, is_causal)
-        a = self._attention(red, self.attn_input(x))  # attention on the attended group, (B, N, a)
+        i = self._leanvit_index
+        x = red.before_attn(i, x)
+        a = attention_forward(self.attn, self.attn_input(x), red.request(i))  # on the attended group, (B, N, a)
         x = self.attn_residual(x, a.x)  # (B, N, C)
-        x = red.reduce(self._leanvit_index, x, a)
-        return self.mlp_residual(x)
+        x = red.reduce(i, x, a)
+        return self._finish(red, self.mlp_residual(x))
 
 
 # the blocks leanvit can patch -> the classes they are swapped for
@@ -280,7 +340,7 @@ class _ReducedMixin:
     def forward_intermediates(self, *args: Any, **kwargs: Any):
         red = getattr(self, "_leanvit_reducer", None)
         fmt = kwargs.get("output_fmt", "NCHW")
-        if red is not None and any(red.schedule) and fmt == "NCHW":
+        if red is not None and red.reducing and not red.keeps_all_tokens and fmt == "NCHW":
             raise UnsupportedModelError(
                 "a token-reduced ViT has fewer tokens than grid cells, so its intermediates cannot be reshaped to "
                 "NCHW; call forward_intermediates(..., output_fmt='NLC')")
@@ -309,6 +369,9 @@ def apply_patch(model: VisionTransformer, reducer: "TokenReducer") -> None:
     if orig_model_cls not in MODEL_CLASSES and orig_model_cls not in MODEL_CLASSES.values():
         if model.global_pool in ("avg", "avgmax"):
             _fail(model, "average pooling on a VisionTransformer subclass leanvit does not know")
+    if not reducer.shuffle_blocks and any(isinstance(b, ChannelShuffleBlock) for b in model.blocks):
+        raise UnsupportedModelError(f"'{reducer.name}' does not support channel-shuffle blocks (their attention "
+                                    f"and MLP run on different channel groups); use gtp, tome or evit")
     model.__dict__["_leanvit_reducer"] = reducer
     model.__dict__["_leanvit_orig_class"] = orig_model_cls
     model.__class__ = MODEL_CLASSES.get(orig_model_cls, orig_model_cls)

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..ops.schedule import check_schedule
 from ..ops.select import cls_score, gather_tokens, split_topk
-from .base import TokenReducer
+from .base import AttnRequest, TokenReducer
 from .compat import AttnOut, ViTInfo
 
 
@@ -54,6 +55,21 @@ class EViTReducer(TokenReducer):
     """Keep top tokens by cls attention, fuse the rest. Needs a cls token."""
 
     name = "evit"
+    display = "EViT"
+    summary = "keep the tokens the cls token attends to, fuse the rest"
+    style = ("tab:green", "^")
+    amounts = ("r", "budget", "keep")
+    keep_help = "kept at each of its three reduction blocks"
+
+    @classmethod
+    def schedule_from_keep(cls, keep: Any, info: ViTInfo, options: dict[str, Any]) -> list[int]:
+        return keep_schedule(keep, info.depth, info.num_image, fuse=options.get("fuse", "mean") is not None)
+
+    @classmethod
+    def check_schedule(cls, schedule: list[int], info: ViTInfo, options: dict[str, Any]) -> None:
+        super().check_schedule(schedule, info, options)
+        if options.get("fuse", "mean") is not None and any(schedule):
+            check_schedule(schedule, info.num_image - 1, 1.0)  # room for the fused token
 
     def __init__(self, info: ViTInfo, schedule: list[int], fuse: str | None = "mean", trace: bool = False):
         super().__init__(info, schedule, trace=trace)
@@ -63,8 +79,8 @@ class EViTReducer(TokenReducer):
             raise ConfigError(f"EViT fuse must be 'mean', 'sum' or None, got {fuse!r}")
         self.fuse = fuse
 
-    def needs_cls_probs(self, i: int) -> bool:
-        return self.schedule[i] > 0
+    def request(self, i: int) -> AttnRequest:
+        return AttnRequest(cls_probs=self.schedule[i] > 0)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix
@@ -83,9 +99,10 @@ class EViTReducer(TokenReducer):
         if self.trace:
             src = self.source.float()
             new = [gather_tokens(src, kept)]
-            if self.fuse:
+            if self.fuse:  # the fused token stands for the removed patches: they are merged
                 new.append(gather_tokens(src, removed).amax(1, keepdim=True))
-            self._trace_extra = {"removed_source": gather_tokens(src, removed).bool()}
+            else:  # dropped: their features reach no token
+                self._passed = torch.zeros_like(self._state, dtype=torch.bool)
             self.source = torch.cat(new, dim=1).bool()
         return torch.cat(parts, dim=1)
 

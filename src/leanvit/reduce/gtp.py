@@ -25,7 +25,7 @@ from torch.profiler import record_function
 from ..errors import ConfigError
 from ..ops.graph import GRAPHS, build_graph, fallback_edges
 from ..ops.select import SCORES, attention_score, cls_score, gather_tokens, split_topk
-from .base import TokenReducer
+from .base import AttnRequest, TokenReducer
 from .compat import AttnOut, ViTInfo
 
 ORPHANS = ("drop", "nearest", "merge")
@@ -67,6 +67,9 @@ class GTPReducer(TokenReducer):
     """
 
     name = "gtp"
+    display = "GTP"
+    summary = "graph-based token propagation (training-free)"
+    style = ("tab:red", "o")
     tracks_sizes = True
     _per_forward = TokenReducer._per_forward + ("graph", "index", "_batch", "_prefix_rows", "_graph_flat",
                                                 "_graph_rows", "_edge")
@@ -142,14 +145,13 @@ class GTPReducer(TokenReducer):
                 # each token's strongest edge, the weight of its fallback edge should it become an orphan
                 self._edge = self.graph[0].amax(-1).expand(B, -1) if shared else self.graph.amax(-1)  # (B, N0)
 
-    def score_fn(self, i: int):
-        if self.schedule[i] == 0 or self.score in ("random", "cls"):
-            return None
-        return self._score
-
-    def needs_cls_probs(self, i: int) -> bool:
-        # the cls score needs one attention row, computed beside fused attention: no explicit attention map
-        return self.score == "cls" and self.schedule[i] > 0
+    def request(self, i: int) -> AttnRequest:
+        reducing = self.schedule[i] > 0
+        # the cls score needs one attention row, computed beside fused attention: no explicit attention map; the
+        # attention scores need the map, computed explicitly and only scored (never held whole on CPU)
+        score = self._score if reducing and self.score not in ("random", "cls") else None
+        return AttnRequest(size_bias=self.size_bias(), theta=self.theta, score=score,
+                           cls_probs=reducing and self.score == "cls")
 
     def _score(self, probs: torch.Tensor) -> torch.Tensor:
         return attention_score(probs, self.info.num_prefix, self.score, self.info.has_cls)
@@ -210,9 +212,12 @@ class GTPReducer(TokenReducer):
             self.report["lost_tokens"] += (edges.sum(1) == 0).sum()  # a tensor: no device sync in the forward
             self.report["removed_tokens"] += removed.numel()
         if self.trace:
+            removed_source = gather_tokens(self.source.float(), removed).bool()  # (B, r, N_orig)
             self._trace_extra = {"kept": kept, "removed": removed, "weights": edges.detach(),
-                                 "removed_source": gather_tokens(self.source.float(), removed).bool()}
+                                 "removed_source": removed_source}
             if orphan is not None:
                 self._trace_extra["fallback"] = orphan  # (B, r) removed tokens whose edge is a fallback edge
+            # a removed token's patches are propagated where it has an edge to a kept token, lost otherwise
+            self._passed = (removed_source & (edges.sum(1) > 0)[..., None]).any(1)
             self.source = gather_tokens(self.source.float(), kept).bool()
         return out

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..ops.merge import bipartite_soft_matching, merge_weighted
-from .base import TokenReducer
+from .base import AttnRequest, TokenReducer
 from .compat import AttnOut, ViTInfo
 
 
@@ -20,14 +20,17 @@ class ToMeReducer(TokenReducer):
     """Token merging. ``prop_attn`` defaults to True, as in ToMe for DeiT/AugReg models."""
 
     name = "tome"
+    display = "ToMe"
+    summary = "token merging (training-free)"
+    style = ("tab:blue", "s")
     max_fraction = 0.5
     tracks_sizes = True
 
     def __init__(self, info: ViTInfo, schedule: list[int], prop_attn: bool = True, trace: bool = False):
         super().__init__(info, schedule, prop_attn=prop_attn, trace=trace)
 
-    def needs_keys(self, i: int) -> bool:
-        return self.schedule[i] > 0
+    def request(self, i: int) -> AttnRequest:
+        return AttnRequest(size_bias=self.size_bias(), keys=self.schedule[i] > 0)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix
@@ -37,7 +40,6 @@ class ToMeReducer(TokenReducer):
         img, s_img = merge_weighted(merge, x[:, P:], size[:, P:, None])
         self._size = torch.cat([size[:, :P], s_img.squeeze(-1)], dim=1)
         if self.trace:
-            self._trace_extra = {}
             self.source = merge(self.source.to(x.dtype), "amax").bool()
         return torch.cat([x[:, :P], img], dim=1)
 

@@ -13,6 +13,9 @@ from .compat import AttnOut, ViTInfo
 
 class TruncateReducer(TokenReducer):
     name = "truncate"
+    display = "ideal"
+    summary = "the zero-overhead ideal of a schedule's token counts (for speed; its accuracy is meaningless)"
+    style = ("tab:gray", "x")
 
     def __init__(self, info: ViTInfo, schedule: list[int], trace: bool = False):
         super().__init__(info, schedule, trace=False)

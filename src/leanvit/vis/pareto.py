@@ -6,8 +6,6 @@ from typing import Any, Sequence
 
 from ._figure import save_figure
 
-_STYLE = {"dense": ("black", "*"), "gtp": ("tab:red", "o"), "tome": ("tab:blue", "s"), "evit": ("tab:green", "^"),
-          "truncate": ("tab:gray", "x")}
 
 
 def plot_pareto(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -18,11 +16,13 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..reduce import METHODS
+
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for m in methods:
         pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["gmacs"])
-        color, marker = _STYLE.get(m, (None, "o"))
+        color, marker = METHODS[m].style if m in METHODS else (None, "o")  # labelled variants: matplotlib's cycle
         xs = [r["gmacs"] for r in pts]
         ys = [r["top1"] for r in pts]
         errs = [r.get("top1_std", 0.0) or 0.0 for r in pts]
@@ -30,8 +30,8 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
             ax.axhline(ys[0], color="black", lw=0.8, ls="--", alpha=0.6)
             ax.plot(xs, ys, marker="*", ms=14, color="black", ls="none", label="dense")
         else:
-            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker=marker, color=color, label=m.upper()
-                        if m != "tome" else "ToMe", capsize=3, lw=1.5)
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker=marker, color=color, label=METHODS[m].display
+                        if m in METHODS else m, capsize=3, lw=1.5)
     ax.set_xlabel("GMACs per image")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)

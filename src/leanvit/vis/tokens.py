@@ -1,5 +1,6 @@
-"""Per-block token maps: which patches each method kept, propagated (GTP, with the neighbours that received them),
-merged (ToMe, coloured by group) or pruned/fused (EViT), for one image, as one PNG grid."""
+"""Per-block token maps: what happened to every patch in every reducing block (kept, merged, propagated with the
+neighbours that received it, removed, idle, re-activated), for one image, as one PNG grid. Drawn from the trace
+records alone (:data:`leanvit.reduce.TOKEN_STATES`), whatever the method or label."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,21 +34,25 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
 
     Args:
         image: the input ``(C, H, W)`` (normalised is fine; it is rescaled for display).
-        traces: method name -> the reducer's ``trace_log`` for this image (batch element 0).
+        traces: row label (a method or a labelled variant) -> the reducer's ``trace_log`` (batch element 0 is drawn).
         grid: the token grid ``(h, w)``.
 
-    Kept tokens show the image; patches removed so far are tinted blue. GTP (any trace with ``weights``, whatever
-    its label): red dots mark propagated patches and lines join each to the kept tokens that received its features,
-    yellow along graph edges, cyan along the fallback edges of ``orphans="nearest"`` / ``"merge"``; every dot keeps
-    its strongest line, then the strongest others are drawn up to ``max_arrows``; a black cross marks a removed
-    token whose features reached no kept token (lost). ToMe: patches merged into one token share a colour. EViT:
-    removed patches fused into the extra token are tinted green.
+    Drawn from each record's data, whatever the method or its label: kept patches show the image; patches removed
+    so far (``propagated`` or ``removed``) are tinted blue; patches merged into one token (ToMe's merges, EViT's
+    fused token) share a colour; ``idle`` patches (IdleViT) are greyed out and ``reactivated`` ones tinted orange.
+    Records with propagation edges (GTP, any label): red dots mark the patches propagated in that block and lines
+    join each to the kept tokens that received its features, yellow along graph edges, cyan along the fallback
+    edges of ``orphans="nearest"`` / ``"merge"``; every dot keeps its strongest line, then the strongest others
+    are drawn up to ``max_arrows``; a black cross marks a removed token whose features reached no kept token.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import colormaps
+
+    from ..reduce import METHODS
+    from ..reduce.base import IDLE, MERGED, PROPAGATED, REACTIVATED, REMOVED
 
     base = _grid_image(image)
     H, W = base.shape[:2]
@@ -57,25 +62,28 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
     rows = max(len(traces), 1)
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.2 * rows), dpi=110, squeeze=False)
     cmap = colormaps["tab20"]
-    for ri, (method, log) in enumerate(traces.items()):
+    tints = {PROPAGATED: (0.15, 0.3, 0.75), REMOVED: (0.15, 0.3, 0.75), IDLE: (0.5, 0.5, 0.5),
+             REACTIVATED: (1.0, 0.55, 0.0)}
+    for ri, (label, log) in enumerate(traces.items()):
         ax = axes[ri][0]
         ax.imshow(base, cmap="gray" if base.ndim == 2 else None)
         ax.set_title("input", fontsize=8)
-        ax.set_ylabel(method.upper() if method != "tome" else "ToMe", fontsize=10)
+        ax.set_ylabel(METHODS[label].display if label in METHODS else label, fontsize=10)
         for ci, entry in enumerate(log, start=1):
             ax = axes[ri][ci]
             groups = token_map(entry["source"][0], grid)
-            removed = groups < 0
+            state = entry["state"][0].reshape(h, w).cpu().numpy()
             shown = np.dstack([base] * 3) if base.ndim == 2 else base.copy()
-            mask = np.kron(removed, np.ones((int(round(ph)), int(round(pw)))))[:H, :W].astype(bool)
             shown = shown.copy()
-            shown[mask] = 0.35 * shown[mask] + 0.65 * np.array([0.15, 0.3, 0.75])  # removed so far: blue
+            cell = np.ones((int(round(ph)), int(round(pw))))
+            for code, colour in tints.items():
+                mask = np.kron(state == code, cell)[:H, :W].astype(bool)
+                shown[mask] = 0.35 * shown[mask] + 0.65 * np.array(colour)
             ax.imshow(shown)
-            if method == "tome":
+            if (state == MERGED).any():
                 overlay = np.zeros((h, w, 4))
-                counts = np.bincount(groups[groups >= 0].ravel(), minlength=groups.max() + 1)
                 for (yy, xx), g in np.ndenumerate(groups):
-                    if g >= 0 and counts[g] > 1:
+                    if state[yy, xx] == MERGED:
                         overlay[yy, xx] = (*cmap(g % 20)[:3], 0.55)
                 ax.imshow(overlay, extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest")
             if "weights" in entry:
@@ -101,12 +109,7 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
                         ax.plot(x0, y0, "o", color="red", ms=2.5)
                     else:
                         ax.plot(x0, y0, "x", color="black", ms=3.5, mew=1.0)
-            elif "removed_source" in entry:  # EViT: fused into the extra token
-                rm = entry["removed_source"][0].any(0).reshape(h, w).cpu().numpy()
-                overlay = np.zeros((h, w, 4))
-                overlay[rm] = (0.1, 0.8, 0.2, 0.45)
-                ax.imshow(overlay, extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest")
-            ax.set_title(f"block {int(entry['block'])}: {len(entry['source'][0])} tok", fontsize=8)
+            ax.set_title(f"block {int(entry['block'])}: {int(entry['tokens'])} tok", fontsize=8)
         for ci in range(len(log) + 1, cols):
             axes[ri][ci].axis("off")
     for ax in axes.flat:
