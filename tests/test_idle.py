@@ -130,11 +130,11 @@ def test_idle_tokens_are_not_touched():
     x = image()
     leanvit.patch(model, "idle", keep=[1.0, 0.25])
     captured = {}
-    model.blocks[1].register_forward_pre_hook(lambda m, a: captured.setdefault("in", a[0].clone()))
-    model.blocks[1].register_forward_hook(lambda m, a, o: captured.setdefault("out", o.clone()))
+    model.blocks[1].register_forward_pre_hook(lambda m, a: captured.update(inp=a[0].clone()))
+    model.blocks[1].register_forward_hook(lambda m, a, o: captured.update(out=o.clone()))
     with torch.no_grad():
         model.forward_features(x)
-    same = (captured["in"] == captured["out"]).all(-1)  # (B, N) tokens left exactly as they were
+    same = (captured["inp"] == captured["out"]).all(-1)  # (B, N) tokens left exactly as they were
     assert same[:, 1:].sum(1).eq(16 - 4).all() and not same[:, 0].any()
 
 

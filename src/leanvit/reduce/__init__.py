@@ -25,6 +25,7 @@ from .compat import apply_patch, inspect_vit, remove_patch
 from .evit import EViTReducer
 from .gtp import GTPReducer
 from .idle import IdleReducer
+from .pyramid import is_pyramid, patch_pyramid, unpatch_pyramid
 from .tome import ToMeReducer
 from .truncate import TruncateReducer
 
@@ -119,7 +120,8 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
     """Patch a timm ViT in place so that it removes tokens with ``method``; returns the model.
 
     Args:
-        model: a timm ``VisionTransformer`` (cls or no cls token, dist token, registers, LayerScale, q/k norm).
+        model: a timm ``VisionTransformer`` (cls or no cls token, dist token, registers, LayerScale, q/k norm);
+            for ``idle`` also a PVT v2 pyramid (:mod:`leanvit.reduce.pyramid`).
         method: a key of :data:`METHODS`: ``gtp``, ``tome``, ``evit``, ``idle`` or ``truncate``.
         r: tokens removed per block: an int, a per-block list, or ToMe's ``(r, inflection)``.
         budget: fraction of the dense model's MACs to keep (e.g. 0.74); the schedule is solved for it and the
@@ -141,6 +143,8 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
     given = [name for name, v in (("r", r), ("budget", budget), ("keep", keep)) if v is not None]
     if len(given) != 1:
         raise ConfigError(f"give exactly one of r=, budget= or keep= (got {', '.join(given) or 'none'})")
+    if is_pyramid(model):
+        return patch_pyramid(model, method, r, budget, keep, options)
     previous = get_reducer(model)
     if previous is not None:
         unpatch(model)
@@ -203,7 +207,10 @@ def _build(cls: type[TokenReducer], info, schedule: list[int], options: dict[str
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore a patched model exactly (classes and forward); returns it."""
-    remove_patch(model)
+    if is_pyramid(model) and is_patched(model):
+        unpatch_pyramid(model)
+    else:
+        remove_patch(model)
     return model
 
 
