@@ -238,3 +238,18 @@ def test_selection_uses_cls_query_mean_over_heads():
         model(x)
     assert set(get_reducer(model)._index[0, 1:].tolist()) == want
     assert F is not None
+
+
+def test_truncate_before_attention_has_idle_token_counts():
+    """The ideal of idling: truncation before the attention runs each block on the tokens idling computes."""
+    from leanvit.analysis import count_macs
+
+    model = make("deit", depth=4, img_size=96)
+    idle, ideal = copy.deepcopy(model), copy.deepcopy(model)
+    leanvit.patch(idle, "idle", keep=0.5)
+    computed = [36 - s for s in get_reducer(idle).schedule]
+    drops = [a - b for a, b in zip([36] + computed[:-1], computed)]
+    leanvit.patch(ideal, "truncate", r=drops, point="attn")
+    assert tokens_per_block(ideal) == tokens_per_block(idle)
+    # idling pays the keys of its idle tokens and the selection on top of the ideal, nothing more
+    assert count_macs(ideal).macs < count_macs(idle).macs < count_macs(model).macs

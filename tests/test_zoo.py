@@ -39,7 +39,7 @@ def test_shipped_run_is_documented(name):
     run = RUNS_DIR / name
     for f in ("config.yaml", "command.txt", "log.csv", "eval.json"):
         assert (run / f).is_file(), f"{run / f} missing"
-    assert "leanvit train" in (run / "command.txt").read_text()
+    assert any(f"leanvit {verb}" in (run / "command.txt").read_text() for verb in ("train", "distill", "finetune"))
 
 
 @pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="needs apt-get install -y dataset-fashion-mnist")
@@ -52,3 +52,28 @@ def test_shipped_model_meets_target(name):
     assert res.n == 10_000
     assert abs(res.top1 - recorded["top1"]) < 0.02  # the shipped file is the one that was measured
     assert res.top1 >= TARGETS[name]
+
+
+def test_list_models_pretrained_lists_shipped_ones():
+    shipped = leanvit.list_models(pretrained=True)
+    assert set(SHIPPED) <= set(shipped) and all(has_weights(n) for n in shipped)
+    assert set(shipped) < set(leanvit.list_models())
+
+
+@pytest.mark.parametrize("name", ["leanvit_vit_fm_teacher_idle70", "leanvit_vit_fm_teacher_idle50",
+                                  "leanvit_vit_fm_teacher_evit50"])
+def test_fine_tuned_reduction_models_come_patched(name):
+    from leanvit.models.reference import REDUCED_ARCHS
+
+    arch, method, keep = REDUCED_ARCHS[name]
+    assert method in name and name in leanvit.list_models()
+    model = timm.create_model(name, pretrained=has_weights(name))
+    red = leanvit.get_reducer(model)
+    assert red is not None and red.name == method and red.report["keep"] == keep
+    base = timm.create_model(arch)
+    assert model.state_dict().keys() == base.state_dict().keys()  # the teacher's weights, fine-tuned
+    if has_weights(name):
+        import yaml
+
+        cfg = yaml.safe_load((RUNS_DIR / name / "config.yaml").read_text())
+        assert cfg["patch"]["method"] == method and cfg["patch"]["keep"] == keep  # shipped as it was fine-tuned

@@ -10,9 +10,15 @@ from torch import nn
 from ..errors import ConfigError
 
 
-def list_models(pattern: str = "leanvit_*") -> list[str]:
-    """Names of leanvit's registered models (``pattern`` is a timm wildcard; ``"*"`` lists every timm model)."""
-    return timm.list_models(pattern)
+def list_models(pattern: str = "leanvit_*", pretrained: bool = False) -> list[str]:
+    """Names of leanvit's registered models (``pattern`` is a timm wildcard; ``"*"`` lists every timm model).
+
+    With ``pretrained``, only the leanvit models whose trained weights ship with leanvit (they load offline with
+    ``pretrained=True``)."""
+    from ..zoo import has_weights
+
+    names = timm.list_models(pattern)
+    return [n for n in names if has_weights(n)] if pretrained else names
 
 
 def check_model_name(name: str) -> None:

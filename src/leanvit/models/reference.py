@@ -22,7 +22,7 @@ from ..zoo import weight_file
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
 
-__all__ = ["REFERENCE_ARCHS", "FMNIST_MEAN", "FMNIST_STD"]
+__all__ = ["REFERENCE_ARCHS", "REDUCED_ARCHS", "FMNIST_MEAN", "FMNIST_STD"]
 
 # name -> VisionTransformer kwargs. The student has about a third of the teacher's MACs.
 REFERENCE_ARCHS: dict[str, dict] = {
@@ -48,12 +48,22 @@ def _cfg(name: str, **kwargs) -> dict:
     }
 
 
-default_cfgs = generate_default_cfgs({f"{name}.fmnist": _cfg(name) for name in REFERENCE_ARCHS})
+# Fine-tuned token-reduction models: name -> (architecture, method, keep). They are created already patched
+# (``leanvit.get_reducer(model)`` gives the method and its keep rate); their weights are the fine-tuned ones
+# (``leanvit finetune``; run, log and evaluation in ``leanvit/zoo/runs/<name>``).
+REDUCED_ARCHS: dict[str, tuple[str, str, float]] = {
+    "leanvit_vit_fm_teacher_idle70": ("leanvit_vit_fm_teacher", "idle", 0.7),
+    "leanvit_vit_fm_teacher_idle50": ("leanvit_vit_fm_teacher", "idle", 0.5),
+    "leanvit_vit_fm_teacher_evit50": ("leanvit_vit_fm_teacher", "evit", 0.5),
+}
+
+default_cfgs = generate_default_cfgs({f"{name}.fmnist": _cfg(name) for name in [*REFERENCE_ARCHS, *REDUCED_ARCHS]})
 
 
 def _create(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    arch = REDUCED_ARCHS[name][0] if name in REDUCED_ARCHS else name
     args = dict(
-        img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_layer=ConvStemEmbed, **REFERENCE_ARCHS[name]
+        img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_layer=ConvStemEmbed, **REFERENCE_ARCHS[arch]
     )
     args.update(kwargs)
     if pretrained:
@@ -79,3 +89,29 @@ def leanvit_vit_fm_teacher(pretrained: bool = False, **kwargs) -> VisionTransfor
 def leanvit_vit_fm_student(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Fashion-MNIST reference student: width 64, depth 4, 2 heads, 196 + 1 tokens (~1/3 of the teacher's MACs)."""
     return _create("leanvit_vit_fm_student", pretrained, **kwargs)
+
+
+def _create_reduced(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    from ..reduce import patch
+
+    _, method, keep = REDUCED_ARCHS[name]
+    return patch(_create(name, pretrained, **kwargs), method, keep=keep)
+
+
+@register_model
+def leanvit_vit_fm_teacher_idle70(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The reference teacher fine-tuned with IdleViT at keep 0.7, created patched (``idle``, keep 0.7)."""
+    return _create_reduced("leanvit_vit_fm_teacher_idle70", pretrained, **kwargs)
+
+
+@register_model
+def leanvit_vit_fm_teacher_idle50(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The reference teacher fine-tuned with IdleViT at keep 0.5, created patched (``idle``, keep 0.5)."""
+    return _create_reduced("leanvit_vit_fm_teacher_idle50", pretrained, **kwargs)
+
+
+@register_model
+def leanvit_vit_fm_teacher_evit50(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The reference teacher fine-tuned with EViT at keep 0.5 under IdleViT's recipe, created patched (``evit``,
+    keep 0.5): the fair baseline of ``leanvit_vit_fm_teacher_idle50``."""
+    return _create_reduced("leanvit_vit_fm_teacher_evit50", pretrained, **kwargs)

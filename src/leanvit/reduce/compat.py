@@ -190,10 +190,9 @@ def _subset_attention(attn: TimmAttention, x: torch.Tensor, req: AttnRequest) ->
     M = index.shape[1]
     xs = x.gather(1, index[..., None].expand(B, M, C))
     ks = k.gather(2, index[:, None, :, None].expand(B, heads, M, head_dim))
-    qv_w = torch.cat([w[:A], w[2 * A:]])
-    qv_b = None if b is None else torch.cat([b[:A], b[2 * A:]])
-    q, v = F.linear(xs, qv_w, qv_b).view(B, M, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q = attn.q_norm(q)
+    # queries and values of the selected tokens from views of the qkv weight (no copy of the weights)
+    q = attn.q_norm(F.linear(xs, w[:A], None if b is None else b[:A]).view(B, M, heads, head_dim).transpose(1, 2))
+    v = F.linear(xs, w[2 * A:], None if b is None else b[2 * A:]).view(B, M, heads, head_dim).transpose(1, 2)
     bias = None
     if req.size_bias is not None:
         bias = req.size_bias.gather(1, index)[:, None, None, :].to(q.dtype)

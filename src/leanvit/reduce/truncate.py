@@ -2,13 +2,21 @@
 
 It gives the physical limit of a schedule's speed-up (same token counts, fused attention, nothing computed to
 choose tokens); its accuracy is meaningless. Benchmarks report each method's speed-up as a fraction of it.
+
+``point`` says where block i drops its ``schedule[i]`` tokens: ``mlp`` (default), between its attention and its
+MLP, where GTP, ToMe and EViT reduce; ``attn``, before its attention, so that the whole block runs on the fewer
+tokens: the token counts of idling (IdleViT), whose blocks compute the selected tokens in both.
 """
 from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
+from ..ops.schedule import BlockTokens
 from .base import TokenReducer
 from .compat import AttnOut, ViTInfo
+
+POINTS = ("mlp", "attn")
 
 
 class TruncateReducer(TokenReducer):
@@ -17,11 +25,27 @@ class TruncateReducer(TokenReducer):
     summary = "the zero-overhead ideal of a schedule's token counts (for speed; its accuracy is meaningless)"
     style = ("tab:gray", "x")
 
-    def __init__(self, info: ViTInfo, schedule: list[int], trace: bool = False):
+    def __init__(self, info: ViTInfo, schedule: list[int], point: str = "mlp", trace: bool = False):
         super().__init__(info, schedule, trace=False)
+        if point not in POINTS:
+            raise ConfigError(f"unknown truncate point '{point}'; choose one of {', '.join(POINTS)}")
+        self.point = point
+
+    def before_attn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        r = self.schedule[i]
+        return x[:, : x.shape[1] - r] if r and self.point == "attn" else x
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
-        return x[:, : x.shape[1] - r]
+        return x[:, : x.shape[1] - r] if self.point == "mlp" else x
+
+    def block_tokens(self) -> list[BlockTokens]:
+        if self.point == "mlp":
+            return super().block_tokens()
+        out, n = [], self.info.num_image + self.info.num_prefix
+        for r in self.schedule:
+            n -= r
+            out.append(BlockTokens(attn=n, mlp=n))
+        return out
 
     def options(self) -> dict:
-        return {}
+        return {"point": self.point}
