@@ -148,6 +148,12 @@ def test_cli_vis(run_cli, fmnist_dir, tmp_path):
     assert code == 0, err
     assert out_png.is_file() and out_png.stat().st_size > 1000
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # IdleViT (its keep rate) beside a labelled GTP variant: both drawn from their traces
+    code, out, err = run_cli("vis", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--methods", "idle,evit,gtp-cls",
+                             "-O", "gtp-cls.method=gtp", "-O", "gtp-cls.score=cls", "--keep", "0.5",
+                             "--output", tmp_path / "idle.png")
+    assert code == 0, err
+    assert (tmp_path / "idle.png").stat().st_size > 1000
     code, out, err = run_cli("vis", *STUDENT, "--data", f"fmnist:{fmnist_dir}", "--index", "999",
                              "--output", tmp_path / "x.png")
     assert code == 2 and "--index" in err

@@ -31,12 +31,15 @@ def _names(text: str) -> list[str]:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from ..reduce import METHODS
+
     p = sub.add_parser("compare", help="compare token-reduction methods at equal MACs budgets", description=__doc__)
     add_config_arg(p)
     add_model_args(p)
     add_data_args(p, split="test", batch_size=EVAL_BATCH_SIZE)
     p.add_argument("--methods", type=_names, default=["dense", "gtp", "tome", "evit"],
-                   help="comma-separated methods or labels (default: dense,gtp,tome,evit); a label runs a method "
+                   help=f"comma-separated methods ({', '.join(['dense', *METHODS])}) or labels (default: "
+                        "dense,gtp,tome,evit); a label runs a method "
                         "with other options beside it, e.g. --methods dense,gtp,gtp-cls -O gtp-cls.method=gtp "
                         "-O gtp-cls.score=cls; a label with a keep or r option runs once at that schedule "
                         "(-O evit-k.method=evit -O evit-k.keep=0.7)")

@@ -1,5 +1,5 @@
-"""``leanvit vis``: for one image, per block, which tokens each method kept, propagated (GTP, and into which
-neighbours), merged (ToMe) or pruned and fused (EViT), as one PNG grid."""
+"""``leanvit vis``: for one image, per block, what each method did to every token: kept, propagated (GTP, and into
+which neighbours), merged (ToMe, EViT's fused token), removed, idle or re-activated (IdleViT), as one PNG grid."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +10,22 @@ from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("vis", help="draw per-block token maps of GTP / ToMe / EViT for one image",
+    from ..reduce import METHODS
+
+    p = sub.add_parser("vis", help="draw per-block token maps of token-reduction methods for one image",
                        description=__doc__)
     add_config_arg(p)
     add_model_args(p)
     add_data_args(p, split="test")
     p.add_argument("--index", type=nonneg_int, default=0, help="image index in the split (default: 0)")
-    p.add_argument("--methods", default="gtp,tome,evit", help="comma-separated methods (default: gtp,tome,evit)")
+    p.add_argument("--methods", default="gtp,tome,evit",
+                   help=f"comma-separated methods ({', '.join(m for m in METHODS if m != 'truncate')}) or labels "
+                        f"(-O LABEL.method=METHOD) (default: %(default)s)")
     p.add_argument("--budget", type=fraction, default=0.6, help="fraction of dense MACs to keep (default: 0.6)")
-    p.add_argument("--r", type=nonneg_int, default=None, help="tokens removed per block instead of --budget")
+    p.add_argument("--keep", type=fraction, default=None,
+                   help="keep rate instead of --budget (and --r), for the methods that have one (evit, idle)")
+    p.add_argument("--r", type=nonneg_int, default=None,
+                   help="tokens removed per block instead of --budget, for the methods that take r (not idle)")
     p.add_argument("--option", "-O", action="append", default=[], metavar="METHOD.OPT=VALUE",
                    help="method option, repeatable (e.g. -O gtp.alpha=0.2)")
     p.add_argument("--output", "-o", default="token_maps.png", help="image file to write (PNG, PDF, SVG, ...)")
@@ -34,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import build_dataset
     from ..errors import ConfigError
-    from ..reduce import get_reducer, inspect_vit, patch
+    from ..reduce import METHODS, get_reducer, inspect_vit, patch
     from ..reduce.compare import own_schedule, resolve_method
     from ..vis import plot_token_maps
 
@@ -64,7 +71,14 @@ def run(args: argparse.Namespace) -> int:
     traces, preds = {}, {}
     for name, (method, opts) in resolved.items():
         variant = copy.deepcopy(model)
-        amount = {} if own_schedule(opts) else ({"r": args.r} if args.r is not None else {"budget": args.budget})
+        if own_schedule(opts):
+            amount = {}
+        elif args.keep is not None and "keep" in METHODS[method].amounts:
+            amount = {"keep": args.keep}
+        elif args.r is not None and "r" in METHODS[method].amounts:
+            amount = {"r": args.r}
+        else:
+            amount = {"budget": args.budget}
         patch(variant, method, trace=True, **amount, **opts)
         with torch.no_grad():
             logits = variant(image.unsqueeze(0).to(device))
