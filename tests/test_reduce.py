@@ -316,9 +316,9 @@ def test_budget_never_returns_silently_unpatched(monkeypatch):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="gtp", budget=0.0), "budget"),
     (dict(method="gtp", budget=1.5), "budget"),
-    (dict(method="gtp", r=100), "block 0"),
+    (dict(method="gtp", r=[100]), "block 0"),  # an int r is capped per block; a list is strict
     (dict(method="truncate", r=[2, 2, 2, 40]), "block 3"),
-    (dict(method="tome", r=19), "block 0"),
+    (dict(method="tome", r=[19]), "block 0"),
     (dict(method="nope", r=1), "gtp, tome, evit, idle, truncate"),
     (dict(method="gtp", r=1, foo=1), "foo"),
     (dict(method="gtp", r=1, budget=0.8), "exactly one"),

@@ -69,11 +69,14 @@ def _normalize_(adj: torch.Tensor) -> torch.Tensor:
     return adj.mul_(inv_sqrt.unsqueeze(-1)).mul_(inv_sqrt.unsqueeze(-2))
 
 
-def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: int = 8) -> torch.Tensor:
+def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: int = 8,
+                spatial: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised token graph ``(B, N, N)`` of image tokens ``x (B, N, C)`` laid out on ``grid``.
 
     ``kind``: ``spatial``, ``semantic`` (k nearest by cosine) or ``mixed`` (their union). The spatial graph is
-    the same for every image: it is returned as a broadcast view (batch stride 0) of one cached matrix.
+    the same for every image: it is returned as a broadcast view (batch stride 0) of one matrix. ``spatial``: that
+    0/1 adjacency ``(N, N)`` already on ``x``'s device (a reducer builds it once, so that a compiled forward reads
+    it instead of building it); by default it comes from a per-device cache.
     """
     B, N, _ = x.shape
     if kind not in GRAPHS:
@@ -81,13 +84,16 @@ def build_graph(x: torch.Tensor, grid: tuple[int, int], kind: str = "mixed", k: 
     if kind in ("spatial", "mixed") and grid[0] * grid[1] != N:
         raise ValueError(f"grid {grid} has {grid[0] * grid[1]} cells but there are {N} image tokens")
     if kind == "spatial":
+        if spatial is not None:
+            return normalize_adjacency(spatial.to(x.dtype)).expand(B, N, N)
         return _normalized_spatial(int(grid[0]), int(grid[1]), str(x.device), x.dtype).expand(B, N, N)
     k = min(k, N - 1)
     if kind == "semantic":
         # every row has exactly k neighbours, so D^-1/2 A D^-1/2 = A / k: written directly, no normalising pass
         graph = _set_knn_(torch.zeros(B, N, N, device=x.device, dtype=torch.float32), x, k, 1.0 / max(k, 1))
     else:  # mixed: the union of both graphs, normalised in place
-        graph = _normalize_(_set_knn_(spatial_adjacency(grid, x.device).expand(B, N, N).clone(), x, k, 1.0))
+        adj = spatial_adjacency(grid, x.device) if spatial is None else spatial.float()
+        graph = _normalize_(_set_knn_(adj.expand(B, N, N).clone(), x, k, 1.0))
     return graph.to(x.dtype)
 
 

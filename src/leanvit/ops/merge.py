@@ -1,9 +1,11 @@
 """ToMe's bipartite soft matching (Bolya et al., ICLR 2023), as pure tensor functions.
 
-Image tokens are split alternately into sets A (even positions) and B (odd positions); every A token finds its
-most cosine-similar B token, and the ``r`` most similar pairs are merged into their B token by size-weighted
-average. Prefix tokens are never matched. Matching returns a ``merge`` function so that features, sizes and
-provenance are merged with one shared assignment.
+All tokens, prefix tokens included, are split alternately into sets A (even positions) and B (odd positions), as
+in the authors' code (facebookresearch/ToMe, ``tome/merge.py``, ``bipartite_soft_matching``). The first
+``protected`` tokens (cls, dist, registers) keep their places in the alternation but are never matched: a
+protected A token merges into nothing and no token merges into a protected B token. Every other A token finds its
+most cosine-similar unprotected B token, and the ``r`` most similar pairs are merged into their B token. Matching
+returns a ``merge`` function so that features, sizes and provenance are merged with one shared assignment.
 """
 from __future__ import annotations
 
@@ -11,46 +13,62 @@ from typing import Callable
 
 import torch
 
+Merge = Callable[..., torch.Tensor]
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Callable[[torch.Tensor, str], torch.Tensor]:
-    """Plan merging ``r`` image tokens away.
+
+def _identity(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    return x
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0, keep_order: bool = False) -> Merge:
+    """Plan merging ``r`` tokens away.
 
     Args:
-        metric: image-token descriptors ``(B, N, D)`` (ToMe uses the keys averaged over heads).
-        r: tokens to remove; capped at ``N // 2`` (the size of set A).
+        metric: token descriptors ``(B, T, D)`` of all tokens, prefix tokens first (ToMe: the keys averaged over
+            heads); compared by cosine similarity.
+        r: tokens to remove; capped at ``(T - protected) // 2`` as in ToMe, so that the unprotected tokens of
+            either set always suffice.
+        protected: the first ``protected`` tokens are never merged (ToMe protects its cls token, at A[0], and its
+            dist token, at B[0]).
+        keep_order: put the unmerged A tokens back in their original order (ToMe does when there is a cls token,
+            so that the next block's alternation sees the tokens in the same order); otherwise they stay in the
+            order of their best match, most similar first, as in ToMe without a cls token.
 
     Returns:
-        ``merge(x, mode)`` mapping ``(B, N, C)`` to ``(B, N - r, C)``: unmerged A tokens first, then B tokens;
-        ``mode`` is ``"sum"`` (for size-weighted averages: merge ``x * size`` and ``size`` with sum, then divide)
-        or ``"amax"``.
+        ``merge(x, mode)`` mapping ``(B, T, C)`` to ``(B, T - r, C)``: the protected tokens in their order, then
+        the unmerged A tokens, then every B token; ``mode`` is ``"sum"`` (for size-weighted averages: merge
+        ``x * size`` and ``size`` with sum, then divide) or ``"amax"`` (provenance).
     """
-    N = metric.shape[1]
-    r = min(r, N // 2)
+    T = metric.shape[1]
+    r = min(r, (T - protected) // 2)
     if r <= 0:
-        return lambda x, mode="sum": x
+        return _identity
+    pa, pb = (protected + 1) // 2, protected // 2  # protected tokens in A (positions 0, 2, ..) and in B (1, 3, ..)
     with torch.no_grad():
-        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        a, b = m[:, ::2], m[:, 1::2]
-        scores = a @ b.transpose(-1, -2)  # (B, Na, Nb)
-        best_val, best_b = scores.max(dim=-1)  # (B, Na)
-        order = best_val.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1)
-        unm_idx = order[:, r:]  # A tokens that stay
-        src_idx = order[:, :r]  # A tokens merged away
-        dst_idx = best_b[..., None].gather(1, src_idx)  # their B partners
+        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, T, D)
+        a, b = m[:, ::2][:, pa:], m[:, 1::2][:, pb:]  # (B, Na, D), (B, Nb, D): the unprotected tokens of each set
+        scores = a @ b.transpose(-1, -2)  # (B, Na, Nb) cosine similarity
+        best_val, best_b = scores.max(dim=-1)  # (B, Na): every A token's most similar B token
+        order = best_val.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1), most similar first
+        unm_idx = order[:, r:]  # (B, Na - r, 1) A tokens that stay
+        src_idx = order[:, :r]  # (B, r, 1) A tokens merged away
+        dst_idx = best_b[..., None].gather(1, src_idx)  # (B, r, 1) their B partners
+        if keep_order:
+            unm_idx = unm_idx.sort(dim=1).values  # (B, Na - r, 1) in original order
 
     def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        xa, xb = x[:, ::2], x[:, 1::2]
-        B_, Na, C = xa.shape
-        unm = xa.gather(1, unm_idx.expand(B_, Na - r, C))
-        src = xa.gather(1, src_idx.expand(B_, r, C))
-        xb = xb.scatter_reduce(1, dst_idx.expand(B_, r, C), src, reduce=mode)
-        return torch.cat([unm, xb], dim=1)
+        xa, xb = x[:, ::2][:, pa:], x[:, 1::2][:, pb:]  # (B, Na, C), (B, Nb, C)
+        n, na, c = xa.shape
+        unm = xa.gather(1, unm_idx.expand(n, na - r, c))  # (B, Na - r, C)
+        src = xa.gather(1, src_idx.expand(n, r, c))  # (B, r, C)
+        xb = xb.scatter_reduce(1, dst_idx.expand(n, r, c), src, reduce=mode)  # (B, Nb, C)
+        return torch.cat([x[:, :protected], unm, xb], dim=1)  # (B, T - r, C)
 
     return merge
 
 
-def merge_weighted(merge: Callable, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average merge of ``x (B, N, C)`` with token sizes ``size (B, N, 1)``."""
-    x = merge(x * size, "sum")
-    size = merge(size, "sum")
+def merge_weighted(merge: Merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge of ``x (B, T, C)`` with token sizes ``size (B, T, 1)``; sizes are summed."""
+    x = merge(x * size, "sum")  # (B, T - r, C)
+    size = merge(size, "sum")  # (B, T - r, 1)
     return x / size, size

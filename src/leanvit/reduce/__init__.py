@@ -32,7 +32,8 @@ from .truncate import TruncateReducer
 METHODS: dict[str, type[TokenReducer]] = {cls.name: cls for cls in (
     GTPReducer, ToMeReducer, EViTReducer, IdleReducer, TruncateReducer)}
 
-__all__ = ["METHODS", "TOKEN_STATES", "AttnRequest", "TokenReducer", "get_reducer", "inspect_vit", "is_patched", "list_methods", "patch", "unpatch"]
+__all__ = ["METHODS", "TOKEN_STATES", "AttnRequest", "TokenReducer", "get_reducer", "inspect_vit", "is_patched",
+           "list_methods", "patch", "unpatch"]
 
 
 def list_methods() -> list[str]:
@@ -123,7 +124,10 @@ def patch(model: nn.Module, method: str, *, r: Any = None, budget: float | None 
         model: a timm ``VisionTransformer`` (cls or no cls token, dist token, registers, LayerScale, q/k norm);
             for ``idle`` also a PVT v2 pyramid (:mod:`leanvit.reduce.pyramid`).
         method: a key of :data:`METHODS`: ``gtp``, ``tome``, ``evit``, ``idle`` or ``truncate``.
-        r: tokens removed per block: an int, a per-block list, or ToMe's ``(r, inflection)``.
+        r: tokens removed per block: an int or ToMe's ``(r, inflection)``, capped in every block at half the image
+            tokens that reach it (ToMe's rule, the same for every method; the schedule that runs is
+            ``get_reducer(model).schedule`` and ``report["schedule"]``), or a per-block list, taken as given and
+            refused if a block cannot remove that many.
         budget: fraction of the dense model's MACs to keep (e.g. 0.74); the schedule is solved for it and the
             MACs reached are measured and stored in ``get_reducer(model).report``.
         keep: the method's own keep rate (EViT: at its three reduction blocks; idle: r, r^2, r^3 in its three

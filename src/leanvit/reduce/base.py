@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from ..errors import ConfigError
-from ..ops.schedule import BlockTokens, check_schedule, parse_schedule, removal_tokens, solve_budget
+from ..ops.schedule import (BlockTokens, cap_schedule, check_schedule, parse_schedule, per_block, removal_tokens,
+                            solve_budget)
 
 if TYPE_CHECKING:
     from .compat import AttnOut, ViTInfo
@@ -70,6 +71,11 @@ class AttnRequest:
     select: Callable[[torch.Tensor], torch.Tensor] | None = None
     masked: bool = False
     logits: bool = False
+    fused_score: Callable[..., torch.Tensor] | None = None
+
+    # ``fused_score``: instead of ``score``, a function ``(q, k, size_bias, scale) -> (B, N_img)`` that scores the
+    # tokens from the queries and keys without the attention map, so that the attention stays fused
+    # (:mod:`leanvit.ops.fused_score`); ignored when something else needs the explicit map.
 
     @property
     def explicit(self) -> bool:
@@ -126,10 +132,23 @@ class TokenReducer:
     # --------------------------------------------------------------- schedules (class methods: before building)
     @classmethod
     def schedule_from_r(cls, r: Any, info: ViTInfo, options: dict[str, Any]) -> list[int]:
-        """The schedule of ``r=`` (an int, a per-block list or ToMe's ``(r, inflection)``)."""
+        """The schedule of ``r=`` (an int, a per-block list or ToMe's ``(r, inflection)``).
+
+        An int and ``(r, inflection)`` are capped per block at half the image tokens that reach the block (ToMe's
+        rule, :func:`~leanvit.ops.schedule.cap_schedule`), the same for every method, so ``r=16`` runs on DeiT-B;
+        the capped schedule is the one reported and run. A per-block list is taken as given and checked strictly.
+        """
         if "r" not in cls.amounts:
             raise ConfigError(f"'{cls.name}' does not take r=; give {' or '.join(a + '=' for a in cls.amounts)}")
-        return parse_schedule(r, info.depth)
+        sched = parse_schedule(r, info.depth)
+        if per_block(r):
+            return sched
+        return cap_schedule(sched, info.num_image, cls.min_image_tokens(options))
+
+    @classmethod
+    def min_image_tokens(cls, options: dict[str, Any]) -> int:
+        """The fewest image tokens a reducing block may leave (EViT's fused token needs one more)."""
+        return 1
 
     @classmethod
     def schedule_from_keep(cls, keep: Any, info: ViTInfo, options: dict[str, Any]) -> list[int]:

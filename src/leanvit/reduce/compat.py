@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
+from contextlib import nullcontext
+
 from torch.profiler import record_function
 from torch import nn
 from timm.layers import Attention as TimmAttention
@@ -35,6 +37,14 @@ try:  # DeiT's distilled ViT (cls + dist token) is a VisionTransformer subclass 
     from timm.models.deit import VisionTransformerDistilled
 except ImportError:  # pragma: no cover - very old timm
     VisionTransformerDistilled = None
+
+
+def label(name: str):
+    """A profiler label (``torch.profiler.record_function``) in eager mode, nothing under ``torch.compile``: dynamo
+    ignores profiler calls with a warning, and they must not end up in a compiled graph."""
+    if torch.compiler.is_compiling():
+        return nullcontext()
+    return record_function(name)
 
 
 @dataclass(frozen=True)
@@ -143,11 +153,17 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, req: AttnRequest = A
         probs = logits.masked_fill(~selected[:, None, None, :], float("-inf")).softmax(dim=-1)
         out = attn.attn_drop(probs) @ v
         keep = selected[..., None].to(x.dtype)
+    elif req.fused_score is not None and not req.explicit:
+        # the attention stays fused; the score comes from its own exact pass over q and k (no attention map)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        with label("leanvit.attn.score"):
+            score = req.fused_score(q, k, size_bias, attn.scale)
     elif req.explicit:
         # explicit attention: the reducer needs the probabilities or a score of them (labelled for profiles);
         # sliced over the batch on CPU unless the whole map is asked for
         sliced = req.score is not None and not req.probs and not q.is_cuda
-        with record_function("leanvit.attn.explicit"):
+        with label("leanvit.attn.explicit"):
             out, probs, score = _explicit_attention(q, k, v, bias, attn, req.theta, req.score, sliced)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
@@ -223,7 +239,7 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
             probs = sparsify_attention(probs, theta)
         outs.append(attn.attn_drop(probs) @ v[sl])
         if score_fn is not None:
-            with record_function("leanvit.attn.score"):
+            with label("leanvit.attn.score"):
                 scores.append(score_fn(probs))
     score = (scores[0] if len(scores) == 1 else torch.cat(scores)) if scores else None
     if len(outs) == 1:

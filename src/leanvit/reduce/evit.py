@@ -66,6 +66,10 @@ class EViTReducer(TokenReducer):
         return keep_schedule(keep, info.depth, info.num_image, fuse=options.get("fuse", "mean") is not None)
 
     @classmethod
+    def min_image_tokens(cls, options: dict[str, Any]) -> int:
+        return 2 if options.get("fuse", "mean") is not None else 1  # one kept token and the fused one
+
+    @classmethod
     def check_schedule(cls, schedule: list[int], info: ViTInfo, options: dict[str, Any]) -> None:
         super().check_schedule(schedule, info, options)
         if options.get("fuse", "mean") is not None and any(schedule):

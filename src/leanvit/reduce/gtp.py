@@ -20,15 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.profiler import record_function
 
 from ..errors import ConfigError
-from ..ops.graph import GRAPHS, build_graph, fallback_edges
+from ..ops.graph import GRAPHS, build_graph, fallback_edges, spatial_adjacency
+from ..ops.fused_score import fused_score
 from ..ops.select import SCORES, attention_score, cls_score, gather_tokens, split_topk
 from .base import AttnRequest, TokenReducer
-from .compat import AttnOut, ViTInfo
+from .compat import AttnOut, ViTInfo, label
 
 ORPHANS = ("drop", "nearest", "merge")
+SCORE_PATHS = ("auto", "fused", "explicit")
 
 
 class GTPReducer(TokenReducer):
@@ -59,6 +60,12 @@ class GTPReducer(TokenReducer):
             small kernels (``merge``: 17), and for ``nearest`` one pass over the graph per forward. No host sync
             and fixed shapes, so the forward still compiles as one graph. The default is ``drop``, the paper's
             rule, so that ``gtp`` stays the published method; ``benchmarks/gtp_nolost.py`` measures the others.
+        score_path: how the attention scores (``mixed``, ``mixed_mean``, ``colsum``, ``diag``) are computed, to the
+            same values: ``fused``, the attention on the fused kernel and the score from its own pass over the
+            queries and keys, never writing the attention map (:mod:`leanvit.ops.fused_score`; Triton kernels on
+            CUDA); ``explicit``, the attention map computed explicitly (a slice of the batch at a time on CPU) and
+            scored; ``auto`` (default), fused on CUDA and explicit on CPU, where it is faster (measured in that
+            module's docs). With ``theta < 1`` the map is always explicit.
         stats: count removed tokens whose features reached no kept token (lost; with ``drop``, the orphans) in
             ``report["lost_tokens"]`` / ``report["removed_tokens"]``, summed over the forwards since the last
             :meth:`set_stats` / :meth:`reset_stats` (a few extra ops per block, so off by default; the keys are absent
@@ -68,6 +75,8 @@ class GTPReducer(TokenReducer):
 
     name = "gtp"
     display = "GTP"
+    score_path = "auto"  # class defaults for reducers pickled before these options existed
+    _cuda = False
     summary = "graph-based token propagation (training-free)"
     style = ("tab:red", "o")
     tracks_sizes = True
@@ -76,7 +85,7 @@ class GTPReducer(TokenReducer):
 
     def __init__(self, info: ViTInfo, schedule: list[int], graph: str = "mixed", k: int = 8, score: str = "mixed",
                  alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, orphans: str = "drop",
-                 stats: bool = False, trace: bool = False):
+                 score_path: str = "auto", stats: bool = False, trace: bool = False):
         super().__init__(info, schedule, prop_attn=prop_attn, theta=theta, trace=trace)
         self.stats = bool(stats)
         if graph not in GRAPHS:
@@ -91,8 +100,14 @@ class GTPReducer(TokenReducer):
             raise ConfigError(f"alpha must be >= 0, got {alpha}")
         if orphans not in ORPHANS:
             raise ConfigError(f"unknown GTP orphans '{orphans}'; choose one of {', '.join(ORPHANS)}")
+        if score_path not in SCORE_PATHS:
+            raise ConfigError(f"unknown GTP score_path '{score_path}'; choose one of {', '.join(SCORE_PATHS)}")
+        self.score_path = score_path
+        self._cuda = False  # whether the current forward runs on CUDA (set by begin)
         self.graph_kind, self.k, self.score, self.alpha, self.orphans = graph, int(k), score, float(alpha), orphans
         self.graph: torch.Tensor | None = None  # (B, N0, N0) normalised graph over the original image tokens
+        # the grid's adjacency, built here so that a compiled forward reads it instead of building it
+        self._spatial = None if graph == "semantic" else spatial_adjacency(info.grid)
         self.index: torch.Tensor | None = None  # (B, N) original positions of the current image tokens
         self.reset_stats()
 
@@ -116,7 +131,7 @@ class GTPReducer(TokenReducer):
 
     def options(self) -> dict[str, Any]:
         return {"graph": self.graph_kind, "k": self.k, "score": self.score, "alpha": self.alpha,
-                "orphans": self.orphans, **super().options()}
+                "orphans": self.orphans, "score_path": self.score_path, **super().options()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -124,12 +139,14 @@ class GTPReducer(TokenReducer):
 
     def begin(self, x: torch.Tensor) -> None:
         super().begin(x)
+        self._cuda = x.is_cuda
         self.graph = self.index = self._graph_flat = self._edge = None
         if any(self.schedule):
             P = self.info.num_prefix
             B = x.shape[0]
-            with record_function("leanvit.gtp.graph"):
-                self.graph = build_graph(x[:, P:].detach(), self.info.grid, self.graph_kind, self.k)
+            with label("leanvit.gtp.graph"):
+                self.graph = build_graph(x[:, P:].detach(), self.info.grid, self.graph_kind, self.k,
+                                         spatial=self._spatial_on(x.device))
             N0 = self.graph.shape[1]
             # the graph read as a flat vector, and the flat offset of each image's first row in it: a graph shared
             # by the batch (spatial: batch stride 0) is read in place, every image from the same rows
@@ -145,20 +162,37 @@ class GTPReducer(TokenReducer):
                 # each token's strongest edge, the weight of its fallback edge should it become an orphan
                 self._edge = self.graph[0].amax(-1).expand(B, -1) if shared else self.graph.amax(-1)  # (B, N0)
 
+    def _spatial_on(self, device: torch.device) -> torch.Tensor | None:
+        """The grid's 0/1 adjacency on ``device``, built once (never inside a compiled forward)."""
+        if self.graph_kind == "semantic":
+            return None
+        if self._spatial is None or self._spatial.device != device:
+            self._spatial = spatial_adjacency(self.info.grid, device)
+        return self._spatial
+
     def request(self, i: int) -> AttnRequest:
         reducing = self.schedule[i] > 0
         # the cls score needs one attention row, computed beside fused attention: no explicit attention map; the
-        # attention scores need the map, computed explicitly and only scored (never held whole on CPU)
-        score = self._score if reducing and self.score not in ("random", "cls") else None
-        return AttnRequest(size_bias=self.size_bias(), theta=self.theta, score=score,
+        # attention scores need the map's diagonal and column sums: from fused attention plus a score pass
+        # (score_path "fused"), or from the map computed explicitly a slice at a time and only scored
+        needs_map = reducing and self.score not in ("random", "cls")
+        fused = needs_map and self.theta >= 1.0 and (self.score_path == "fused" or
+                                                      (self.score_path == "auto" and self._cuda))
+        return AttnRequest(size_bias=self.size_bias(), theta=self.theta,
+                           score=self._score if needs_map and not fused else None,
+                           fused_score=self._fused_score if fused else None,
                            cls_probs=reducing and self.score == "cls")
+
+    def _fused_score(self, q: torch.Tensor, k: torch.Tensor, size_bias: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+        return fused_score(q, k, size_bias, scale, self.info.num_prefix, self.score)
 
     def _score(self, probs: torch.Tensor) -> torch.Tensor:
         return attention_score(probs, self.info.num_prefix, self.score, self.info.has_cls)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix
-        with record_function("leanvit.gtp.select"):
+        with label("leanvit.gtp.select"):
             if self.score == "random":
                 score = torch.rand(x.shape[0], x.shape[1] - P, device=x.device)
             elif self.score == "cls":
@@ -166,7 +200,7 @@ class GTPReducer(TokenReducer):
             else:
                 score = attn.score  # (B, N), computed beside the attention (attention_forward's score_fn)
             kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current image tokens
-        with record_function("leanvit.gtp.propagate"):
+        with label("leanvit.gtp.propagate"):
             return self._propagate(x, kept, removed, P)
 
     def _propagate(self, x: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, P: int) -> torch.Tensor:

@@ -1,9 +1,32 @@
 """ToMe: token merging (Bolya et al., ICLR 2023), a training-free baseline.
 
-Between attention and MLP, bipartite soft matching on the keys (averaged over heads) merges the ``r`` most similar
-image-token pairs by size-weighted average; proportional attention adds ``log(size)`` to the logits, and average
-pooling weights tokens by size. Unlike the authors' timm patch, ours keeps LayerScale and q/k norms (it reuses
-the block's own modules) and works with distillation and register tokens, which are never merged.
+Between attention and MLP, bipartite soft matching (:func:`~leanvit.ops.merge.bipartite_soft_matching`) on the
+keys averaged over heads merges the ``r`` most similar token pairs by size-weighted average, sizes summed;
+proportional attention adds ``log(size)`` to the logits. On cls-token and distilled (cls + dist) models this is
+the authors' timm patch (facebookresearch/ToMe, ``tome/patch/timm.py`` and ``tome/merge.py``) token for token:
+
+* the alternation into sets A (even positions) and B (odd positions) runs over all tokens, the cls token at A[0]
+  and the dist token at B[0], both never merged;
+* with a cls token the unmerged A tokens are put back in their original order, so the next block alternates over
+  the same order; the output is cls, (dist,) the unmerged A tokens, then the B tokens;
+* ``r`` is capped per block at half the image tokens (ToMe: ``(tokens - protected) // 2``); ``leanvit.patch``
+  caps an int ``r`` the same way before building, so the reported schedule is the one that runs.
+
+``tests/test_tome_exact.py`` checks this against a reference written from these rules, in float64.
+
+Where we differ from the authors' code, and why:
+
+* Register tokens (and any other prefix token) are protected like the dist token: they keep their positions in
+  the alternation over all tokens and are never merged, and the output starts with every prefix token in its
+  order. ToMe's patch knows only cls and dist and would merge registers into image tokens, mixing the global
+  memory the model keeps there into patch tokens; the rule above is ToMe's own rule for the dist token, applied to
+  every prefix token, so cls and dist models are unchanged by it.
+* Models without a cls token match as ToMe's ``class_token=False`` path (nothing protected but their prefix
+  tokens, unmerged A tokens left in order of similarity), but average pooling weights every token by its size
+  (how many patches it stands for); ToMe's patch leaves timm's plain mean, which counts a token of 20 merged
+  patches as much as a single patch.
+* The block's own modules run the attention and MLP, so LayerScale, q/k norm and new timm blocks are kept (ToMe
+  copies an old timm ``forward``); the keys are taken after ``k_norm`` (the identity on DeiT).
 """
 from __future__ import annotations
 
@@ -17,7 +40,7 @@ from .compat import AttnOut, ViTInfo
 
 
 class ToMeReducer(TokenReducer):
-    """Token merging. ``prop_attn`` defaults to True, as in ToMe for DeiT/AugReg models."""
+    """Token merging. ``prop_attn`` defaults to True, as in ToMe's timm patch for off-the-shelf models."""
 
     name = "tome"
     display = "ToMe"
@@ -34,14 +57,16 @@ class ToMeReducer(TokenReducer):
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix
-        metric = attn.keys.mean(1)[:, P:]  # (B, N, Dh)
-        merge = bipartite_soft_matching(metric, r)
-        size = self._sizes_or_ones(x)
-        img, s_img = merge_weighted(merge, x[:, P:], size[:, P:, None])
-        self._size = torch.cat([size[:, :P], s_img.squeeze(-1)], dim=1)
+        metric = attn.keys.mean(1)  # (B, N, Dh) keys averaged over heads, prefix tokens included
+        merge = bipartite_soft_matching(metric, r, protected=P, keep_order=self.info.has_cls)
+        size = self._sizes_or_ones(x)  # (B, N)
+        x, s = merge_weighted(merge, x, size[..., None])  # (B, N - r, C), (B, N - r, 1)
+        self._size = s.squeeze(-1)  # (B, N - r)
         if self.trace:
-            self.source = merge(self.source.to(x.dtype), "amax").bool()
-        return torch.cat([x[:, :P], img], dim=1)
+            B, n, n0 = self.source.shape
+            rows = torch.cat([self.source.new_zeros(B, P, n0), self.source], dim=1)  # (B, P + n, N0): prefix rows
+            self.source = merge(rows.to(x.dtype), "amax")[:, P:].bool()  # (B, n - r, N0), prefix rows dropped
+        return x
 
     def options(self) -> dict[str, Any]:
         return {"prop_attn": self.prop_attn}
