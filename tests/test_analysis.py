@@ -167,3 +167,36 @@ def test_bench_bad_arguments(capsys, argv, message):
 def test_bench_rejects_schedule_for_dense(capsys):
     rc = main(["bench", "--model", "leanvit_vit_fm_student", "--no-pretrained", "--r", "4"])
     assert rc == 2
+
+
+@pytest.mark.slow
+def test_bench_compiled_under_autocast(tmp_path):
+    """--compile (fullgraph) and --amp on a patched model: the forward runs compiled under autocast."""
+    out = tmp_path / "c.json"
+    rc = main(["bench", "--model", "leanvit_vit_fm_student", "--no-pretrained", "--method", "tome", "--r", "8",
+               "--compile", "--amp", "bf16", "--runs", "1", "--warmup", "1", "--batch-size", "2", "--threads", "1",
+               "--json", str(out)])
+    assert rc == 0
+    row = json.loads(out.read_text())
+    assert row["compiled"] is True and row["amp"] == "bf16" and row["images_per_s"] > 0
+
+
+def test_compare_compiled_timing(monkeypatch):
+    """--compile times every variant compiled with fullgraph=True, --amp under autocast (torch.compile recorded
+    here, and run with dynamo's eager backend to keep the test fast; the inductor runs are the slow bench test)."""
+    from leanvit.reduce.compare import run_comparison
+
+    compiled = []
+    real = torch.compile
+
+    def record(model, **kw):
+        compiled.append(kw)
+        return real(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", record)
+    torch.manual_seed(0)
+    model = timm.create_model("leanvit_vit_fm_student", pretrained=False).eval()
+    rows = run_comparison(model, None, ["dense", "gtp", "idle"], [0.7], bench_batch=2, bench_runs=1,
+                          progress=False, compile=True, amp="bf16")
+    assert [r.method for r in rows] == ["dense", "gtp", "idle"] and all(r.images_per_s > 0 for r in rows)
+    assert compiled == [{"fullgraph": True}] * 3

@@ -82,6 +82,7 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """
     from timm.data import resolve_data_config
 
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its original module
     c, h, w = (int(v) for v in resolve_data_config(model=model)["input_size"])
     pe = getattr(model, "patch_embed", None)
     if pe is not None:

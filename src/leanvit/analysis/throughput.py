@@ -54,6 +54,18 @@ def _check_counts(batch_size: int, warmup: int, runs: int) -> None:
         raise ConfigError(f"timed runs must be at least 1, got {runs}")
 
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def amp_dtype(amp: str | None) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` (``"fp16"``, ``"bf16"`` or None for full precision)."""
+    if amp is None:
+        return None
+    if amp not in AMP_DTYPES:
+        raise ConfigError(f"unknown amp '{amp}'; choose one of {', '.join(AMP_DTYPES)}")
+    return AMP_DTYPES[amp]
+
+
 def _median(times: list[float]) -> float:
     # the lower median is one of the measured times (an even count does not average two runs)
     return statistics.median_low(times)
@@ -62,10 +74,11 @@ def _median(times: list[float]) -> float:
 class _Timer:
     """Times forward passes of one model on a fixed random batch (eval + inference mode for each call)."""
 
-    def __init__(self, model: nn.Module, input_size, batch_size: int, device: torch.device):
+    def __init__(self, model: nn.Module, input_size, batch_size: int, device: torch.device, amp: str | None = None):
         size = _check_input_size(default_input_size(model) if input_size is None else input_size)
         self.model = model.to(device)
         self.device = device
+        self.amp = amp_dtype(amp)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.x = torch.randn(batch_size, *size, device=device, dtype=dtype)
         self.times: list[float] = []
@@ -76,7 +89,8 @@ class _Timer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                                        enabled=self.amp is not None):
                 for _ in range(n):
                     self._sync()
                     t0 = time.perf_counter()
@@ -102,6 +116,7 @@ def measure_throughput(
     warmup: int = 3,
     runs: int = 10,
     device: str | torch.device = "cpu",
+    amp: str | None = None,
 ) -> ThroughputReport:
     """Images per second of ``model``'s forward pass on random batches of ``batch_size`` images.
 
@@ -116,12 +131,13 @@ def measure_throughput(
         warmup: untimed runs first (allocator, kernel selection, caches).
         runs: timed runs.
         device: where to run.
+        amp: ``"fp16"`` or ``"bf16"``: run under ``torch.autocast`` in that dtype (None: full precision).
 
     Raises:
         ConfigError: bad counts, or the model cannot run on ``input_size``.
     """
     _check_counts(batch_size, warmup, runs)
-    timer = _Timer(model, input_size, batch_size, torch.device(device))
+    timer = _Timer(model, input_size, batch_size, torch.device(device), amp)
     timer.run(warmup, record=False)
     timer.run(runs)
     return timer.report()
@@ -134,9 +150,10 @@ def measure_latency(
     warmup: int = 3,
     runs: int = 10,
     device: str | torch.device = "cpu",
+    amp: str | None = None,
 ) -> float:
     """Median latency of one forward pass in milliseconds (batch 1 by default); see :func:`measure_throughput`."""
-    return measure_throughput(model, input_size, batch_size, warmup, runs, device).latency_ms
+    return measure_throughput(model, input_size, batch_size, warmup, runs, device, amp).latency_ms
 
 
 def compare_throughput(
@@ -149,6 +166,7 @@ def compare_throughput(
     rounds: int = 3,
     reports: bool = False,
     progress: bool = False,
+    amp: str | None = None,
 ) -> dict[str, float] | dict[str, ThroughputReport]:
     """Median images/s of several models, timed interleaved so that machine noise hits them all alike.
 
@@ -164,6 +182,7 @@ def compare_throughput(
         reports: return each model's :class:`ThroughputReport` (with every timed run, e.g. to also compare best
             runs, which on a shared machine are the least disturbed) instead of its images/s.
         progress: report progress (one step per model and round, warm-up included).
+        amp: ``"fp16"`` or ``"bf16"`` autocast for every model (None: full precision).
 
     Returns:
         name -> median images per second (or name -> report), in the order of ``models``.
@@ -176,7 +195,7 @@ def compare_throughput(
     device = torch.device(device)
     from ..progress import track
 
-    timers = {name: _Timer(m, input_size, batch_size, device) for name, m in models.items()}
+    timers = {name: _Timer(m, input_size, batch_size, device, amp) for name, m in models.items()}
     names = list(timers)
     bar = track(total=len(names) * (rounds + 1), desc=f"timing {len(names)} models", enabled=progress)
     for name in names:

@@ -26,7 +26,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     # None = decide from the model name in run(); --no-pretrained / --pretrained force it
     p.set_defaults(pretrained=None)
     add_reduction_args(p)
-    p.add_argument("--compile", action="store_true", help="time the model after torch.compile")
+    p.add_argument("--compile", action="store_true", help="time the model after torch.compile (fullgraph)")
+    p.add_argument("--amp", choices=("fp16", "bf16"), default=None,
+                   help="time under torch.autocast in this dtype (default: full precision)")
     p.add_argument("--batch-size", "-b", type=positive_int, default=32,
                    help="batch size for throughput (default: %(default)s)")
     p.add_argument("--runs", type=positive_int, default=10, help="timed runs (default: %(default)s)")
@@ -68,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         macs = dense_macs
     size = default_input_size(model)
-    timed = torch.compile(model) if args.compile else model
+    timed = torch.compile(model, fullgraph=True) if args.compile else model
     tp = measure_throughput(timed, size, batch_size=args.batch_size, warmup=args.warmup, runs=args.runs,
-                            device=device)
-    lat = measure_latency(timed, size, warmup=args.warmup, runs=args.runs, device=device)
+                            device=device, amp=args.amp)
+    lat = measure_latency(timed, size, warmup=args.warmup, runs=args.runs, device=device, amp=args.amp)
     schedule = list(red.schedule) if red is not None else []
     row = {
         "model": args.model,
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         "options": red.options() if red is not None else {},
         "schedule": schedule,
         "compiled": bool(args.compile),
+        "amp": args.amp,
         "gmacs": macs.gmacs,
         "dense_gmacs": dense_macs.gmacs,
         "macs_fraction": macs.macs / dense_macs.macs,
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     amount = ", ".join(f"{k}={v}" for k, v in reduction_amount(args).items())
     print(f"model        {args.model}")
     print(f"method       {args.method}{f' ({amount})' if amount else ''}"
-          f"{' ' + str(opts) if opts else ''}{' [torch.compile]' if args.compile else ''}")
+          f"{' ' + str(opts) if opts else ''}{' [torch.compile]' if args.compile else ''}"
+          f"{f' [autocast {args.amp}]' if args.amp else ''}")
     if red is not None:
         print(f"schedule     {schedule}  (image tokens removed per block)")
     print(f"GMACs        {macs.gmacs:.3f}  ({100 * row['macs_fraction']:.1f}% of dense {dense_macs.gmacs:.3f})")

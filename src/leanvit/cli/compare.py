@@ -52,6 +52,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--bench-batch", type=positive_int, default=32, help="batch size for the throughput column")
     p.add_argument("--bench-runs", type=nonneg_int, default=3,
                    help="timed runs per model and round, 3 rounds (default: 3; 0 skips timing)")
+    p.add_argument("--compile", action="store_true",
+                   help="time every variant after torch.compile(fullgraph=True) (accuracy is evaluated eagerly)")
+    p.add_argument("--amp", choices=("fp16", "bf16"), default=None,
+                   help="time under torch.autocast in this dtype (accuracy is evaluated in full precision)")
     p.add_argument("--no-accuracy", action="store_true", help="skip evaluation (MACs and speed only)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--plot", default=None, help="write the accuracy-vs-GMACs plot (PNG/PDF/SVG)")
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     loader = None if args.no_accuracy else build_loader(args, model)
     rows = run_comparison(model, loader, args.methods, args.budgets, options, seeds=args.seeds,
                           bench_batch=args.bench_batch, bench_runs=args.bench_runs, device=device,
-                          progress=args.progress)
+                          progress=args.progress, compile=args.compile, amp=args.amp)
     n = len(loader.dataset) if loader is not None else 0
     print(f"{args.model} on {args.data} ({args.split}, {n} images), {device}, {torch.get_num_threads()} threads, "
           f"throughput at batch {args.bench_batch}")

@@ -95,7 +95,7 @@ def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[f
 def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequence[str], budgets: Sequence[float],
                    method_options: dict[str, dict[str, Any]] | None = None, seeds: int = 3,
                    bench_batch: int = 32, bench_runs: int = 3, device: str | torch.device = "cpu",
-                   progress: bool = True) -> list[CompareRow]:
+                   progress: bool = True, compile: bool = False, amp: str | None = None) -> list[CompareRow]:
     """Evaluate and time every (method, budget) on ``loader``; returns one row each (dense first).
 
     Phases, each with its progress output: solving the schedules, one evaluation pass over the data for every
@@ -106,6 +106,8 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
         loader: evaluation data; None skips accuracy (speed and MACs only).
         seeds: repetitions for methods whose selection is random (mean and std of top-1 are reported).
         bench_batch, bench_runs: throughput batch size and timed runs per round (3 interleaved rounds).
+        compile: time every variant after ``torch.compile(fullgraph=True)`` (accuracy is evaluated eagerly).
+        amp: time under ``torch.autocast`` in ``"fp16"`` or ``"bf16"`` (accuracy is evaluated in full precision).
     """
     from ..analysis import compare_throughput, count_macs
     from ..engine import evaluate
@@ -155,9 +157,9 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
             if red is not None:
                 red.set_stats(False)  # timed without the bookkeeping
     if bench_runs > 0:
-        named = {f"{m}@{b}": v for m, b, v in variants}
+        named = {f"{m}@{b}": torch.compile(v, fullgraph=True) if compile else v for m, b, v in variants}
         speed = compare_throughput(named, batch_size=bench_batch, runs=bench_runs, device=device,
-                                   progress=progress)
+                                   progress=progress, amp=amp)
         base = speed.get("dense@1.0")
         for row, key in zip(rows, named):
             row.images_per_s = speed[key]
