@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "leanvit_vit_fm_teacher"
 TRAIN_IMAGES = 55_000  # Fashion-MNIST's training split in leanvit (60,000 less the 5,000 validation images)
 # variant -> (method, keep); seeds per variant from --seeds (keep 0.5: the issue asks for two)
-VARIANTS = {"idle-0.7": ("idle", 0.7), "idle-0.5": ("idle", 0.5), "evit-0.7": ("evit", 0.7), "evit-0.5": ("evit", 0.5)}
+VARIANTS = {"idle-0.7": ("idle", 0.7), "idle-0.5": ("idle", 0.5), "evit-0.5": ("evit", 0.5), "evit-0.7": ("evit", 0.7)}
 SEEDS = {"idle-0.7": 1, "idle-0.5": 2, "evit-0.7": 1, "evit-0.5": 2}
 
 
@@ -61,6 +61,17 @@ def _ema_decay(epochs: int, batch: int, limit: int | None) -> float:
     return 1.0 - 1.0 / (1.33 * steps)
 
 
+def _finetune(v: str, seed: int, runs: Path, decay: float, args: argparse.Namespace) -> None:
+    method, keep = VARIANTS[v]
+    out = runs / f"{v}_s{seed}"
+    if (out / "model.safetensors").is_file():  # finished
+        return
+    limits = ["--limit", str(args.limit), "--limit-val", str(args.limit)] if args.limit else []
+    _leanvit("finetune", MODEL, "--method", method, "--keep", str(keep), "--epochs", str(args.epochs),
+             "--seed", str(seed), "--batch-size", str(args.batch_size), "--ema-decay", f"{decay:.6f}",
+             "--threads", str(args.threads), "--no-progress", *limits, "-o", str(out), "--resume")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -76,6 +87,11 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     decay = _ema_decay(args.epochs, args.batch_size, args.limit)
+    if not args.eval_only:  # every variant's first seed before any second seed: a stopped script has one of each
+        for seed in range(max(SEEDS[v] for v in variants)):
+            for v in variants:
+                if seed < SEEDS[v]:
+                    _finetune(v, seed, runs, decay, args)
     rows = [{"variant": "dense", "finetuned": "-", "top1": _eval(runs / "eval_dense.json", args)["top1"]}]
     for v in variants:
         method, keep = VARIANTS[v]
@@ -87,11 +103,6 @@ def main() -> None:
         finals, emas = [], []
         for seed in range(SEEDS[v]):
             out = runs / f"{v}_s{seed}"
-            if not (out / "model.safetensors").is_file() and not args.eval_only:
-                limits = ["--limit", str(args.limit), "--limit-val", str(args.limit)] if args.limit else []
-                _leanvit("finetune", MODEL, *amount, "--epochs", str(args.epochs), "--seed", str(seed),
-                         "--batch-size", str(args.batch_size), "--ema-decay", f"{decay:.6f}",
-                         "--threads", str(args.threads), "--no-progress", *limits, "-o", str(out), "--resume")
             if not (out / "model.safetensors").is_file():
                 continue
             finals.append(_eval(out / "eval_last.json", args, "--weights", str(out / "model.safetensors"),
@@ -118,7 +129,8 @@ def main() -> None:
         f"{MODEL} on the Fashion-MNIST test split ({args.limit or 10000} images). Fine-tuning: `leanvit finetune` "
         f"(IdleViT's recipe: self-distillation from the frozen dense model, cls token and position embedding frozen, "
         f"EMA, token-cut loss for idle), shortened to {args.epochs} epoch(s) at batch {args.batch_size}, EMA decay "
-        f"{decay:.6f}. Idle and EViT share their stages (blocks 4-6, 7-9, 10-12 of 12)."))
+        f"{decay:.6f}. Idle and EViT share their stages, from 1/4, 1/2 and 3/4 of the depth on (the 6-block teacher: "
+        f"block 3, block 4, blocks 5-6; DeiT: blocks 4-6, 7-9, 10-12 of 12)."))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,14 @@ SECTIONS = [
      "reducer's small bookkeeping ops pay in eager mode. Script: `benchmarks/speed_deit.py --compile`."),
     ("gtp_overhead", "GTP overhead profile", "Script: `benchmarks/gtp_overhead.py`."),
     ("gtp_overhead_b1", "GTP overhead profile at batch 1", "Script: `benchmarks/gtp_overhead.py`."),
+    ("idle_finetune", "IdleViT against EViT on the reference teacher, with and without fine-tuning",
+     "`leanvit finetune` (IdleViT's recipe, shortened as stated) on the shipped teacher, then `leanvit eval` on the "
+     "test set: the dense model, each method at keep 0.7 and 0.5 patched into the dense weights (no fine-tuning) and "
+     "after fine-tuning (last epoch's weights and their EMA; mean ± std over seeds). Script: "
+     "`benchmarks/idle_finetune.py`."),
+    ("speed_idle", "IdleViT against EViT: speed on DeiT-S at 224 (CPU)",
+     "Each method beside its zero-overhead ideal (the same token counts by plain truncation), all rows in one "
+     "interleaved run. Script: `benchmarks/speed_idle.py`."),
     ("findings", "What the figures say (and what they do not yet)", ""),
 ]
 

@@ -285,3 +285,16 @@ def test_cli_compare_timm_checkpoint_on_imagefolder(run_cli, tmp_path):
     expected = 100.0 * (preds == torch.tensor([ds[i][1] for i in range(len(ds))])).float().mean().item()
     assert dense["method"] == "dense" and abs(dense["top1"] - expected) < 1e-6
     assert all(r["macs_ratio"] <= 0.8 + 1e-9 for r in data["rows"][1:])
+
+
+def test_compare_a_model_that_comes_patched():
+    """A fine-tuned zoo model comes patched: its patch is a row of its own, dense is its weights unpatched, and the
+    other methods replace the patch on copies (the model itself is left as it came)."""
+    from leanvit.reduce.compare import run_comparison
+    from test_reduce import make
+
+    model = leanvit.patch(make("deit", img_size=96, depth=4), "idle", keep=0.5)
+    rows = run_comparison(model, None, ["dense", "evit"], [0.7], bench_runs=0, progress=False)
+    assert [r.method for r in rows] == ["dense", "idle-shipped", "evit"]
+    assert rows[0].macs_ratio == 1.0 and rows[1].macs_ratio < 0.8 and rows[2].macs_ratio <= 0.7
+    assert get_reducer(model).name == "idle" and get_reducer(model).report["keep"] == 0.5

@@ -149,3 +149,58 @@ def test_resume_with_other_model_or_loss_refused(runs, run_cli, fmnist_train_dir
                                         "leanvit_vit_fm_student", "--kd-weight", "0.5"))
     assert code == 2 and "loss terms were" in err and "'kd'" in err and "Traceback" not in err
     assert (runs["straight"] / "last.pt").read_bytes() == before
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_mid_epoch_is_exact(fmnist_train_dir, tmp_path):
+    """A run stopped between two mid-epoch checkpoints resumes from the last one (not from the epoch start) and
+    ends with the same weights, EMA, log and RNG stream as an uninterrupted run."""
+    import timm
+
+    from leanvit.data import build_dataset
+    from leanvit.engine.losses import LossTerm
+    from leanvit.engine.train import TrainConfig, Trainer
+
+    class Tripwire(LossTerm):
+        """Adds nothing; raises once its countdown reaches zero (a run killed after that many steps)."""
+
+        name = "tripwire"
+
+        def __init__(self, after: int | None):
+            super().__init__(0.0)
+            self.left = after
+
+        def forward(self, ctx):
+            if self.left is not None:
+                self.left -= 1
+                if self.left < 0:
+                    raise _Stop
+            return ctx.logits.sum() * 0.0
+
+    def trainer(out, after=None):
+        torch.manual_seed(0)
+        model = timm.create_model("leanvit_vit_fm_student", pretrained=False)
+        data = build_dataset(f"fmnist:{fmnist_train_dir}", "trainval", model, train=True, limit=256,
+                             progress=False)
+        cfg = TrainConfig(epochs=2, batch_size=32, seed=0, progress=False, checkpoint_steps=3, ema_decay=0.9,
+                          warmup_epochs=0.5)
+        return Trainer(model, data, None, cfg, out, loss_terms=[Tripwire(after)])
+
+    straight = trainer(tmp_path / "straight")
+    straight.fit()
+    stopped = trainer(tmp_path / "stopped", after=13)  # 8 steps an epoch: stopped in epoch 2 after step 13
+    with pytest.raises(_Stop):
+        stopped.fit()
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["step"] == 11  # the mid-epoch checkpoint at 8 + 3
+    resumed = trainer(tmp_path / "stopped")
+    assert resumed.resume() and resumed.step == 11 and resumed.epoch == 1
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(straight.ema.module.state_dict().values(),
+                                                  resumed.ema.module.state_dict().values()))
+    for row_a, row_b in zip(straight.history, resumed.history):
+        assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-6) and row_a["step"] == row_b["step"]

@@ -17,6 +17,7 @@ from leanvit.zoo import RUNS_DIR, has_weights
 
 TARGETS = {"leanvit_vit_fm_teacher": 90.0, "leanvit_vit_fm_student": 88.0}
 SHIPPED = [m for m in TARGETS if has_weights(m)]
+FINETUNED = ["leanvit_vit_fm_teacher_idle70", "leanvit_vit_fm_teacher_idle50", "leanvit_vit_fm_teacher_evit50"]
 
 
 def test_reference_models_registered():
@@ -34,7 +35,7 @@ def test_student_is_a_third_of_the_teacher():
     assert 0.25 < s / t < 0.4
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED + [m for m in FINETUNED if has_weights(m)])
 def test_shipped_run_is_documented(name):
     run = RUNS_DIR / name
     for f in ("config.yaml", "command.txt", "log.csv", "eval.json"):
@@ -77,3 +78,17 @@ def test_fine_tuned_reduction_models_come_patched(name):
 
         cfg = yaml.safe_load((RUNS_DIR / name / "config.yaml").read_text())
         assert cfg["patch"]["method"] == method and cfg["patch"]["keep"] == keep  # shipped as it was fine-tuned
+
+
+@pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="needs apt-get install -y dataset-fashion-mnist")
+@pytest.mark.parametrize("name", [m for m in FINETUNED if has_weights(m)])
+def test_shipped_fine_tuned_model_gives_its_recorded_accuracy(name):
+    """The shipped fine-tuned file, created patched, gives the accuracy recorded in its eval.json (checked on the
+    first 1,000 test images, recorded there too, to keep the suite short)."""
+    torch.set_num_threads(2)
+    model = timm.create_model(name, pretrained=True).eval()
+    ds = build_dataset("fmnist", "test", model, limit=1000)
+    res = evaluate(model, DataLoader(ds, batch_size=250), progress=False)
+    recorded = json.loads((RUNS_DIR / name / "eval_1000.json").read_text())
+    assert res.n == 1000 and abs(res.top1 - recorded["top1"]) < 0.02
+    assert json.loads((RUNS_DIR / name / "eval.json").read_text())["n"] == 10_000

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ConfigError
 from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
-                     check_model_name, check_output_dir, nonneg_float, positive_float, positive_int, resolve_device,
-                     save_resolved, setup_runtime)
+                     check_model_name, check_output_dir, nonneg_float, nonneg_int, positive_float, positive_int,
+                     resolve_device, save_resolved, setup_runtime)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -63,6 +63,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable autocast on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frozen", nargs="*", default=[], help="parameter name prefixes to freeze (e.g. cls_token)")
+    p.add_argument("--checkpoint-steps", type=nonneg_int, default=100,
+                   help="also write the resumable checkpoint every N steps within an epoch, so that a stopped run "
+                        "loses at most N steps (0: at epoch ends only; default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,7 +125,8 @@ def run_training(args: argparse.Namespace, build_losses: LossBuilder, run_info: 
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         mixup=args.mixup, cutmix=args.cutmix, ema_decay=args.ema_decay, clip_grad=args.clip_grad or None,
-        amp=args.amp, seed=args.seed, workers=args.workers, frozen=tuple(args.frozen), progress=args.progress)
+        amp=args.amp, seed=args.seed, workers=args.workers, frozen=tuple(args.frozen), progress=args.progress,
+        checkpoint_steps=args.checkpoint_steps)
     terms, teacher, ce_weight = build_losses(args, model)
     out = Path(args.output)
     run_info = {"model": args.model, "data": args.data, "split": args.split, **(run_info or {}),

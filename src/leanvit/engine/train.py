@@ -53,6 +53,7 @@ class TrainConfig:
     frozen: Sequence[str] = ()
     progress: bool = True
     find_unused_parameters: bool = False
+    checkpoint_steps: int = 100  # also checkpoint every this many steps within an epoch (0: at epoch ends only)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -65,6 +66,25 @@ class TrainConfig:
             raise ConfigError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        if self.checkpoint_steps < 0:
+            raise ConfigError(f"checkpoint_steps must be >= 0, got {self.checkpoint_steps}")
+
+
+class _SkipSampler(torch.utils.data.Sampler):
+    """The epoch's sampler without its first ``skip`` indices: resuming mid-epoch continues the same order
+    without loading (or drawing random augmentations for) the batches already trained on."""
+
+    def __init__(self, base: torch.utils.data.Sampler, skip: int):
+        self.base, self.skip = base, skip
+
+    def __iter__(self):
+        it = iter(self.base)
+        for _ in range(self.skip):
+            next(it)
+        return it
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
 
 
 def _seed_all(seed: int) -> None:
@@ -225,6 +245,7 @@ class Trainer:
                     if self.dist.enabled else self.step_module)
         self.epoch = 0  # epochs completed
         self.step = 0
+        self._partial: dict[str, Any] | None = None  # the running sums of an epoch stopped mid-way (resume)
         self.history: list[dict[str, Any]] = []
         self.best_top1 = -1.0
 
@@ -246,6 +267,7 @@ class Trainer:
             "step": self.step,
             "history": self.history,
             "best_top1": self.best_top1,
+            "partial": self._partial,
             "config": asdict(self.cfg),
             "run_info": self.run_info,
             "terms": self._terms_desc(),
@@ -267,6 +289,7 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state["history"])
         self.best_top1 = float(state.get("best_top1", -1.0))
+        self._partial = state.get("partial")
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (default ``output/last.pt``) if it exists; returns whether anything was loaded."""
@@ -310,12 +333,26 @@ class Trainer:
         cfg = self.cfg
         self.ddp.train()
         self.sampler.set_epoch(self.epoch)
-        _seed_all(cfg.seed * 100_003 + self.epoch * 1_009 + self.dist.rank)
-        sums: dict[str, float] = {}
-        seen = 0
-        t0 = time.perf_counter()
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.progress and self.dist.is_main))
+        done = self.step - self.epoch * self.steps_per_epoch  # batches of this epoch trained before a resume
+        loader = self.loader
+        if done > 0 and self._partial is not None:
+            # resumed mid-epoch: the RNG state was restored with the checkpoint; skip the batches already done
+            sums, seen, before = dict(self._partial["sums"]), int(self._partial["seen"]), self._partial["seconds"]
+            loader = DataLoader(self.train_set, batch_size=cfg.batch_size, drop_last=True,
+                                sampler=_SkipSampler(self.sampler, done * cfg.batch_size), num_workers=cfg.workers,
+                                pin_memory=self.device.type == "cuda")
+        else:
+            _seed_all(cfg.seed * 100_003 + self.epoch * 1_009 + self.dist.rank)
+            sums, seen, before = {}, 0, 0.0
+        t0 = time.perf_counter() - before
+        batches = iter(loader)
+        if done > 0 and self._partial is not None:
+            # creating the iterator draws a seed from the RNG, which the interrupted run did at the epoch's start:
+            # restore the checkpoint's state after it, so that the run continues with the same random stream
+            _set_rng_state(self._partial["rng"])
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (cfg.progress and self.dist.is_main), initial=max(done, 0),
+                   total=self.steps_per_epoch)
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -349,6 +386,13 @@ class Trainer:
             remaining = (self.total_steps - self.step) * bs * self.dist.world_size / max(ips, 1e-9)
             bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{ips:.0f}", eta=f"{remaining / 60:.0f}m")
+            in_epoch = self.step - self.epoch * self.steps_per_epoch
+            if cfg.checkpoint_steps and in_epoch % cfg.checkpoint_steps == 0 and in_epoch < self.steps_per_epoch:
+                # a checkpoint within the epoch: a stopped run loses at most checkpoint_steps steps
+                self._partial = {"sums": dict(sums), "seen": seen, "seconds": elapsed, "rng": _rng_state()}
+                if self.dist.is_main:
+                    save_checkpoint(self.state_dict(), self.last_path)
+        self._partial = None
         elapsed = time.perf_counter() - t0
         row = {k: v / seen for k, v in sums.items()}
         row["images_per_s"] = seen * self.dist.world_size / elapsed

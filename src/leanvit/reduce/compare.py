@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
 from ..progress import track
-from . import METHODS, check_options, get_reducer, patch
+from . import METHODS, check_options, get_reducer, patch, unpatch
 
 # options whose results vary with the RNG (selection by random score): evaluated over several seeds
 _RANDOM_OPTIONS = {("score", "random")}
@@ -75,14 +75,24 @@ def own_schedule(opts: dict[str, Any]) -> bool:
 def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[float],
                    method_options: dict[str, dict[str, Any]] | None = None,
                    progress: bool = False) -> list[tuple[str, float | None, nn.Module]]:
-    """Deep copies of ``model``, one per (method, budget), patched; ``dense`` appears once at budget 1.0.
+    """Deep copies of ``model``, one per (method, budget), patched; ``dense`` appears once at budget 1.0. A model
+    that comes patched (e.g. ``leanvit_vit_fm_teacher_idle70``) adds its own patch as a row ``METHOD-shipped``;
+    ``dense`` is then its weights unpatched.
 
     A name in ``methods`` may be a label whose options carry ``method`` (see :func:`resolve_method`); a label with
     its own schedule (``keep`` or ``r``) gives one variant with budget None."""
     resolved = {m: resolve_method(m, method_options) for m in methods if m != "dense"}
     jobs = [(m, b) for m, (_, opts) in resolved.items() for b in ([None] if own_schedule(opts) else budgets)]
     out = []
-    if "dense" in methods:
+    shipped = get_reducer(model)
+    if shipped is not None:
+        # a model that comes patched (a fine-tuned zoo model): its own patch is a row, "dense" is its weights
+        # without any patch, and every other method replaces the patch on a copy
+        dense = unpatch(copy.deepcopy(model))
+        if "dense" in methods:
+            out.append(("dense", 1.0, dense))
+        out.append((f"{shipped.name}-shipped", None, model))
+    elif "dense" in methods:
         out.append(("dense", 1.0, model))
     for m, b in track(jobs, desc="solving schedules", enabled=progress):
         method, opts = resolved[m]
@@ -119,7 +129,7 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
     method_options = method_options or {}
     model = model.to(device).eval()
     variants = build_variants(model, methods, budgets, method_options, progress=progress)
-    dense_macs = count_macs(model, device=device).macs
+    dense_macs = count_macs(unpatch(copy.deepcopy(model)) if get_reducer(model) else model, device=device).macs
     rows: list[CompareRow] = []
     for method, budget, variant in variants:
         red = get_reducer(variant)

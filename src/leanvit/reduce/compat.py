@@ -142,16 +142,23 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, req: AttnRequest = A
     bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None  # (B, 1, 1, N)
     probs = score = selected = keep = mean_logits = None
     if req.select is not None:
-        # the masked (training) path of a subset: unselected tokens are masked out as keys; outputs gated below
-        logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-        if bias is not None:
-            logits = logits + bias
-        index = req.select(logits[:, :, 0].mean(1))
+        # the masked (training) path of a subset: unselected tokens are masked out as keys of the fused attention;
+        # outputs gated below. No (B, H, N, N) map: the cls row is one row, and the head-averaged logits of the
+        # token-cut loss are one matmul over the full width, mean_h q_h.k_h = (q_1..q_H).(k_1..k_H) / H
+        cls_logits = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).mean(1)[:, 0]  # (B, N)
+        if size_bias is not None:
+            cls_logits = cls_logits + size_bias.to(q.dtype)
+        index = req.select(cls_logits)
         selected = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, index, True)
         if req.logits:
-            mean_logits = logits.mean(1)
-        probs = logits.masked_fill(~selected[:, None, None, :], float("-inf")).softmax(dim=-1)
-        out = attn.attn_drop(probs) @ v
+            qf, kf = (t.transpose(1, 2).reshape(B, N, heads * head_dim) for t in (q, k))
+            mean_logits = (qf @ kf.transpose(1, 2)) * (attn.scale / heads)  # (B, N, N)
+            if size_bias is not None:
+                mean_logits = mean_logits + size_bias[:, None, :].to(q.dtype)
+        key_mask = torch.zeros(B, 1, 1, N, dtype=q.dtype, device=x.device).masked_fill(
+            ~selected[:, None, None, :], float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask if bias is None else key_mask + bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
         keep = selected[..., None].to(x.dtype)
     elif req.fused_score is not None and not req.explicit:
         # the attention stays fused; the score comes from its own exact pass over q and k (no attention map)
