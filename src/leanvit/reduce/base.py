@@ -80,7 +80,7 @@ class AttnRequest:
     @property
     def explicit(self) -> bool:
         """Whether the attention map must be computed explicitly (no fused kernel)."""
-        return self.probs or self.theta < 1.0 or self.score is not None or (self.select is not None and self.masked)
+        return self.probs or self.theta < 1.0 or self.score is not None
 
 
 class TokenReducer:
