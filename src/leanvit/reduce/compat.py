@@ -27,7 +27,7 @@ from timm.models.vision_transformer import Block as TimmBlock, VisionTransformer
 from ..errors import UnsupportedModelError
 from ..models.shuffle import ChannelShuffleBlock
 from ..ops.schedule import BlockShape
-from ..ops.select import sparsify_attention
+from ..ops.select import gather_tokens, sparsify_attention
 from .base import AttnRequest
 
 if TYPE_CHECKING:
@@ -202,17 +202,18 @@ def _subset_attention(attn: TimmAttention, x: torch.Tensor, req: AttnRequest) ->
     A = attn.qkv.out_features // 3
     head_dim = A // heads
     w, b = attn.qkv.weight, attn.qkv.bias
-    k = attn.k_norm(F.linear(x, w[A:2 * A], None if b is None else b[A:2 * A])
-                    .view(B, N, heads, head_dim).transpose(1, 2))  # (B, H, N, Dh)
-    q_cls = attn.q_norm(F.linear(x[:, :1], w[:A], None if b is None else b[:A]).view(B, 1, heads, head_dim)
-                        .transpose(1, 2))  # (B, H, 1, Dh)
-    cls_logits = ((q_cls * attn.scale) @ k.transpose(-2, -1)).mean(1)[:, 0]  # (B, N)
+    # keys of every token, laid out (B, N, H * Dh) so that the selected ones are gathered as rows
+    k = attn.k_norm(F.linear(x, w[A:2 * A], None if b is None else b[A:2 * A]).view(B, N, heads, head_dim))
+    k = k.reshape(B, N, A)
+    q_cls = attn.q_norm(F.linear(x[:, :1], w[:A], None if b is None else b[:A]).view(B, 1, heads, head_dim))
+    # mean over heads of q_h.k_h is the full-width product over the number of heads: one (1 x N) product per image
+    cls_logits = (q_cls.reshape(B, 1, A) @ k.transpose(1, 2))[:, 0] * (attn.scale / heads)  # (B, N)
     if req.size_bias is not None:
         cls_logits = cls_logits + req.size_bias
     index = req.select(cls_logits)  # (B, M)
     M = index.shape[1]
-    xs = x.gather(1, index[..., None].expand(B, M, C))
-    ks = k.gather(2, index[:, None, :, None].expand(B, heads, M, head_dim))
+    xs = gather_tokens(x, index)
+    ks = gather_tokens(k, index).view(B, M, heads, head_dim).transpose(1, 2)  # (B, H, M, Dh)
     # queries and values of the selected tokens from views of the qkv weight (no copy of the weights)
     q = attn.q_norm(F.linear(xs, w[:A], None if b is None else b[:A]).view(B, M, heads, head_dim).transpose(1, 2))
     v = F.linear(xs, w[2 * A:], None if b is None else b[2 * A:]).view(B, M, heads, head_dim).transpose(1, 2)
@@ -309,7 +310,7 @@ class ReducingBlock(_Reducing, TimmBlock):
         x = red.before_attn(i, x)
         a = attention_forward(self.attn, self.norm1(x), red.request(i))
         if a.index is not None:  # the attention computed a subset: so does the rest of the block
-            x = x.gather(1, a.index[..., None].expand(-1, -1, x.shape[-1]))
+            x = gather_tokens(x, a.index)
         x = x + self.drop_path1(self.ls1(a.x))
         x = red.reduce(i, x, a)
         y = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -184,8 +184,10 @@ class IdleReducer(TokenReducer):
         if self._full is None:
             return x
         full, self._full = self._full, None
-        index = self._index[..., None].expand(-1, -1, x.shape[-1])
-        return full.scatter(1, index, x)  # computed tokens back in place; idle ones unchanged
+        B, N, C = full.shape
+        # computed tokens back in place as rows of the flattened batch (one index_copy); idle ones unchanged
+        rows = (self._index + torch.arange(B, device=full.device)[:, None] * N).reshape(-1)
+        return full.reshape(B * N, C).index_copy(0, rows, x.reshape(-1, C)).view(B, N, C)
 
     def _trace_idle(self, i: int, computed: torch.Tensor) -> None:
         prev = self._state
