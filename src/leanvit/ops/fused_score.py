@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from .select import combine_scores
+
 try:  # Triton ships with CUDA builds of PyTorch; the CPU-only build lacks it
     import triton
     import triton.language as tl
@@ -33,20 +35,6 @@ except ImportError:  # pragma: no cover
 
 # image tokens' score kinds that the fused pass computes (``random`` and ``cls`` need no map at all)
 FUSABLE = ("mixed", "mixed_mean", "colsum", "diag")
-
-
-def combine(diag: torch.Tensor, col: torch.Tensor, num_prefix: int, kind: str) -> torch.Tensor:
-    """The score of each image token from ``diag`` and ``col`` ``(B, H, N)`` (as ``ops.select.attention_score``)."""
-    diag, col = diag[..., num_prefix:], col[..., num_prefix:]
-    if kind == "mixed":
-        return diag.amax(1) * col.amax(1)
-    if kind == "mixed_mean":
-        return diag.mean(1) * col.mean(1)
-    if kind == "colsum":
-        return col.amax(1)
-    if kind == "diag":
-        return diag.amax(1)
-    raise ValueError(f"score '{kind}' is not computed by the fused pass; use one of {', '.join(FUSABLE)}")
 
 
 def torch_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -162,7 +150,7 @@ def fused_score(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, sca
     if kind not in FUSABLE:
         raise ValueError(f"score '{kind}' is not computed by the fused pass; use one of {', '.join(FUSABLE)}")
     diag, col = _diag_colsum_op(q, k, bias, float(scale))
-    return combine(diag, col, num_prefix, kind).to(q.dtype)
+    return combine_scores(diag, col, num_prefix, kind).to(q.dtype)
 
 
-__all__ = ["FUSABLE", "combine", "fused_score", "torch_scores", "triton_scores"]
+__all__ = ["FUSABLE", "fused_score", "torch_scores", "triton_scores"]

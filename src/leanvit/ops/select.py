@@ -30,8 +30,15 @@ def attention_score(attn: torch.Tensor, num_prefix: int, kind: str = "mixed", ha
         if not has_cls:
             raise ValueError("score 'cls' needs a model with a cls token")
         return cls_score(attn[:, :, 0], num_prefix)
-    diag = attn.diagonal(dim1=-2, dim2=-1)[..., num_prefix:]  # (B, H, N_img)
-    col = attn[..., num_prefix:].sum(-2)  # (B, H, N_img)
+    if kind not in SCORES:
+        raise ValueError(f"unknown score '{kind}'; choose one of {', '.join(SCORES)}")
+    return combine_scores(attn.diagonal(dim1=-2, dim2=-1), attn.sum(-2), num_prefix, kind)
+
+
+def combine_scores(diag: torch.Tensor, col: torch.Tensor, num_prefix: int, kind: str) -> torch.Tensor:
+    """The ``mixed``, ``mixed_mean``, ``colsum`` or ``diag`` score of each image token from the attention map's
+    diagonal and column sums ``(B, H, N)`` (all tokens; the prefix is dropped here)."""
+    diag, col = diag[..., num_prefix:], col[..., num_prefix:]
     if kind == "mixed":
         return diag.amax(1) * col.amax(1)
     if kind == "mixed_mean":
@@ -40,7 +47,7 @@ def attention_score(attn: torch.Tensor, num_prefix: int, kind: str = "mixed", ha
         return col.amax(1)
     if kind == "diag":
         return diag.amax(1)
-    raise ValueError(f"unknown score '{kind}'; choose one of {', '.join(SCORES)}")
+    raise ValueError(f"score '{kind}' is not computed from the diagonal and column sums")
 
 
 def cls_score(cls_probs: torch.Tensor, num_prefix: int) -> torch.Tensor:
