@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import leanvit
-from leanvit.engine import StepContext, load_checkpoint
+from leanvit.engine import load_checkpoint
 from leanvit.errors import ConfigError
 from leanvit.finetune import (SelfDistillFeaturesTerm, SelfDistillLogitsTerm, TokenCutTerm, finetune_terms,
                               token_cut_loss, token_cut_terms)
-from test_distill import FixedTeacher
+from test_distill import _ctx
 
 # One idle layer, B = 1, N = 4 (cls + 3 image tokens). Logits are log(A): softmax(log a) = a / sum(a), so the
 # attention rows are A / 10 exactly (every row of A sums to 10).
@@ -95,12 +95,6 @@ class _StubReducer:
         self.cut_inputs = cut_inputs
 
 
-def _ctx(logits, features=None, t_features=None, t_logits=None) -> StepContext:
-    b = logits.shape[0]
-    teacher = FixedTeacher(t_features if t_features is not None else torch.zeros(b, 1),
-                            t_logits if t_logits is not None else torch.zeros_like(logits))
-    return StepContext(nn.Identity(), torch.zeros(b, 1, 4, 4), torch.zeros(b, dtype=torch.long), logits, features,
-                       teacher)
 
 
 def test_token_cut_term_averages_the_idle_layers(monkeypatch):

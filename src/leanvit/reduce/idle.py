@@ -205,12 +205,3 @@ class IdleReducer(TokenReducer):
         self._full = self._index = None
         self._k = 0
         self.cut_inputs = []
-
-
-def keep_of(schedule: list[int], num_image: int) -> float:
-    """The first idling block's keep ratio of a schedule (1.0 when nothing idles)."""
-    for s in schedule:
-        if s:
-            return (num_image - s) / num_image
-    return 1.0
-
