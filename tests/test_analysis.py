@@ -62,6 +62,31 @@ def test_macs_per_image_and_fused_attention_counted():
     assert fused.macs == unfused.macs == _analytic_macs(model)
 
 
+class _InPlace(nn.Module):
+    def forward(self, x):  # x (B, 1, 4, 5): an in-place batched product and an in-place matrix product
+        x = x[:, 0]
+        out = x[:, :, :3].clone()
+        out[:, 1:].baddbmm_(x[:, 1:, :4], x[:, :4, :3])
+        flat = out.reshape(-1, 3).clone()
+        return flat.addmm_(x.reshape(-1, 5)[:, :2], x[0, :2, :3])
+
+
+def test_macs_count_in_place_products():
+    # GTP's propagation runs as out[:, P:].baddbmm_(w, x_removed): in-place products count like out-of-place ones
+    rep = count_macs(_InPlace(), input_size=(1, 4, 5), batch_size=2)
+    assert rep.macs == (3 * 4 * 3) + (4 * 2 * 3)  # per image: baddbmm_ (3x4 @ 4x3), addmm_ (4 rows x 2 x 3)
+
+
+def test_gtp_propagation_counted():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10)
+    gtp = leanvit.patch(model, "gtp", r=4)
+    by_op = {str(k): v for k, v in count_macs(gtp).by_op.items()}
+    # two reducing blocks; in each, every kept image token receives the features (C) and the size (1) of the 4
+    # removed ones: K * r * (C + 1) MACs
+    dim, n = model.embed_dim, model.patch_embed.num_patches
+    assert by_op["aten.baddbmm_"] == sum((n - 4 * (i + 1)) * 4 * (dim + 1) for i in range(2))
+
+
 def test_macs_restores_training_flag():
     model = _tiny_vit().train()
     count_macs(model)

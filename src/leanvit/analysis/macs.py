@@ -4,7 +4,7 @@ Counting convention (the one behind the "4.6 GMACs" that papers quote for DeiT-S
 
 * counted: the ops torch's :class:`~torch.utils.flop_counter.FlopCounterMode` has formulas for, i.e. matrix
   products and convolutions: ``mm``, ``addmm`` (``nn.Linear``), ``bmm``, ``baddbmm``, ``matmul`` (which
-  decomposes into those), ``convolution`` (patch embedding, conv stems) and scaled dot-product attention
+  decomposes into those; their in-place forms too), ``convolution`` (patch embedding, conv stems) and scaled dot-product attention
   (``q @ k^T`` and ``attn @ v``, two batched matmuls per head);
 * not counted: elementwise ops (adds, scaling, residuals), softmax, LayerNorm / BatchNorm, GELU, pooling, and the
   gathers / scatters / sorts that token-reduction methods add. These are small next to the matmuls and are
@@ -62,10 +62,26 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _baddbmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``self.baddbmm_(a, b)``: those of the batched product ``a @ b`` (the add is not counted)."""
+    return flop_counter.bmm_flop(a_shape, b_shape)
+
+
+def _addmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``self.addmm_(a, b)``: those of the product ``a @ b``."""
+    return flop_counter.mm_flop(a_shape, b_shape)
+
+
 def _sdpa_mapping() -> dict:
-    """Flop formulas for fused attention kernels that torch's counter does not register (the CPU one)."""
+    """Flop formulas torch's counter does not register: the CPU fused attention kernel, and the in-place matrix
+    products (``baddbmm_``, ``addmm_``: GTP's propagation and size updates run in place) with the
+    formulas of their out-of-place forms."""
     aten = torch.ops.aten
     mapping = {}
+    for name, formula in (("baddbmm_", _baddbmm_flop), ("addmm_", _addmm_flop)):
+        op = getattr(aten, name, None)
+        if op is not None and op not in flop_counter.flop_registry:
+            mapping[op] = formula
     for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable"):
         op = getattr(aten, name, None)
         if op is not None and op not in flop_counter.flop_registry:
