@@ -54,6 +54,27 @@ def test_fullgraph_one_graph_no_break(case):
     assert not profiler, profiler
 
 
+def _graph_ops(model: torch.nn.Module, batch: int) -> int:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, fullgraph=True, dynamic=False, backend=backend)(torch.randn(batch, 3, 224, 224))
+    return sum(n.op.startswith("call") for n in graphs[0].graph.nodes)
+
+
+@pytest.mark.parametrize("case", ["gtp", "idle"])
+def test_compiled_graph_does_not_grow_with_batch(case):
+    # eager CPU attention with an explicit map runs a few images at a time; compiled, it must not, or every slice
+    # is traced and compiled as its own kernels (GTP's compile time grew with the batch size)
+    model = _model(case)
+    assert _graph_ops(model, 16) == _graph_ops(model, 1)
+
+
 def test_idle_training_path_compiles():
     model = _model("idle").train()
     x = _x()

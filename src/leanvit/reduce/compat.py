@@ -168,8 +168,10 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, req: AttnRequest = A
             score = req.fused_score(q, k, size_bias, attn.scale)
     elif req.explicit:
         # explicit attention: the reducer needs the probabilities or a score of them (labelled for profiles);
-        # sliced over the batch on CPU unless the whole map is asked for
-        sliced = req.score is not None and not req.probs and not q.is_cuda
+        # sliced over the batch on CPU unless the whole map is asked for; never when compiling: inductor fuses the
+        # softmax, the product with V and the score by itself, and each slice would be traced and compiled as
+        # separate kernels (their offsets differ), which multiplied GTP's compile time
+        sliced = req.score is not None and not req.probs and not q.is_cuda and not torch.compiler.is_compiling()
         with label("leanvit.attn.explicit"):
             out, probs, score = _explicit_attention(q, k, v, bias, attn, req.theta, req.score, sliced)
     else:
