@@ -31,11 +31,18 @@ SECTIONS = [
      "Script: `benchmarks/gtp_nolost.py`."),
     ("speed_deit", "Token reduction speed on DeiT-S / DeiT-B at 224 (CPU)",
      "Script: `benchmarks/speed_deit.py`."),
-    ("speed_deit_compiled", "Token reduction speed on DeiT-S at batch 1 with torch.compile (CPU)",
-     "The same rows at batch 1, every model (dense and ideal included) compiled with `torch.compile` before "
-     "timing, run with `TORCHINDUCTOR_COMPILE_THREADS=1` in the environment (no background compile workers) and "
-     "written to a scratch name, as its command line shows. Compilation removes the per-op dispatch cost that a "
-     "reducer's small bookkeeping ops pay in eager mode. Script: `benchmarks/speed_deit.py --compile`."),
+    ("speed_deit_compiled", "Token reduction speed on DeiT-S with torch.compile (CPU)",
+     "The same rows on DeiT-S at batch 32 and 1, every model (dense and ideal included) compiled with "
+     "`torch.compile(fullgraph=True)` before timing, run with `TORCHINDUCTOR_COMPILE_THREADS=1` and an empty "
+     "`TORCHINDUCTOR_CACHE_DIR` in the environment (no background compile workers, no kernels from earlier runs). "
+     "Compilation removes the per-op dispatch cost that a reducer's small bookkeeping ops pay in eager mode. "
+     "Script: `benchmarks/speed_deit.py --compile`."),
+    ("compile_time", "Compile time of each method against the dense model (CPU)",
+     "How long `torch.compile` takes on a patched DeiT-S, and where the time goes. Script: "
+     "`benchmarks/compile_time.py`."),
+    ("compile_time_cpp_wrapper", "Compile time with inductor's cpp_wrapper (CPU)",
+     "The same measurement with `torch._inductor.config.cpp_wrapper = True`, which builds the graph's wrapper and "
+     "all its kernels as one C++ module. Script: `benchmarks/compile_time.py --cpp-wrapper`."),
     ("gtp_overhead", "GTP overhead profile", "Script: `benchmarks/gtp_overhead.py`."),
     ("gtp_overhead_b1", "GTP overhead profile at batch 1", "Script: `benchmarks/gtp_overhead.py`."),
     ("idle_finetune", "IdleViT against EViT on the reference teacher, with and without fine-tuning",

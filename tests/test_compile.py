@@ -54,7 +54,7 @@ def test_fullgraph_one_graph_no_break(case):
     assert not profiler, profiler
 
 
-def _graph_ops(model: torch.nn.Module, batch: int) -> int:
+def _graph(model: torch.nn.Module, batch: int, grad: bool = False) -> torch.fx.Graph:
     graphs = []
 
     def backend(gm, example_inputs):
@@ -62,9 +62,31 @@ def _graph_ops(model: torch.nn.Module, batch: int) -> int:
         return gm.forward
 
     torch._dynamo.reset()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         torch.compile(model, fullgraph=True, dynamic=False, backend=backend)(torch.randn(batch, 3, 224, 224))
-    return sum(n.op.startswith("call") for n in graphs[0].graph.nodes)
+    return graphs[0].graph
+
+
+def _graph_ops(model: torch.nn.Module, batch: int, grad: bool = False) -> int:
+    return sum(n.op.startswith("call") for n in _graph(model, batch, grad).nodes)
+
+
+def test_gtp_compiled_cpu_attention_is_one_op():
+    # compiled on CPU without gradients, GTP's explicit attention and its score statistics run as one cache-blocked
+    # op per reducing block where the map takes several slices; with gradients (no backward for the op), or for a
+    # batch that fits one slice, the attention is traced as usual
+    model = _model("gtp")
+    op = torch.ops.leanvit.explicit_attention_stats.default
+    assert sum(n.target == op for n in _graph(model, 8).nodes) == 4  # every block reduces at r=8
+    assert not any(n.target == op for n in _graph(model, 8, grad=True).nodes)
+    assert not any(n.target == op for n in _graph(model, 1).nodes)
+    assert not any(n.target == op for n in _graph(_model("gtp-cls"), 8).nodes)  # the cls score needs no map
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x)
+    assert torch.allclose(compiled, eager, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["gtp", "idle"])
@@ -72,7 +94,8 @@ def test_compiled_graph_does_not_grow_with_batch(case):
     # eager CPU attention with an explicit map runs a few images at a time; compiled, it must not, or every slice
     # is traced and compiled as its own kernels (GTP's compile time grew with the batch size)
     model = _model(case)
-    assert _graph_ops(model, 16) == _graph_ops(model, 1)
+    assert _graph_ops(model, 32) == _graph_ops(model, 16)  # GTP: the attention as one op
+    assert _graph_ops(model, 16, grad=True) == _graph_ops(model, 1, grad=True)  # GTP: the attention traced whole
 
 
 def test_idle_training_path_compiles():

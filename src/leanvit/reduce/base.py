@@ -72,10 +72,14 @@ class AttnRequest:
     masked: bool = False
     logits: bool = False
     fused_score: Callable[..., torch.Tensor] | None = None
+    score_stats: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     # ``fused_score``: instead of ``score``, a function ``(q, k, size_bias, scale) -> (B, N_img)`` that scores the
     # tokens from the queries and keys without the attention map, so that the attention stays fused
     # (:mod:`leanvit.ops.fused_score`); ignored when something else needs the explicit map.
+    # ``score_stats``: beside ``score``, the same score as a function ``(diag, colsum) -> (B, N_img)`` of the map's
+    # diagonal and column sums ``(B, H, N)``, for a score that needs no more of the map: a compiled CPU forward then
+    # runs the attention as one cache-blocked op (``leanvit::explicit_attention_stats``) instead of tracing it.
 
     @property
     def explicit(self) -> bool:

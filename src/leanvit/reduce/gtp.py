@@ -23,8 +23,8 @@ import torch
 
 from ..errors import ConfigError
 from ..ops.graph import GRAPHS, build_graph, fallback_edges, spatial_adjacency
-from ..ops.fused_score import fused_score
-from ..ops.select import SCORES, attention_score, cls_score, gather_tokens, split_topk
+from ..ops.fused_score import FUSABLE, fused_score
+from ..ops.select import SCORES, attention_score, cls_score, combine_scores, gather_tokens, split_topk
 from .base import AttnRequest, TokenReducer
 from .compat import AttnOut, ViTInfo, label
 
@@ -181,11 +181,15 @@ class GTPReducer(TokenReducer):
         return AttnRequest(size_bias=self.size_bias(), theta=self.theta,
                            score=self._score if needs_map and not fused else None,
                            fused_score=self._fused_score if fused else None,
+                           score_stats=self._score_stats if needs_map and self.score in FUSABLE else None,
                            cls_probs=reducing and self.score == "cls")
 
     def _fused_score(self, q: torch.Tensor, k: torch.Tensor, size_bias: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
         return fused_score(q, k, size_bias, scale, self.info.num_prefix, self.score)
+
+    def _score_stats(self, diag: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        return combine_scores(diag, col, self.info.num_prefix, self.score)
 
     def _score(self, probs: torch.Tensor) -> torch.Tensor:
         return attention_score(probs, self.info.num_prefix, self.score, self.info.has_cls)
