@@ -177,7 +177,8 @@ def attention_forward(attn: TimmAttention, x: torch.Tensor, req: AttnRequest = A
         # traced and compiled as separate kernels (their offsets differ), which multiplied GTP's compile time
         sliced = req.score is not None and not req.probs and not q.is_cuda and not torch.compiler.is_compiling()
         with label("leanvit.attn.explicit"):
-            out, probs, score = _explicit_attention(q, k, v, bias, attn, req.theta, req.score, sliced)
+            out, probs, score = _explicit_attention(q, k, v, bias, attn.scale, attn.attn_drop, req.theta,
+                                                    req.score, sliced)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -239,7 +240,8 @@ def _subset_attention(attn: TimmAttention, x: torch.Tensor, req: AttnRequest) ->
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                        attn: TimmAttention, theta: float, score_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+                        scale: float, drop: Callable[[torch.Tensor], torch.Tensor], theta: float,
+                        score_fn: Callable[[torch.Tensor], torch.Tensor] | None,
                         sliced: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(output, probs, score_fn(probs))`` of explicit attention; with ``sliced``, computed
     ``CPU_PROBS_CHUNK_BYTES`` of probabilities at a time and ``probs`` is None (never held whole)."""
@@ -248,10 +250,10 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     outs, scores = [], []
     for s in range(0, B, step):
         sl = slice(s, s + step)
-        probs = _attention_probs(q[sl], k[sl], None if bias is None else bias[sl], attn.scale)
+        probs = _attention_probs(q[sl], k[sl], None if bias is None else bias[sl], scale)
         if theta < 1.0:
             probs = sparsify_attention(probs, theta)
-        outs.append(attn.attn_drop(probs) @ v[sl])
+        outs.append(drop(probs) @ v[sl])
         if score_fn is not None:
             with label("leanvit.attn.score"):
                 scores.append(score_fn(probs))
@@ -288,15 +290,18 @@ def explicit_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     compile), and without it inductor streams the whole ``(B, H, N, N)`` map through memory several times (slower
     than the eager slices at batch 32 on CPU: compiled GTP kept 0.77 of the ideal speed-up against about 0.9
     eagerly). As a custom op the compiled graph calls this eager, cache-blocked code as one extern kernel."""
-    B = q.shape[0]
-    step = _slice_step(q)
-    outs, diags, cols = [], [], []
-    for s in range(0, B, step):
-        probs = _attention_probs(q[s:s + step], k[s:s + step], None if bias is None else bias[s:s + step], scale)
-        outs.append(probs @ v[s:s + step])
-        diags.append(probs.diagonal(dim1=-2, dim2=-1))
-        cols.append(probs.sum(-2))
-    return torch.cat(outs), torch.cat(diags), torch.cat(cols)
+    out, _, stats = _explicit_attention(q, k, v, bias, scale, _identity, 1.0, _diag_colsum, sliced=True)
+    diag, col = stats.unbind(1)
+    return out, diag.contiguous(), col.contiguous()
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _diag_colsum(probs: torch.Tensor) -> torch.Tensor:
+    """``(b, 2, H, N)``: the diagonal and the column sums of a slice of the map, stacked."""
+    return torch.stack((probs.diagonal(dim1=-2, dim2=-1), probs.sum(-2)), 1)
 
 
 @explicit_attention_stats.register_fake
