@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -56,14 +57,14 @@ def finished_epochs(run: Path) -> int:
     return rows[-1]["epoch"] if rows else 0
 
 
-def train_and_test(name: str, run: Path, args: argparse.Namespace) -> dict:
+def train_and_test(name: str, run: Path, seed: int, args: argparse.Namespace) -> dict:
     """Train ``name`` in ``run`` (resuming), evaluate its last weights on the test split; the run's results."""
     common = ["--data", args.data, "--threads", str(args.threads), "--no-progress"]
     if finished_epochs(run) < args.epochs:
         limits = [f for flag, v in (("--limit", args.limit), ("--limit-val", args.limit_val)) if v
                   for f in (flag, str(v))]
         leanvit("train", "-c", str(args.config), "--model", name, "-o", str(run), "--resume",
-                "--epochs", str(args.epochs), "--seed", str(args.seed), *limits, *common)
+                "--epochs", str(args.epochs), "--seed", str(seed), *limits, *common)
     test = run / "test.json"
     weights = run / "model.safetensors"
     if not test.is_file() or test.stat().st_mtime < weights.stat().st_mtime:
@@ -86,7 +87,8 @@ def main() -> None:
     p.add_argument("--limit-val", type=int, default=None, help="held-out images evaluated per epoch (default: all)")
     p.add_argument("--limit-test", type=int, default=None, help="test images (default: all 10,000)")
     p.add_argument("--data", default="fmnist", help="leanvit --data (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds per model (mean and spread in the table; seed 0's folder has no seed suffix)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablate_shuffle", help="parent of the run folders")
     p.add_argument("--name", default="ablate_shuffle", help="results/<name>.md and .json")
@@ -99,10 +101,15 @@ def main() -> None:
     for name in partners + args.variants:
         arch = SHUFFLE_ARCHS.get(name)
         model = timm.create_model(name)
+        runs = [train_and_test(name, args.runs / schedule / (name + (f"_s{s}" if s else "")), s, args)
+                for s in args.seeds]
+        tests = [r["test_top1"] for r in runs]
         rows.append({"model": name, "axis": arch.axis if arch else "partner", "design": design(arch),
                      "partner": arch.partner if arch else None, "macs": count_macs(model).macs,
-                     "params": sum(q.numel() for q in model.parameters()),
-                     **train_and_test(name, args.runs / schedule / name, args)})
+                     "params": sum(q.numel() for q in model.parameters()), "runs": runs,
+                     "val_top1": statistics.fmean(r["val_top1"] for r in runs) if runs[0]["val_top1"] is not None
+                     else None, "test_top1": statistics.fmean(tests),
+                     "test_std": statistics.stdev(tests) if len(tests) > 1 else None})
     by_name = {r["model"]: r for r in rows}
     for r in rows:
         partner = by_name.get(r["partner"])
@@ -112,14 +119,16 @@ def main() -> None:
     data = f"{args.data}, {args.limit or 'all'} training images" + (f", {args.limit_val} held-out" if args.limit_val
                                                                      else "")
     md = [f"Recipe `{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}` for "
-          f"{args.epochs} epochs ({data}), seed {args.seed}; top-1 of the last epoch's weights (val: held-out "
-          f"split, test: {args.limit_test or 'all 10,000'} test images). MACs per image at 28x28.\n",
+          f"{args.epochs} epochs ({data}), seeds {', '.join(map(str, args.seeds))} (mean ± std where several); "
+          f"top-1 of the last epoch's weights (val: held-out split, test: {args.limit_test or 'all 10,000'} test "
+          f"images). MACs per image at 28x28.\n",
           "| axis | model | design | GMACs | params (M) | MACs vs partner | val top-1 % | test top-1 % | "
           "test vs partner |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         val = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
+        test = f"{r['test_top1']:.2f}" + (f" ± {r['test_std']:.2f}" if r["test_std"] is not None else "")
         md.append(f"| {r['axis']} | {r['model']} | {r['design']} | {r['macs'] / 1e9:.4f} | {r['params'] / 1e6:.3f} | "
-                  f"{100 * r['macs_vs_partner']:.1f}% | {val} | {r['test_top1']:.2f} | {r['test_vs_partner']:+.2f} |")
+                  f"{100 * r['macs_vs_partner']:.1f}% | {val} | {test} | {r['test_vs_partner']:+.2f} |")
     write(args.name, {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, "\n".join(md))
 
 

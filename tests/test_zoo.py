@@ -27,6 +27,24 @@ def test_reference_models_registered():
         assert cfg["input_size"] == (1, 28, 28) and len(cfg["mean"]) == 1 and len(cfg["std"]) == 1
 
 
+def test_cnn_teacher_keeps_small_images_large():
+    """leanvit_resnet_fm_teacher: a timm ResNet whose stages see 28, 14, 7 and 4 pixels (not timm's 7 to 1)."""
+    from timm.models.resnet import ResNet
+
+    from leanvit.distill.features import block_features, pooled_features
+
+    torch.manual_seed(0)
+    model = timm.create_model("leanvit_resnet_fm_teacher").eval()
+    assert isinstance(model, ResNet) and model.pretrained_cfg["input_size"] == (1, 28, 28)
+    x = torch.randn(2, 1, 28, 28)
+    _, inter = model.forward_intermediates(x)
+    assert [t.shape[-1] for t in inter[1:]] == [28, 14, 7, 4]
+    assert [i["reduction"] for i in model.feature_info][1:] == [1, 2, 4, 8]
+    pre, logits = pooled_features(model, x)
+    assert pre.shape == (2, 256) and logits.shape == (2, 10)
+    assert len(block_features(model, x)[0]) == len(inter)
+
+
 def test_student_is_a_third_of_the_teacher():
     from leanvit.analysis import count_macs
 
