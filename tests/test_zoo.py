@@ -18,6 +18,8 @@ from leanvit.zoo import RUNS_DIR, has_weights
 TARGETS = {"leanvit_vit_fm_teacher": 90.0, "leanvit_vit_fm_student": 88.0}
 SHIPPED = [m for m in TARGETS if has_weights(m)]
 FINETUNED = ["leanvit_vit_fm_teacher_idle70", "leanvit_vit_fm_teacher_idle50", "leanvit_vit_fm_teacher_evit50"]
+# other shipped models: the CNN teacher (cross-architecture distillation), the distilled students
+OTHERS = ["leanvit_resnet_fm_teacher", "leanvit_vit_fm_student_pefd", "leanvit_vit_fm_student_proj"]
 
 
 def test_reference_models_registered():
@@ -25,6 +27,15 @@ def test_reference_models_registered():
     for name in TARGETS:
         cfg = timm.create_model(name, pretrained=False).pretrained_cfg
         assert cfg["input_size"] == (1, 28, 28) and len(cfg["mean"]) == 1 and len(cfg["std"]) == 1
+
+
+def test_distilled_students_are_the_student_architecture():
+    from leanvit.models.reference import DISTILLED_ARCHS
+
+    for name, (arch, method) in DISTILLED_ARCHS.items():
+        assert method in name and name in leanvit.list_models()
+        model, base = timm.create_model(name), timm.create_model(arch)
+        assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
 
 
 def test_cnn_teacher_keeps_small_images_large():
@@ -53,7 +64,7 @@ def test_student_is_a_third_of_the_teacher():
     assert 0.25 < s / t < 0.4
 
 
-@pytest.mark.parametrize("name", SHIPPED + [m for m in FINETUNED if has_weights(m)])
+@pytest.mark.parametrize("name", SHIPPED + [m for m in FINETUNED + OTHERS if has_weights(m)])
 def test_shipped_run_is_documented(name):
     run = RUNS_DIR / name
     for f in ("config.yaml", "command.txt", "log.csv", "eval.json"):
@@ -99,9 +110,9 @@ def test_fine_tuned_reduction_models_come_patched(name):
 
 
 @pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="needs apt-get install -y dataset-fashion-mnist")
-@pytest.mark.parametrize("name", [m for m in FINETUNED if has_weights(m)])
+@pytest.mark.parametrize("name", [m for m in FINETUNED + OTHERS if has_weights(m)])
 def test_shipped_fine_tuned_model_gives_its_recorded_accuracy(name):
-    """The shipped fine-tuned file, created patched, gives the accuracy recorded in its eval.json (checked on the
+    """The shipped fine-tuned (or distilled, or CNN) file, created as registered, gives the accuracy recorded in its eval.json (checked on the
     first 1,000 test images, recorded there too, to keep the suite short)."""
     torch.set_num_threads(2)
     model = timm.create_model(name, pretrained=True).eval()

@@ -22,7 +22,7 @@ from ..zoo import weight_file
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
 
-__all__ = ["REFERENCE_ARCHS", "REDUCED_ARCHS", "FMNIST_MEAN", "FMNIST_STD"]
+__all__ = ["DISTILLED_ARCHS", "REFERENCE_ARCHS", "REDUCED_ARCHS", "FMNIST_MEAN", "FMNIST_STD"]
 
 # name -> VisionTransformer kwargs. The student has about a third of the teacher's MACs.
 REFERENCE_ARCHS: dict[str, dict] = {
@@ -57,11 +57,19 @@ REDUCED_ARCHS: dict[str, tuple[str, str, float]] = {
     "leanvit_vit_fm_teacher_evit50": ("leanvit_vit_fm_teacher", "evit", 0.5),
 }
 
-default_cfgs = generate_default_cfgs({f"{name}.fmnist": _cfg(name) for name in [*REFERENCE_ARCHS, *REDUCED_ARCHS]})
+# Distilled students: name -> (architecture, distillation method). The student's architecture, trained with
+# ``leanvit distill`` from the reference teacher (run, log and evaluation in ``leanvit/zoo/runs/<name>``).
+DISTILLED_ARCHS: dict[str, tuple[str, str]] = {
+    "leanvit_vit_fm_student_pefd": ("leanvit_vit_fm_student", "pefd"),
+    "leanvit_vit_fm_student_proj": ("leanvit_vit_fm_student", "proj"),
+}
+
+default_cfgs = generate_default_cfgs(
+    {f"{name}.fmnist": _cfg(name) for name in [*REFERENCE_ARCHS, *REDUCED_ARCHS, *DISTILLED_ARCHS]})
 
 
 def _create(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
-    arch = REDUCED_ARCHS[name][0] if name in REDUCED_ARCHS else name
+    arch = {**REDUCED_ARCHS, **DISTILLED_ARCHS}.get(name, (name,))[0]
     args = dict(
         img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_layer=ConvStemEmbed, **REFERENCE_ARCHS[arch]
     )
@@ -115,3 +123,15 @@ def leanvit_vit_fm_teacher_evit50(pretrained: bool = False, **kwargs) -> VisionT
     """The reference teacher fine-tuned with EViT at keep 0.5 under IdleViT's recipe, created patched (``evit``,
     keep 0.5): the fair baseline of ``leanvit_vit_fm_teacher_idle50``."""
     return _create_reduced("leanvit_vit_fm_teacher_evit50", pretrained, **kwargs)
+
+
+@register_model
+def leanvit_vit_fm_student_pefd(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The reference student distilled from the reference teacher with PEFD (3 projectors)."""
+    return _create("leanvit_vit_fm_student_pefd", pretrained, **kwargs)
+
+
+@register_model
+def leanvit_vit_fm_student_proj(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The reference student distilled from the reference teacher with one Linear projector (FitNet-style)."""
+    return _create("leanvit_vit_fm_student_proj", pretrained, **kwargs)
