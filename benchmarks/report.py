@@ -53,6 +53,28 @@ SECTIONS = [
     ("speed_idle", "IdleViT against EViT: speed on DeiT-S at 224 (CPU)",
      "Each method beside its zero-overhead ideal (the same token counts by plain truncation), all rows in one "
      "interleaved run. Script: `benchmarks/speed_idle.py`."),
+    ("ablate_shuffle", "Channel-shuffle ViT: design ablation on Fashion-MNIST",
+     "Every registered `leanvit_shuffle_fm_*` variant and its vanilla partner (the reference student's "
+     "architecture, MACs within 3%), trained from scratch with the student's recipe on the schedule stated, then "
+     "evaluated on the test set. Script: `benchmarks/ablate_shuffle.py`."),
+    ("ablate_shuffle_seeds", "Channel-shuffle ViT: seed spread of the ablation schedule",
+     "The default design and its partner on the ablation's schedule with two seeds: the noise floor of the table "
+     "above. Script: `benchmarks/ablate_shuffle.py --seeds 0 1`."),
+    ("shuffle_final", "Channel-shuffle ViT against the shipped student (full recipe)",
+     "The chosen design trained with exactly the reference student's recipe, two seeds. Script: "
+     "`benchmarks/ablate_shuffle.py` (full schedule)."),
+    ("speed_shuffle", "Channel-shuffle ViT: CPU speed against the vanilla partner",
+     "Each shuffle model and its vanilla partner (MACs within 3%) timed in one interleaved run per batch size. "
+     "Script: `benchmarks/speed_shuffle.py`."),
+    ("distill_fmnist", "Distillation on Fashion-MNIST: PEFD, projectors and KD (full recipe)",
+     "The shipped teacher (and the CNN teacher for `pefd-cnn`) into the reference student's architecture under the "
+     "student's recipe plus the distillation term; `leanvit analyze` on each result. Script: "
+     "`benchmarks/distill_fmnist.py`."),
+    ("distill_fmnist_e3_n20000", "Distillation: number of PEFD projectors (shorter schedule)",
+     "The n sweep on a shorter schedule (stated in the table). Script: `benchmarks/distill_fmnist.py --epochs 3 "
+     "--limit 20000`."),
+    ("distill_cost", "Distillation: cost of the projectors in a training step",
+     "Script: `benchmarks/distill_cost.py`."),
     ("findings", "What the figures say (and what they do not yet)", ""),
 ]
 
