@@ -12,6 +12,11 @@ the last epoch's validation top-1 (held-out split) and the test top-1 of the las
     python benchmarks/ablate_shuffle.py --threads 2
     # a shorter schedule, or a subset of variants
     python benchmarks/ablate_shuffle.py --epochs 3 --variants leanvit_shuffle_fm_student leanvit_shuffle_fm_pos_none
+    # the final comparison: the chosen design on the full recipe, two seeds, against the shipped student
+    python benchmarks/ablate_shuffle.py --threads 2 --variants NAME --seeds 0 1 --partner-seeds 0 --name shuffle_final
+
+On the full recipe the reference student's seed 0 is not trained again: its shipped run (log, test accuracy) in
+``src/leanvit/zoo/runs/leanvit_vit_fm_student`` is that run.
 """
 from __future__ import annotations
 
@@ -57,8 +62,29 @@ def finished_epochs(run: Path) -> int:
     return rows[-1]["epoch"] if rows else 0
 
 
+def shipped_run(name: str, seed: int, args: argparse.Namespace) -> Path | None:
+    """The zoo's run folder when ``name`` at ``seed`` on this schedule is a shipped model's own training run (the
+    reference student: the default recipe, full schedule, seed 0), so that it is not trained again."""
+    import yaml
+
+    from leanvit.zoo import RUNS_DIR, has_weights
+
+    run = RUNS_DIR / name
+    if not has_weights(name) or args.limit or args.limit_val or args.limit_test or args.data != "fmnist":
+        return None
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    recipe = yaml.safe_load(args.config.read_text())
+    same = all(cfg.get(k) == v for k, v in recipe.items() if k not in ("output", "threads"))
+    return run if same and cfg.get("seed") == seed and cfg.get("epochs") == args.epochs else None
+
+
 def train_and_test(name: str, run: Path, seed: int, args: argparse.Namespace) -> dict:
     """Train ``name`` in ``run`` (resuming), evaluate its last weights on the test split; the run's results."""
+    shipped = shipped_run(name, seed, args)
+    if shipped is not None:  # its log and its test accuracy, measured by scripts/export_zoo.py with leanvit eval
+        log = json.loads((shipped / "log.json").read_text())
+        test = json.loads((shipped / "eval.json").read_text())["top1"]
+        return {"val_top1": log[-1].get("val_top1"), "test_top1": test, "epochs": log[-1]["epoch"], "shipped": True}
     common = ["--data", args.data, "--threads", str(args.threads), "--no-progress"]
     if finished_epochs(run) < args.epochs:
         limits = [f for flag, v in (("--limit", args.limit), ("--limit-val", args.limit_val)) if v
@@ -89,6 +115,9 @@ def main() -> None:
     p.add_argument("--data", default="fmnist", help="leanvit --data (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds per model (mean and spread in the table; seed 0's folder has no seed suffix)")
+    p.add_argument("--partner-seeds", type=int, nargs="+", default=None,
+                   help="seeds of the vanilla partners (default: --seeds). On the full recipe the reference "
+                        "student's seed 0 is the shipped model, not trained again")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablate_shuffle", help="parent of the run folders")
     p.add_argument("--name", default="ablate_shuffle", help="results/<name>.md and .json")
@@ -101,8 +130,9 @@ def main() -> None:
     for name in partners + args.variants:
         arch = SHUFFLE_ARCHS.get(name)
         model = timm.create_model(name)
+        seeds = args.seeds if arch or args.partner_seeds is None else args.partner_seeds
         runs = [train_and_test(name, args.runs / schedule / (name + (f"_s{s}" if s else "")), s, args)
-                for s in args.seeds]
+                for s in seeds]
         tests = [r["test_top1"] for r in runs]
         rows.append({"model": name, "axis": arch.axis if arch else "partner", "design": design(arch),
                      "partner": arch.partner if arch else None, "macs": count_macs(model).macs,
@@ -127,6 +157,7 @@ def main() -> None:
     for r in rows:
         val = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
         test = f"{r['test_top1']:.2f}" + (f" ± {r['test_std']:.2f}" if r["test_std"] is not None else "")
+        test += " (shipped)" if any(x.get("shipped") for x in r["runs"]) else ""
         md.append(f"| {r['axis']} | {r['model']} | {r['design']} | {r['macs'] / 1e9:.4f} | {r['params'] / 1e6:.3f} | "
                   f"{100 * r['macs_vs_partner']:.1f}% | {val} | {test} | {r['test_vs_partner']:+.2f} |")
     write(args.name, {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, "\n".join(md))
