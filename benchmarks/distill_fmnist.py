@@ -51,6 +51,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 }
 
 
+# what a finished run keeps when its weights are not kept (train_state/): the table is built from these
+RECORDS = ("log.json", "analyze.json", "analyze_best.json")
+
+
 def _leanvit(*argv: str) -> None:
     cmd = [sys.executable, "-m", "leanvit.cli.main", *argv]
     print("$ leanvit " + " ".join(argv), flush=True)
@@ -76,7 +80,8 @@ def _eval_limits(args: argparse.Namespace) -> list[str]:
 
 def train(variant: str, seed: int, args: argparse.Namespace) -> None:
     out = _folder(variant, seed, args)
-    if _shipped(variant, seed, args) or (out / "model.safetensors").is_file():
+    if _shipped(variant, seed, args) or (out / "model.safetensors").is_file() or all((out / n).is_file()
+                                                                                     for n in RECORDS):
         return
     options, teacher = VARIANTS[variant]
     teacher_args = [] if variant == "none" else ["--teacher", teacher]
@@ -98,13 +103,14 @@ def analyse(variant: str, seed: int, args: argparse.Namespace) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
         weights = {"analyze.json": weight_file(STUDENT)}
         log = json.loads((RUNS_DIR / STUDENT / "log.json").read_text())
-    elif (out / "model.safetensors").is_file():
+    elif (out / "model.safetensors").is_file() or all((out / n).is_file() for n in RECORDS):
+        # a finished run restored from train_state/ keeps its records but not its weights
         weights = {"analyze.json": str(out / "model.safetensors"), "analyze_best.json": str(out / "best.safetensors")}
         log = json.loads((out / "log.json").read_text())
     else:
         return None
     for name, w in weights.items():
-        if not (out / name).is_file() or (out / name).stat().st_mtime < Path(w).stat().st_mtime:
+        if not (out / name).is_file() or (Path(w).is_file() and (out / name).stat().st_mtime < Path(w).stat().st_mtime):
             _leanvit("analyze", "-m", STUDENT, "--weights", w, "--teacher", teacher, "--threads", str(args.threads),
                      "--no-progress", *_eval_limits(args), "--json", str(out / name))
     last = json.loads((out / "analyze.json").read_text())
