@@ -78,10 +78,14 @@ def _eval_limits(args: argparse.Namespace) -> list[str]:
     return ["--limit", str(args.eval_limit), "--limit-train", str(args.eval_limit)] if args.eval_limit else []
 
 
+def _finished(out: Path) -> bool:
+    """A finished run: its final weights, or (restored from train_state/) the records the table reads."""
+    return (out / "model.safetensors").is_file() or all((out / n).is_file() for n in RECORDS)
+
+
 def train(variant: str, seed: int, args: argparse.Namespace) -> None:
     out = _folder(variant, seed, args)
-    if _shipped(variant, seed, args) or (out / "model.safetensors").is_file() or all((out / n).is_file()
-                                                                                     for n in RECORDS):
+    if _shipped(variant, seed, args) or _finished(out):
         return
     options, teacher = VARIANTS[variant]
     teacher_args = [] if variant == "none" else ["--teacher", teacher]
@@ -103,8 +107,7 @@ def analyse(variant: str, seed: int, args: argparse.Namespace) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
         weights = {"analyze.json": weight_file(STUDENT)}
         log = json.loads((RUNS_DIR / STUDENT / "log.json").read_text())
-    elif (out / "model.safetensors").is_file() or all((out / n).is_file() for n in RECORDS):
-        # a finished run restored from train_state/ keeps its records but not its weights
+    elif _finished(out):
         weights = {"analyze.json": str(out / "model.safetensors"), "analyze_best.json": str(out / "best.safetensors")}
         log = json.loads((out / "log.json").read_text())
     else:
