@@ -13,13 +13,16 @@ import leanvit
 from leanvit.data import build_dataset
 from leanvit.data.fashion_mnist import DEFAULT_ROOT
 from leanvit.engine import evaluate
+from leanvit.models.shuffle_zoo import SHUFFLE_ARCHS
 from leanvit.zoo import RUNS_DIR, has_weights
 
 TARGETS = {"leanvit_vit_fm_teacher": 90.0, "leanvit_vit_fm_student": 88.0}
 SHIPPED = [m for m in TARGETS if has_weights(m)]
 FINETUNED = ["leanvit_vit_fm_teacher_idle70", "leanvit_vit_fm_teacher_idle50", "leanvit_vit_fm_teacher_evit50"]
-# other shipped models: the CNN teacher (cross-architecture distillation), the distilled students
-OTHERS = ["leanvit_resnet_fm_teacher", "leanvit_vit_fm_student_pefd", "leanvit_vit_fm_student_proj"]
+# other shipped models: the CNN teacher (cross-architecture distillation), the distilled students, the trained
+# channel-shuffle students
+OTHERS = ["leanvit_resnet_fm_teacher", "leanvit_vit_fm_student_pefd", "leanvit_vit_fm_student_proj",
+          *(n for n in SHUFFLE_ARCHS if SHUFFLE_ARCHS[n].geometry == "fm")]
 
 
 def test_reference_models_registered():
@@ -112,8 +115,9 @@ def test_fine_tuned_reduction_models_come_patched(name):
 @pytest.mark.skipif(not Path(DEFAULT_ROOT).is_dir(), reason="needs apt-get install -y dataset-fashion-mnist")
 @pytest.mark.parametrize("name", [m for m in FINETUNED + OTHERS if has_weights(m)])
 def test_shipped_fine_tuned_model_gives_its_recorded_accuracy(name):
-    """The shipped fine-tuned (or distilled, or CNN) file, created as registered, gives the accuracy recorded in its eval.json (checked on the
-    first 1,000 test images, recorded there too, to keep the suite short)."""
+    """The shipped fine-tuned (or distilled, CNN or channel-shuffle) file, created as registered, gives the accuracy
+    recorded in its eval.json (checked on the first 1,000 test images, recorded there too, to keep the suite
+    short)."""
     torch.set_num_threads(2)
     model = timm.create_model(name, pretrained=True).eval()
     ds = build_dataset("fmnist", "test", model, limit=1000)
