@@ -20,7 +20,8 @@ from leanvit.models import SHUFFLE_ARCHS
 
 from common import write
 
-DEFAULT_MODELS = ["leanvit_shuffle_fm_student", "leanvit_shuffle_nano_patch16_224", "leanvit_shuffle_tiny_patch16_224"]
+DEFAULT_MODELS = ["leanvit_shuffle_fm_student", "leanvit_shuffle_fm_mlp_grouped", "leanvit_shuffle_nano_patch16_224",
+                  "leanvit_shuffle_tiny_patch16_224", "leanvit_shuffle_tiny_grouped_patch16_224"]
 
 
 def time_pair(shuffle: str, partner: str, batch_size: int, args: argparse.Namespace) -> dict[str, dict]:

@@ -26,6 +26,7 @@ from leanvit.reduce.compat import ReducingShuffleBlock
 
 FM_NAMES = [n for n, a in SHUFFLE_ARCHS.items() if a.geometry == "fm"]
 DEFAULT = "leanvit_shuffle_fm_student"
+SHIPPED = "leanvit_shuffle_fm_mlp_grouped"  # the design the ablation chose, trained on the full recipe
 
 
 def fm_image(batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -241,7 +242,7 @@ def test_pretrained_loads_zoo_file(tmp_path, monkeypatch):
 
 # ================================================================================ 4. token reduction
 PATCH_VARIANTS = [DEFAULT, "leanvit_shuffle_fm_pos_attn", "leanvit_shuffle_fm_mlp_shared", "leanvit_shuffle_fm_a48",
-                  "leanvit_shuffle_fm_alt"]
+                  "leanvit_shuffle_fm_alt", SHIPPED]
 
 
 @pytest.mark.parametrize("name", PATCH_VARIANTS)
@@ -294,9 +295,9 @@ def test_unknown_block_is_refused():
 
 # ================================================================================ 5. command line
 def test_compare_cli_runs_on_a_shuffle_model(run_cli, fmnist_dir):
-    code, out, err = run_cli("compare", "--model", DEFAULT, "--no-pretrained", "--data", f"fmnist:{fmnist_dir}",
+    code, out, err = run_cli("compare", "--model", SHIPPED, "--no-pretrained", "--data", f"fmnist:{fmnist_dir}",
                              "--limit", "32", "--bench-runs", "0", "--budgets", "0.74", "--no-progress")
     assert code == 0, err
-    assert f"{DEFAULT} on fmnist:" in out
+    assert f"{SHIPPED} on fmnist:" in out
     rows = [line.split()[0] for line in out.splitlines()[3:] if line.strip()]
     assert rows == ["dense", "gtp", "tome", "evit"]

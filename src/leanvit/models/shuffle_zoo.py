@@ -7,10 +7,13 @@ Two geometries:
   ``leanvit_vit_fm_student`` (0.062 GMACs), its vanilla partner. ``leanvit_shuffle_fm_student`` is the default
   design (:mod:`leanvit.models.shuffle`); each other variant changes one ablation axis (expansion, attended width,
   shuffle position, MLP mode, alternating split) and pays for what it adds with a smaller MLP, so that all stay
-  matched. The stem keeps the student's hidden width (32), so it costs linearly more with the width.
+  matched. The stem keeps the student's hidden width (32), so it costs linearly more with the width. The ablation
+  (``benchmarks/ablate_shuffle.py``, BENCHMARKS.md) chose ``leanvit_shuffle_fm_mlp_grouped`` (the default design
+  with an MLP for each group, both at ratio 1.75): it is the one trained on the full recipe and shipped.
 * ImageNet geometry (224, patch 16, random init, for speed): ``leanvit_shuffle_tiny_patch16_224`` widens DeiT-Tiny
   (width 192, partner ``deit_tiny_patch16_224``) and ``leanvit_shuffle_nano_patch16_224`` a width-128 ViT (partner
-  ``leanvit_vit_nano_patch16_224``, registered here: timm has no ViT that small at 224).
+  ``leanvit_vit_nano_patch16_224``, registered here: timm has no ViT that small at 224);
+  ``leanvit_shuffle_tiny_grouped_patch16_224`` is DeiT-Tiny in the design chosen on Fashion-MNIST.
 
 Weights: like the reference models, ``timm.create_model(name, pretrained=True)`` loads
 ``leanvit/zoo/weights/<name>.safetensors`` offline once that file exists.
@@ -107,6 +110,10 @@ SHUFFLE_ARCHS: dict[str, ShuffleArch] = {
     "leanvit_shuffle_nano_patch16_224": ShuffleArch(geometry="in224", embed_dim=256, attn_dim=128, depth=12,
                                                     num_heads=2, mlp_ratio=3.75,
                                                     partner="leanvit_vit_nano_patch16_224", axis="default"),
+    # the design the Fashion-MNIST ablation chose (an MLP per group, half DeiT-Tiny's hidden width each), for speed
+    "leanvit_shuffle_tiny_grouped_patch16_224": ShuffleArch(geometry="in224", embed_dim=384, attn_dim=192, depth=12,
+                                                            num_heads=3, mlp_ratio=2.0, idle_mlp_ratio=2.0,
+                                                            partner="deit_tiny_patch16_224", axis="mlp"),
 }
 
 # vanilla partners that timm does not have
@@ -245,6 +252,13 @@ def leanvit_shuffle_nano_patch16_224(pretrained: bool = False, **kwargs) -> Visi
     """Width-128 ViT widened to 256 channels, attention on 128 (random init; partner
     ``leanvit_vit_nano_patch16_224``)."""
     return _create_shuffle("leanvit_shuffle_nano_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def leanvit_shuffle_tiny_grouped_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """DeiT-Tiny widened to 384 channels, attention on 192, an MLP per group of hidden width 384 (the design
+    chosen on Fashion-MNIST; random init, partner ``deit_tiny_patch16_224``)."""
+    return _create_shuffle("leanvit_shuffle_tiny_grouped_patch16_224", pretrained, **kwargs)
 
 
 @register_model
