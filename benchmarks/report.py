@@ -58,14 +58,18 @@ SECTIONS = [
      "architecture, MACs within 3%), trained from scratch with the student's recipe on the schedule stated, then "
      "evaluated on the test set. Script: `benchmarks/ablate_shuffle.py`."),
     ("ablate_shuffle_seeds", "Channel-shuffle ViT: seed spread of the ablation schedule",
-     "The default design and its partner on the ablation's schedule with two seeds: the noise floor of the table "
-     "above. Script: `benchmarks/ablate_shuffle.py --seeds 0 1`."),
+     "The default design, two of the best in the table above (expansion 3, an MLP per group) and the partner on the "
+     "ablation's schedule with two seeds (seed 0 is the run in the "
+     "table above): the noise floor of that table. Script: `benchmarks/ablate_shuffle.py --seeds 0 1`."),
     ("shuffle_final", "Channel-shuffle ViT against the shipped student (full recipe)",
      "The chosen design trained with exactly the reference student's recipe, two seeds. Script: "
      "`benchmarks/ablate_shuffle.py` (full schedule)."),
     ("speed_shuffle", "Channel-shuffle ViT: CPU speed against the vanilla partner",
      "Each shuffle model and its vanilla partner (MACs within 3%) timed in one interleaved run per batch size. "
      "Script: `benchmarks/speed_shuffle.py`."),
+    ("speed_shuffle_final", "Channel-shuffle ViT: CPU speed of the default and the chosen design",
+     "The default and the chosen (an MLP per group) design against their vanilla partners on Fashion-MNIST and at "
+     "DeiT-Tiny geometry, more rounds than the table above. Script: `benchmarks/speed_shuffle.py`."),
     ("distill_fmnist", "Distillation on Fashion-MNIST: PEFD, projectors and KD (full recipe)",
      "The shipped teacher (and the CNN teacher for `pefd-cnn`) into the reference student's architecture under the "
      "student's recipe plus the distillation term; `leanvit analyze` on each result. Script: "
