@@ -59,8 +59,8 @@ SECTIONS = [
      "evaluated on the test set. Script: `benchmarks/ablate_shuffle.py`."),
     ("ablate_shuffle_seeds", "Channel-shuffle ViT: seed spread of the ablation schedule",
      "The default design, two of the best in the table above (expansion 3, an MLP per group) and the partner on the "
-     "ablation's schedule with two seeds (seed 0 is the run in the "
-     "table above): the noise floor of that table. Script: `benchmarks/ablate_shuffle.py --seeds 0 1`."),
+     "ablation's schedule with two seeds (seed 0 is the run in the table above): the noise floor of that table. "
+     "Script: `benchmarks/ablate_shuffle.py --seeds 0 1`."),
     ("shuffle_final", "Channel-shuffle ViT against the shipped student (full recipe)",
      "The chosen design trained with exactly the reference student's recipe, two seeds. Script: "
      "`benchmarks/ablate_shuffle.py` (full schedule)."),
