@@ -22,7 +22,7 @@ FINETUNED = ["leanvit_vit_fm_teacher_idle70", "leanvit_vit_fm_teacher_idle50", "
 # other shipped models: the CNN teacher (cross-architecture distillation), the distilled students, the trained
 # channel-shuffle students
 OTHERS = ["leanvit_resnet_fm_teacher", "leanvit_vit_fm_student_pefd", "leanvit_vit_fm_student_proj",
-          *(n for n in SHUFFLE_ARCHS if SHUFFLE_ARCHS[n].geometry == "fm")]
+          *(n for n, a in SHUFFLE_ARCHS.items() if a.geometry == "fm")]
 
 
 def test_reference_models_registered():
