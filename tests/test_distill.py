@@ -255,6 +255,71 @@ def test_one_teacher_pass_per_step_and_distinct_part_names(tmp_path, student, te
     assert row["loss_pefd"] != row["loss_pefd_1"]
 
 
+def _counting(teacher, monkeypatch) -> list[int]:
+    """Batch sizes of the teacher's training passes (build_terms' dry run of 2 blank images left out)."""
+    calls: list[int] = []
+    forward_features = teacher.forward_features
+    monkeypatch.setattr(teacher, "forward_features",
+                        lambda x: (x.shape[0] != 2 and calls.append(x.shape[0])) or forward_features(x))
+    return calls
+
+
+def _fit_kd(tmp_path, name, teacher, seed=0, cache=None):
+    torch.manual_seed(0)
+    student = timm.create_model("leanvit_vit_fm_student")
+    d = build_terms("kd", student, teacher)
+    cfg = TrainConfig(epochs=2, batch_size=8, progress=False, amp=False, seed=seed)
+    trainer = Trainer(student, _images(24), None, cfg, tmp_path / name, loss_terms=d.terms, teacher=teacher,
+                      ce_weight=d.ce_weight, teacher_cache=cache)
+    trainer.fit()
+    return trainer
+
+
+def test_teacher_cache_serves_a_later_run_on_the_same_batches_exactly(tmp_path, teacher, monkeypatch):
+    cache = tmp_path / "cache"
+    plain = _fit_kd(tmp_path, "plain", teacher)
+    calls = _counting(teacher, monkeypatch)
+    first = _fit_kd(tmp_path, "first", teacher, cache=cache)  # fills the cache (another method would too)
+    assert calls == [8] * 6 and [r["teacher_cache_hits"] for r in first.history] == [0.0, 0.0]
+    files = sorted(p.name for p in next(cache.iterdir()).iterdir())
+    assert files == ["epoch0000_rank0.safetensors", "epoch0001_rank0.safetensors"]
+    calls.clear()
+    second = _fit_kd(tmp_path, "second", teacher, cache=cache)
+    assert calls == [] and [r["teacher_cache_hits"] for r in second.history] == [1.0, 1.0]
+    for run in (first, second):  # the cache changes nothing in what is learned
+        assert [r["loss_kd"] for r in run.history] == [r["loss_kd"] for r in plain.history]
+        assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(),
+                                                     plain.model.state_dict().values()))
+    # other batches (another seed shuffles the data differently) miss and run the teacher
+    calls.clear()
+    other = _fit_kd(tmp_path, "other", teacher, seed=1, cache=cache)
+    assert calls == [8] * 6 and other.history[0]["teacher_cache_hits"] < 1.0
+
+
+def test_teacher_cache_ignores_an_unreadable_file(tmp_path, teacher, monkeypatch):
+    cache = tmp_path / "cache"
+    _fit_kd(tmp_path, "first", teacher, cache=cache)
+    (next(cache.iterdir()) / "epoch0000_rank0.safetensors").write_bytes(b"not a safetensors file")
+    calls = _counting(teacher, monkeypatch)
+    with pytest.warns(UserWarning, match="ignoring the unreadable teacher cache .*epoch0000_rank0"):
+        run = _fit_kd(tmp_path, "second", teacher, cache=cache)
+    assert calls == [8] * 3 and [r["teacher_cache_hits"] for r in run.history] == [0.0, 1.0]
+    _fit_kd(tmp_path, "third", teacher, cache=cache)  # the file was rewritten and reads again
+
+
+def test_teacher_cache_keys_the_batch_and_the_teacher(teacher):
+    from leanvit.distill.cache import batch_key, teacher_fingerprint
+
+    x = torch.randn(2, 1, 28, 28)
+    y = x.clone()
+    y[1, 0, 5, 5] += 1e-6
+    assert batch_key(x) == batch_key(x.clone()) and batch_key(x) != batch_key(y)
+    assert batch_key(x) != batch_key(x.double()) and batch_key(x) != batch_key(x.reshape(1, 2, 28, 28))
+    other = timm.create_model("leanvit_vit_fm_teacher")  # same architecture, other weights
+    assert teacher_fingerprint(teacher) == teacher_fingerprint(teacher)
+    assert teacher_fingerprint(teacher) != teacher_fingerprint(other)
+
+
 def test_cnn_teacher_into_vit_student(tmp_path, student):
     torch.manual_seed(0)
     cnn = timm.create_model("resnet10t", num_classes=10, in_chans=1)
@@ -322,6 +387,8 @@ T = ("--teacher", "leanvit_vit_fm_teacher")
     ([*T, "--method", "none"], "method 'none' learns from the labels alone"),
     (["--teacher", "leanvit_vit_fm_teachr"], "unknown model 'leanvit_vit_fm_teachr'"),
     ([], "method 'pefd' needs a teacher (--teacher)"),
+    (["--method", "none", "--teacher-cache", "c"], "--teacher-cache keeps a teacher's outputs, and method 'none' has"),
+    ([*T, "--teacher-cache", __file__], "is a file, not a folder"),
 ])
 def test_distill_cli_errors_before_any_work(tmp_path, run_cli, argv, message):
     code, _, err = run_cli("distill", "--data", f"fmnist:{tmp_path / 'missing'}", "-o", tmp_path / "run", *argv)

@@ -11,6 +11,7 @@ Projectors are saved in OUTPUT/last.pt with the optimiser; OUTPUT/model.safetens
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .common import add_config_arg, add_model_args, add_runtime_args
@@ -43,6 +44,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--ce-weight", type=float, default=None,
                    help="weight of cross-entropy on the labels (default: the method's)")
     p.add_argument("--kd-temperature", type=float, default=None, help="KD softmax temperature (default: the method's)")
+    p.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="keep the teacher's outputs in DIR and reuse them in later runs that train on the same "
+                        "batches (same seed, data and recipe: a method sweep); stored by the batch's content, so a "
+                        "different batch always runs the teacher")
     add_train_options(p)
     add_runtime_args(p)
     p.set_defaults(func=run)
@@ -64,6 +69,13 @@ def run(args: argparse.Namespace) -> int:
     check_options(args.method, args.teacher is not None, args.ce_weight, **_options(args))
     if args.teacher is not None:
         check_model_name(args.teacher)
+    if args.teacher_cache is not None:
+        from ..errors import ConfigError
+
+        if args.teacher is None:
+            raise ConfigError(f"--teacher-cache keeps a teacher's outputs, and method '{args.method}' has no teacher")
+        if Path(args.teacher_cache).exists() and not Path(args.teacher_cache).is_dir():
+            raise ConfigError(f"--teacher-cache {args.teacher_cache} is a file, not a folder")
     return run_training(args, _losses, run_info={"teacher": args.teacher, "method": args.method})
 
 

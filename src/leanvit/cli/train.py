@@ -132,7 +132,7 @@ def run_training(args: argparse.Namespace, build_losses: LossBuilder, run_info: 
     run_info = {"model": args.model, "data": args.data, "split": args.split, **(run_info or {}),
                 "command": "leanvit " + shlex.join(sys.argv[1:])}
     trainer = Trainer(model, train_set, val_set, cfg, out, loss_terms=terms, teacher=teacher, ce_weight=ce_weight,
-                      run_info=run_info, dist=dist)
+                      run_info=run_info, dist=dist, teacher_cache=getattr(args, "teacher_cache", None))
     try:
         resumed = args.resume and trainer.resume()
     except RuntimeError as e:  # torch's load_state_dict: the checkpoint's loss terms (projectors) differ from these

@@ -27,6 +27,8 @@ class StepContext:
         features: student pre-logits features ``(B, D)`` (present when a term set ``needs_features``).
         teacher: frozen teacher in eval mode, or None.
         cache: per-step scratch space (teacher outputs, hook captures).
+        teacher_cache: a :class:`leanvit.distill.cache.TeacherCache` that keeps the teacher's outputs across runs,
+            or None.
     """
 
     model: nn.Module
@@ -36,19 +38,31 @@ class StepContext:
     features: torch.Tensor | None = None
     teacher: nn.Module | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    teacher_cache: Any = None
 
     def teacher_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher ``(pre_logits_features, logits)`` for this batch, computed once per step without gradients and
         shared by every term (:func:`leanvit.distill.pooled_features`: timm's ``forward_head(pre_logits=True)``,
-        or a hook on the classifier's input for models without it)."""
+        or a hook on the classifier's input for models without it); read from ``teacher_cache`` when it holds
+        this exact batch."""
         from ..distill.features import pooled_features
 
         if self.teacher is None:
             raise RuntimeError("this loss term needs a teacher; pass --teacher")
         if "teacher" not in self.cache:
-            with torch.no_grad():
-                pre, logits = pooled_features(self.teacher, self.images)
-            self.cache["teacher"] = (pre.float(), logits.float())
+            key = hit = None
+            if self.teacher_cache is not None:
+                from ..distill.cache import batch_key
+
+                key = batch_key(self.images)
+                hit = self.teacher_cache.lookup(key, self.images.device)
+            if hit is None:
+                with torch.no_grad():
+                    pre, logits = pooled_features(self.teacher, self.images)
+                hit = (pre.float(), logits.float())
+                if key is not None:
+                    self.teacher_cache.store(key, *hit)
+            self.cache["teacher"] = hit
         return self.cache["teacher"]
 
 

@@ -120,11 +120,12 @@ class _StepModule(nn.Module):
     in their order (``pefd``, ``pefd_1``, ...), so that every part is logged.
     """
 
-    def __init__(self, model: nn.Module, terms: nn.ModuleList, teacher: nn.Module | None):
+    def __init__(self, model: nn.Module, terms: nn.ModuleList, teacher: nn.Module | None, teacher_cache=None):
         super().__init__()
         self.model = model
         self.terms = terms
         object.__setattr__(self, "_teacher", teacher)  # not a submodule: frozen, not synchronised or saved
+        self.teacher_cache = teacher_cache
         self.part_names: list[str] = []
         for t in terms:
             name, i = t.name, 0
@@ -140,7 +141,8 @@ class _StepModule(nn.Module):
             logits = self.model.forward_head(f)
         else:
             features, logits = None, self.model(images)
-        ctx = StepContext(self.model, images, targets, logits, features, self._teacher)
+        ctx = StepContext(self.model, images, targets, logits, features, self._teacher,
+                          teacher_cache=self.teacher_cache)
         parts = {name: t(ctx) for name, t in zip(self.part_names, self.terms)}
         total = sum(t.weight * parts[name] for name, t in zip(self.part_names, self.terms))
         return total, parts, logits
@@ -163,12 +165,15 @@ class Trainer:
         loss_terms: extra terms added to cross-entropy (e.g. distillation); ``ce_weight`` scales the CE term.
         teacher: frozen teacher for distillation terms (moved to the device, set to eval, grads off).
         run_info: free-form dict stored in the checkpoint and in ``config.json`` (model name, data spec, ...).
+        teacher_cache: a folder where the teacher's outputs are kept and read back by runs that train on the same
+            batches (:mod:`leanvit.distill.cache`); None computes them in every step.
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
                  output: str | Path, loss_terms: Sequence[LossTerm] = (), teacher: nn.Module | None = None,
                  ce_weight: float = 1.0, run_info: dict[str, Any] | None = None, dist: DistInfo | None = None,
-                 on_epoch_end: Callable[[dict[str, Any]], None] | None = None):
+                 on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+                 teacher_cache: str | Path | None = None):
         cfg.validate()
         self.cfg = cfg
         self.dist = dist or init_distributed()
@@ -186,6 +191,13 @@ class Trainer:
             self.teacher = teacher.to(self.device).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
+        self.teacher_cache = None
+        if teacher_cache is not None:
+            if self.teacher is None:
+                raise ConfigError("a teacher cache needs a teacher")
+            from ..distill.cache import TeacherCache
+
+            self.teacher_cache = TeacherCache(teacher_cache, self.teacher, rank=self.dist.rank)
         names = [name for name, _ in self.model.named_parameters()]
         for f in cfg.frozen:
             if not any(name == f or name.startswith(f + ".") for name in names):
@@ -208,7 +220,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
-        self.step_module = _StepModule(self.model, self.terms, self.teacher)
+        self.step_module = _StepModule(self.model, self.terms, self.teacher, self.teacher_cache)
         params = [p for p in self.step_module.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]  # biases, norms, tokens: no weight decay (DeiT recipe)
@@ -344,6 +356,8 @@ class Trainer:
         else:
             _seed_all(cfg.seed * 100_003 + self.epoch * 1_009 + self.dist.rank)
             sums, seen, before = {}, 0, 0.0
+        if self.teacher_cache is not None:
+            self.teacher_cache.begin_epoch(self.epoch)
         t0 = time.perf_counter() - before
         batches = iter(loader)
         if done > 0 and self._partial is not None:
@@ -390,6 +404,8 @@ class Trainer:
             if cfg.checkpoint_steps and in_epoch % cfg.checkpoint_steps == 0 and in_epoch < self.steps_per_epoch:
                 # a checkpoint within the epoch: a stopped run loses at most checkpoint_steps steps
                 self._partial = {"sums": dict(sums), "seen": seen, "seconds": elapsed, "rng": _rng_state()}
+                if self.teacher_cache is not None:
+                    self.teacher_cache.flush()
                 if self.dist.is_main:
                     save_checkpoint(self.state_dict(), self.last_path)
         self._partial = None
@@ -397,6 +413,9 @@ class Trainer:
         row = {k: v / seen for k, v in sums.items()}
         row["images_per_s"] = seen * self.dist.world_size / elapsed
         row["epoch_seconds"] = elapsed
+        if self.teacher_cache is not None:
+            self.teacher_cache.flush()
+            row["teacher_cache_hits"] = self.teacher_cache.hit_rate  # of this process's steps since the epoch began
         return row
 
     def fit(self) -> TrainResult:
