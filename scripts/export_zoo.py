@@ -33,6 +33,9 @@ def main() -> int:
     for f in ("config.yaml", "command.txt", "log.csv", "log.json"):
         if (args.run / f).is_file():
             shutil.copyfile(args.run / f, dest_run / f)
+    for f in ("config.yaml", "command.txt"):  # paths relative to the checkout, as a user would type them
+        if (dest_run / f).is_file():
+            (dest_run / f).write_text((dest_run / f).read_text().replace(f"{ROOT}/", ""))
     # the accuracy the shipped file gives, measured by the CLI users will run (on the whole test set, and on its
     # first 1,000 images, which the test suite re-checks)
     for extra, name in (([], "eval.json"), (["--limit", "1000"], "eval_1000.json")):
