@@ -9,6 +9,8 @@ On the reference pair (leanvit_vit_fm_teacher -> leanvit_vit_fm_student) with PE
 * the projectors alone: forward + backward of the ensemble and its loss on features of the step's shape, plus
   their AdamW update;
 * the teacher's forward alone;
+* the whole step with the teacher's outputs read from a teacher cache (``leanvit distill --teacher-cache``: a run
+  on the same batches as an earlier one), hashing of the batch included;
 
 and counts the MACs of each (forward + backward taken as 3x the forward).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -23,6 +26,7 @@ import torch
 import leanvit
 from leanvit.analysis import count_macs, default_input_size
 from leanvit.distill import build_terms, cosine_distance
+from leanvit.distill.cache import TeacherCache, batch_key
 from leanvit.engine import CrossEntropyTerm, StepContext
 
 from common import write
@@ -51,6 +55,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--name", default="distill_cost")
+    p.add_argument("--note", default="", help="a sentence on the machine's state, added to the caption")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -70,9 +75,14 @@ def main() -> None:
         t_feat = teacher.forward_head(teacher.forward_features(x), pre_logits=True)
     s_feat = torch.randn(args.batch_size, term.projector.linear.in_features)
 
-    def step() -> None:  # what the trainer's step module does, plus the optimiser step
+    cache = TeacherCache(tempfile.mkdtemp(), teacher)
+    cache.begin_epoch(0)
+    cache.store(batch_key(x), t_feat, teacher.forward_head(teacher.forward_features(x)).detach())
+
+    def step(teacher_cache: TeacherCache | None = None) -> None:  # the trainer's step module, plus the optimiser
         f = student.forward_features(x)
-        ctx = StepContext(student, x, y, student.forward_head(f), student.forward_head(f, pre_logits=True), teacher)
+        ctx = StepContext(student, x, y, student.forward_head(f), student.forward_head(f, pre_logits=True), teacher,
+                          teacher_cache=teacher_cache)
         loss = ce.weight * ce(ctx) + term.weight * term(ctx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,17 +99,20 @@ def main() -> None:
         with torch.no_grad():
             teacher.forward_head(teacher.forward_features(x), pre_logits=True)
 
-    ms = _median_ms({"step": step, "projectors": projectors, "teacher": teacher_forward}, args.runs, warmup=2)
+    ms = _median_ms({"step": step, "projectors": projectors, "teacher": teacher_forward,
+                     "step, teacher cached": lambda: step(cache)}, args.runs, warmup=2)
+    assert cache.hits > 0 and cache.misses == 0
     b = args.batch_size
     lin = term.projector.linear
     macs = {"student": 3 * b * count_macs(student).macs, "teacher": b * count_macs(teacher).macs,
             "projectors": 3 * b * lin.in_features * lin.out_features}
     macs["step"] = sum(macs.values())
+    macs["step, teacher cached"] = macs["step"] - macs["teacher"]
     rows = [{"part": k, "ms": ms[k], "time_share": ms[k] / ms["step"], "gmacs": macs[k] / 1e9,
-             "macs_share": macs[k] / macs["step"]} for k in ("step", "teacher", "projectors")]
+             "macs_share": macs[k] / macs["step"]} for k in ("step", "teacher", "projectors", "step, teacher cached")]
     md = [f"PEFD training step, {args.teacher} -> {args.student}, {args.projectors} projectors "
           f"({sum(p.numel() for p in term.parameters()):,} parameters), batch {b}, {args.threads} threads; median of "
-          f"{args.runs} interleaved runs. MACs: forward + backward = 3 x forward for trained parts.\n",
+          f"{args.runs} interleaved runs. MACs: forward + backward = 3 x forward for trained parts. {args.note}\n",
           "| part | ms | share of the step (time) | GMACs | share of the step (MACs) |", "|---|---|---|---|---|"]
     md += [f"| {r['part']} | {r['ms']:.2f} | {100 * r['time_share']:.3f}% | {r['gmacs']:.3f} | "
            f"{100 * r['macs_share']:.3f}% |" for r in rows]

@@ -12,7 +12,7 @@ a stopped script continues where it stopped, a shorter schedule never resumes in
 (one with ``model.safetensors``) is not trained again: delete its folder to train it anew. Runs of one seed and
 schedule train on the same batches, so the first to run fills ``RUNS/teacher_cache`` with the teacher's outputs
 and the others read them (``leanvit distill --teacher-cache``, exact by construction: keyed by the batch's content),
-which halves the step time of a distillation run on this machine. ``none`` at seed 0 on
+which halves the step time of a distillation run on this machine (``distill_cost.py``). ``none`` at seed 0 on
 the full recipe is the shipped student ``leanvit_vit_fm_student`` (trained with ``leanvit train`` on the same recipe
 and seed; its best validation epoch is its last), not trained again. Each run is analysed once (``leanvit
 analyze``, saved as ``analyze.json`` and ``analyze_best.json`` in its folder): test top-1 of the last epoch, test

@@ -3,8 +3,9 @@
 Every distillation step runs the frozen teacher on the step's augmented batch. Random crops and flips mean that
 one image's teacher output cannot serve the next epoch, but runs that share the seed, the data and the recipe (a
 method sweep, ``kd`` against ``kd-proj``, PEFD's number of projectors) see bit-identical batches, so the outputs one
-run computed serve the others: the teacher's forward, about 40% of a step for the reference pair, is paid once per
-sweep instead of once per run.
+run computed serve the others: the teacher's forward is paid once per sweep instead of once per run. For the
+reference pair a step that reads the cache takes 0.49x the time of one that runs the teacher (2-core CPU,
+``benchmarks/distill_cost.py``).
 
 Outputs are stored under a hash of the batch itself (its bytes, shape and dtype, and whether autocast was on) and
 of the teacher's weights, never under a step number: a run whose batches differ in any way (another seed, batch
