@@ -44,7 +44,10 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
 def batch_key(images: torch.Tensor) -> str:
     """A hex digest of a batch: its bytes, shape and dtype, and whether autocast is on for its device."""
     t = images.detach().contiguous().cpu()
-    amp = torch.is_autocast_enabled(images.device.type)
+    try:
+        amp = torch.is_autocast_enabled(images.device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        amp = torch.is_autocast_cpu_enabled() if images.device.type == "cpu" else torch.is_autocast_enabled()
     h = hashlib.blake2b(f"{tuple(t.shape)}:{t.dtype}:{amp}".encode(), digest_size=16)
     h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
