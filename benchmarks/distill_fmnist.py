@@ -164,6 +164,9 @@ def main() -> None:
     p.add_argument("--name", default=None, help="results/NAME.{md,json} (default: distill_fmnist + the schedule)")
     args = p.parse_args()
     args.teacher_cache = args.teacher_cache or str(Path(args.runs) / "teacher_cache")
+    import torch
+
+    torch.set_num_threads(args.threads)  # the runs' thread count, which the results' header reports
     for v in args.variants:
         for s in args.seeds:
             train(v, s, args)
