@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 
 
 # what a finished run keeps when its weights are not kept (train_state/): the table is built from these
+# (analyze_best.json only where the best validation epoch is not the last one)
 RECORDS = ("log.json", "analyze.json", "analyze_best.json")
 
 
@@ -78,12 +79,23 @@ def _shipped(variant: str, seed: int, args: argparse.Namespace) -> bool:
 
 
 def _eval_limits(args: argparse.Namespace) -> list[str]:
-    return ["--limit", str(args.eval_limit), "--limit-train", str(args.eval_limit)] if args.eval_limit else []
+    if args.eval_limit:
+        return ["--limit", str(args.eval_limit), "--limit-train", str(args.eval_limit)]
+    return ["--limit-train", str(args.train_limit)] if args.train_limit else []
+
+
+def _best_is_last(log: list[dict]) -> bool:
+    """The last epoch has the best validation top-1 (strictly: best.safetensors keeps the first of equals)."""
+    return all(r["val_top1"] < log[-1]["val_top1"] for r in log[:-1])
 
 
 def _finished(out: Path) -> bool:
     """A finished run: its final weights, or (restored from train_state/) the records the table reads."""
-    return (out / "model.safetensors").is_file() or all((out / n).is_file() for n in RECORDS)
+    if (out / "model.safetensors").is_file():
+        return True
+    if not all((out / n).is_file() for n in RECORDS[:2]):
+        return False
+    return (out / RECORDS[2]).is_file() or _best_is_last(json.loads((out / "log.json").read_text()))
 
 
 def train(variant: str, seed: int, args: argparse.Namespace) -> None:
@@ -117,6 +129,8 @@ def analyse(variant: str, seed: int, args: argparse.Namespace) -> dict | None:
         log = json.loads((out / "log.json").read_text())
     else:
         return None
+    if len(weights) == 2 and _best_is_last(log):  # best.safetensors holds the last epoch's weights: one analysis
+        del weights["analyze_best.json"]
     for name, w in weights.items():
         if not (out / name).is_file() or (Path(w).is_file() and (out / name).stat().st_mtime < Path(w).stat().st_mtime):
             _leanvit("analyze", "-m", STUDENT, "--weights", w, "--teacher", teacher, "--threads", str(args.threads),
@@ -133,7 +147,8 @@ def analyse(variant: str, seed: int, args: argparse.Namespace) -> dict | None:
 
 
 def teacher_row(name: str, args: argparse.Namespace) -> dict:
-    out = Path(args.runs) / f"teacher_{name}{'_l' + str(args.eval_limit) if args.eval_limit else ''}.json"
+    limit = f"_l{args.eval_limit}" if args.eval_limit else f"_t{args.train_limit}" if args.train_limit else ""
+    out = Path(args.runs) / f"teacher_{name}{limit}.json"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         _leanvit("analyze", "-m", name, "--threads", str(args.threads), "--no-progress", *_eval_limits(args),
@@ -157,6 +172,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="training images per epoch (default: all 55,000)")
     p.add_argument("--eval-limit", type=int, default=None,
                    help="validation, test and train-gap images (a quick check; default: all)")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="training images whose top-1 gives the train-test gap (default: all 55,000)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--teacher-cache", default=None,
                    help="folder of the teachers' outputs shared by the runs (default: RUNS/teacher_cache; 'none' "
@@ -174,7 +191,9 @@ def main() -> None:
     teachers = [teacher_row(t, args) for t in dict.fromkeys(VARIANTS[r["variant"]][1] for r in rows)]
     schedule = "; ".join(filter(None, [f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}" if args.epochs else "",
                                         f"{args.limit} training images per epoch" if args.limit else "",
-                                        f"{args.eval_limit} images per evaluation split" if args.eval_limit else ""]))
+                                        f"{args.eval_limit} images per evaluation split" if args.eval_limit else "",
+                                        f"train top-1 of the gap on the first {args.train_limit} training images"
+                                        if args.train_limit and not args.eval_limit else ""]))
     md = [f"Teachers into `{STUDENT}` under the student's recipe (`configs/fmnist_student.yaml`"
           f"{'; ' + schedule if schedule else ', 10 epochs'}) plus the distillation term. Every finished run under "
           f"the runs folder for this schedule is a row (mean ± std over seeds). Test top-1 (%) of the last epoch "
