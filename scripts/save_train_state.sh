@@ -1,10 +1,13 @@
 #!/bin/bash
 # Copy run records (finished) and resumable states (unfinished) of runs/ into train_state/ (see train_state/README.md).
 cd "$(dirname "$0")/.."
+best_is_last() {  # the run's last epoch has the best validation top-1: its analyze.json stands for both columns
+  python3 -c "import json,sys; l=json.load(open(sys.argv[1])); sys.exit(not all(r['val_top1'] < l[-1]['val_top1'] for r in l[:-1]))" "$1/log.json"
+}
 save() {  # $1 = run folder, $2 = destination
   local src=$1 dst=$2
   mkdir -p "$dst"
-  if [ -f "$src/model.safetensors" ] && [ -f "$src/analyze.json" ] && [ -f "$src/analyze_best.json" ]; then
+  if [ -f "$src/model.safetensors" ] && [ -f "$src/analyze.json" ] && { [ -f "$src/analyze_best.json" ] || best_is_last "$src"; }; then
     rm -f "$dst/last.pt" "$dst/best.safetensors" "$dst/model.safetensors"
     for f in command.txt config.yaml log.csv log.json test.json analyze.json analyze_best.json; do
       [ -f "$src/$f" ] && cp "$src/$f" "$dst/"
