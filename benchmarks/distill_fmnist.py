@@ -84,7 +84,7 @@ def _eval_limits(args: argparse.Namespace) -> list[str]:
     return ["--limit-train", str(args.train_limit)] if args.train_limit else []
 
 
-def _best_is_last(log: list[dict]) -> bool:
+def best_is_last(log: list[dict]) -> bool:
     """The last epoch has the best validation top-1 (strictly: best.safetensors keeps the first of equals)."""
     return all(r["val_top1"] < log[-1]["val_top1"] for r in log[:-1])
 
@@ -95,7 +95,7 @@ def _finished(out: Path) -> bool:
         return True
     if not all((out / n).is_file() for n in RECORDS[:2]):
         return False
-    return (out / RECORDS[2]).is_file() or _best_is_last(json.loads((out / "log.json").read_text()))
+    return (out / RECORDS[2]).is_file() or best_is_last(json.loads((out / "log.json").read_text()))
 
 
 def train(variant: str, seed: int, args: argparse.Namespace) -> None:
@@ -129,7 +129,7 @@ def analyse(variant: str, seed: int, args: argparse.Namespace) -> dict | None:
         log = json.loads((out / "log.json").read_text())
     else:
         return None
-    if len(weights) == 2 and _best_is_last(log):  # best.safetensors holds the last epoch's weights: one analysis
+    if len(weights) == 2 and best_is_last(log):  # best.safetensors holds the last epoch's weights: one analysis
         del weights["analyze_best.json"]
     for name, w in weights.items():
         if not (out / name).is_file() or (Path(w).is_file() and (out / name).stat().st_mtime < Path(w).stat().st_mtime):

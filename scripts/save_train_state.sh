@@ -2,7 +2,8 @@
 # Copy run records (finished) and resumable states (unfinished) of runs/ into train_state/ (see train_state/README.md).
 cd "$(dirname "$0")/.."
 best_is_last() {  # the run's last epoch has the best validation top-1: its analyze.json stands for both columns
-  python3 -c "import json,sys; l=json.load(open(sys.argv[1])); sys.exit(not all(r['val_top1'] < l[-1]['val_top1'] for r in l[:-1]))" "$1/log.json"
+  .venv/bin/python -c "import json, sys; sys.path.insert(0, 'benchmarks'); from distill_fmnist import best_is_last
+sys.exit(not best_is_last(json.load(open(sys.argv[1]))))" "$1/log.json"
 }
 save() {  # $1 = run folder, $2 = destination
   local src=$1 dst=$2
