@@ -29,4 +29,5 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
 def machine_summary(device: torch.device | str = "cpu") -> str:
     i = machine_info(device)
     gpu = f", {i['gpu']}" if "gpu" in i else ""
-    return f"{i['processor']} ({i['cpu_count']} cores{gpu}), torch {i['torch']}, {i['threads']} threads"
+    threads = f"{i['threads']} thread{'s' if i['threads'] != 1 else ''}"
+    return f"{i['processor']} ({i['cpu_count']} cores{gpu}), torch {i['torch']}, {threads}"
