@@ -97,3 +97,16 @@ def subprocess_env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def mlp_token_counts(model, x):
+    """``model.forward_features(x)`` without grad, and the token count each block's MLP saw."""
+    counts = []
+    hooks = [b.mlp.register_forward_hook(lambda m, inp, out: counts.append(inp[0].shape[1])) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            f = model.forward_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return f, counts

@@ -11,6 +11,7 @@ import pickle
 import pytest
 import timm
 import torch
+from conftest import mlp_token_counts
 from torch import nn
 
 import leanvit
@@ -164,18 +165,6 @@ def test_patch_twice_replaces():
 
 
 # ================================================================================ 3. reduction happens
-def _mlp_token_counts(model, x):
-    counts = []
-    hooks = [b.mlp.register_forward_hook(lambda m, inp, out: counts.append(inp[0].shape[1])) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            f = model.forward_features(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return f, counts
-
-
 @pytest.mark.parametrize("variant, method", _pairs(["deit", "deit_distilled", "registers_layerscale", "no_cls_avg"]))
 def test_tokens_removed(variant, method):
     depth = 4
@@ -183,7 +172,7 @@ def test_tokens_removed(variant, method):
     P = model.num_prefix_tokens
     leanvit.patch(model, method, r=2)
     x = image(96)
-    f, counts = _mlp_token_counts(model, x)
+    f, counts = mlp_token_counts(model, x)
     assert f.shape == (2, P + 36 - 2 * depth, model.embed_dim)
     expected = [P + 36 - 2 * (i + 1) for i in range(depth)]
     assert counts == expected
@@ -200,7 +189,7 @@ def test_tokens_removed(variant, method):
 def test_tome_caps_at_half_and_counts():
     model = make("deit", img_size=96, depth=4)
     leanvit.patch(model, "tome", r=[18, 9, 4, 2])  # each block at its cap (half of 36, 18, 9, 5)
-    f, counts = _mlp_token_counts(model, image(96))
+    f, counts = mlp_token_counts(model, image(96))
     assert counts == [1 + 18, 1 + 9, 1 + 5, 1 + 3] == tokens_per_block(model)
     with pytest.raises(ConfigError, match="block 1"):
         leanvit.patch(model, "tome", r=[18, 10])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import mlp_token_counts
 from torch import nn
 
 import leanvit
@@ -207,18 +208,6 @@ def toms_cap(r_per_block: list[int], n: int, min_left: int = 1) -> list[int]:
     return out
 
 
-def mlp_counts(model, x):
-    counts = []
-    hooks = [b.mlp.register_forward_hook(lambda m, inp, out: counts.append(inp[0].shape[1])) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            f = model.forward_features(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return f, counts
-
-
 def test_cap_schedule():
     assert cap_schedule([16] * 12, 196) == [16] * 11 + [10] == toms_cap([16] * 12, 196)
     assert cap_schedule([100, 100, 100], 36) == [18, 9, 4]
@@ -239,7 +228,7 @@ def test_int_r_capped_per_block_for_every_method(method, r):
     expected = toms_cap(asked, 196)
     assert expected[-1] < asked[-1]  # the cap binds in the last block
     assert red.schedule == red.report["schedule"] == expected
-    f, counts = mlp_counts(model, images(224, dtype=torch.float32))
+    f, counts = mlp_token_counts(model, images(224, dtype=torch.float32))
     left = [196 - sum(expected[: i + 1]) for i in range(12)]
     assert counts == tokens_per_block(model) == [1 + n for n in left]
     assert f.shape == (2, 1 + left[-1], 48)
@@ -254,7 +243,7 @@ def test_cap_leaves_room(method, options, expected):
                               num_heads=3, num_classes=10).eval()  # 2 x 2 grid: 4 image tokens
     leanvit.patch(model, method, r=2, **options)
     assert get_reducer(model).schedule == expected
-    f, counts = mlp_counts(model, torch.randn(2, 3, 32, 32))
+    f, counts = mlp_token_counts(model, torch.randn(2, 3, 32, 32))
     assert counts == tokens_per_block(model)
     assert f.shape[1] == 1 + 4 - sum(expected)
 
