@@ -93,7 +93,7 @@ def train_and_test(name: str, run: Path, seed: int, args: argparse.Namespace) ->
                 "--epochs", str(args.epochs), "--seed", str(seed), *limits, *common)
     test = run / "test.json"
     weights = run / "model.safetensors"
-    # a run restored from train_state/ keeps its log and test.json but not its weights
+    # a run's records in benchmarks/logs/ablate_shuffle/ keep its log and test.json but not its weights
     if not test.is_file() or (weights.is_file() and test.stat().st_mtime < weights.stat().st_mtime):
         limit = ["--limit", str(args.limit_test)] if args.limit_test else []
         leanvit("eval", "--model", name, "--weights", str(weights), "--split", "test", "--json", str(test),

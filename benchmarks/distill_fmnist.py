@@ -5,6 +5,7 @@
     python benchmarks/distill_fmnist.py --threads 2 --epochs 3 --limit 20000 \\
         --variants pefd-1 pefd-2 pefd pefd-4                                               # the n sweep, shorter
     python benchmarks/distill_fmnist.py --limit 256 --eval-limit 256 --epochs 1 --runs /tmp/distill   # a check
+    python benchmarks/distill_fmnist.py --runs benchmarks/logs/distill_fmnist    # the table from the committed records
 
 Every run is ``leanvit distill -c configs/fmnist_student.yaml --teacher T --method M ... -o RUNS/FOLDER --resume``
 in its own folder, named after the variant, the seed and the schedule (``pefd_s1``, ``pefd-4_s0_e3_n20000``), so
@@ -54,7 +55,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 }
 
 
-# what a finished run keeps when its weights are not kept (train_state/): the table is built from these
+# what a finished run keeps when its weights are not kept (benchmarks/logs/distill_fmnist/): the table reads these
 # (analyze_best.json only where the best validation epoch is not the last one)
 RECORDS = ("log.json", "analyze.json", "analyze_best.json")
 
@@ -90,7 +91,7 @@ def best_is_last(log: list[dict]) -> bool:
 
 
 def _finished(out: Path) -> bool:
-    """A finished run: its final weights, or (restored from train_state/) the records the table reads."""
+    """A finished run: its final weights, or the records the table reads (``--runs benchmarks/logs/distill_fmnist``)."""
     if (out / "model.safetensors").is_file():
         return True
     if not all((out / n).is_file() for n in RECORDS[:2]):
