@@ -225,3 +225,15 @@ def test_compare_compiled_timing(monkeypatch):
                           progress=False, compile=True, amp="bf16")
     assert [r.method for r in rows] == ["dense", "gtp", "idle"] and all(r.images_per_s > 0 for r in rows)
     assert compiled == [{"fullgraph": True}] * 3
+
+
+@pytest.mark.parametrize("threads, words", [(1, "1 thread"), (2, "2 threads")])
+def test_machine_summary_names_thread_count(threads, words):
+    from leanvit.analysis.machine import machine_summary
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert machine_summary().endswith(f", {words}")
+    finally:
+        torch.set_num_threads(before)
