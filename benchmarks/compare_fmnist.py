@@ -46,7 +46,8 @@ def main() -> None:
     opts = "; ".join(f"{m}: {o}" for m, o in options.items())
     md = (f"Model `{name}`, 10,000 test images, options {opts}; throughput at batch 32, {args.threads} threads. "
           f"`gtp-cls` selects by cls attention (fused attention, no explicit map); `gtp-random` ranks tokens at "
-          f"random (mean ± std over {args.seeds} seeds); all rows timed in one interleaved run.\n\n```\n{table}\n```\n\n"
+          f"random (mean ± std over {args.seeds} seeds); all rows timed in one interleaved run.\n\n"
+          f"```\n{table}\n```\n\n"
           f"![accuracy vs GMACs](docs/compare_fmnist.png)")
     write(args.name, {"model": name, "options": options, "rows": [r.as_dict() for r in rows]}, md)
     # token maps of the three methods for one test image, for the README

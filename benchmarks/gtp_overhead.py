@@ -68,13 +68,14 @@ def main() -> None:
         rows.append(row)
     md = ["Per-forward profile (self CPU time summed over ops), GTP at budget "
           f"{args.budget}, batch {args.batch_size}, {args.threads} threads. *GTP's own work* = graph + score + "
-          "select + propagate; *gap to ideal* = (GTP time - ideal truncation time) / GTP time, which also contains the extra "
-          "cost of explicit attention over SDPA.\n",
+          "select + propagate; *gap to ideal* = (GTP time - ideal truncation time) / GTP time, which also "
+          "contains the extra cost of explicit attention over SDPA.\n",
           "| model | GTP ms | ideal ms | graph ms | score ms | select ms | propagate ms | GTP's own work | explicit "
           "attention (whole region, incl. score) | gap to ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['gtp_ms']:.1f} | {r['ideal_ms']:.1f} | {r['graph_ms']:.2f} | "
-                  f"{r['score_ms']:.2f} | {r['select_ms']:.2f} | {r['propagate_ms']:.2f} | {100 * r['own_share']:.1f}% | "
+                  f"{r['score_ms']:.2f} | {r['select_ms']:.2f} | {r['propagate_ms']:.2f} | "
+                  f"{100 * r['own_share']:.1f}% | "
                   f"{100 * r['attn_explicit_share']:.1f}% | {100 * r['gap_share']:.1f}% |")
     write(args.name, {"rows": rows, "args": vars(args)}, "\n".join(md))
 

@@ -119,7 +119,8 @@ def main() -> None:
     dense = rows[0]["top1"]
     for r in rows:
         r["vs_dense"] = r["top1"] - dense
-    lines = ["| variant | fine-tuned | test top-1 (%) | vs dense | seeds | share of dense MACs |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | fine-tuned | test top-1 (%) | vs dense | seeds | share of dense MACs |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         spread = f" ± {r['top1_std']:.2f}" if r.get("top1_std") else ""
         ach = f"{r.get('macs_share', 1.0):.3f}"

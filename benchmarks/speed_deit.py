@@ -60,7 +60,8 @@ def main() -> None:
         macs = {k: count_macs(m).macs for k, m in models.items()}
         # dynamic=False: one static graph per batch size (a second batch size would otherwise recompile the
         # model with a dynamic batch dimension, which can be slower than a static graph)
-        timed = {k: torch.compile(m, dynamic=False, fullgraph=True) for k, m in models.items()} if args.compile else models
+        timed = ({k: torch.compile(m, dynamic=False, fullgraph=True) for k, m in models.items()}
+                 if args.compile else models)
         if args.compile:
             # every row shares the same forward code (timm's and leanvit's), and dynamo counts recompilations per
             # code object: past its limit (8) it would silently run the remaining rows eagerly
@@ -83,8 +84,8 @@ def main() -> None:
                              "speedup": med[k] / med["dense"], "efficiency": _efficiency(med, k),
                              "images_per_s_best": best[k], "speedup_best": best[k] / best["dense"],
                              "efficiency_best": _efficiency(best, k), "schedule": red.schedule if red else []})
-    md = [f"Budget {args.budget} of dense MACs; {args.threads} threads; "
-          f"{'every model torch.compile-d (default mode, fullgraph=True, dynamic=False); ' if args.compile else 'eager; '}"
+    mode = "every model torch.compile-d (default mode, fullgraph=True, dynamic=False); " if args.compile else "eager; "
+    md = [f"Budget {args.budget} of dense MACs; {args.threads} threads; {mode}"
           f"{args.rounds} interleaved rounds of {args.runs} runs (x10 at batch 1). *Efficiency* = (speed-up - 1) / "
           "(ideal speed-up - 1): the share of the ideal truncation's gain that a method keeps; from the median "
           "run and from the best run of each model.\n",

@@ -4,8 +4,8 @@ Counting convention (the one behind the "4.6 GMACs" that papers quote for DeiT-S
 
 * counted: the ops torch's :class:`~torch.utils.flop_counter.FlopCounterMode` has formulas for, i.e. matrix
   products and convolutions: ``mm``, ``addmm`` (``nn.Linear``), ``bmm``, ``baddbmm``, ``matmul`` (which
-  decomposes into those; their in-place forms too), ``convolution`` (patch embedding, conv stems) and scaled dot-product attention
-  (``q @ k^T`` and ``attn @ v``, two batched matmuls per head);
+  decomposes into those; their in-place forms too), ``convolution`` (patch embedding, conv stems) and scaled
+  dot-product attention (``q @ k^T`` and ``attn @ v``, two batched matmuls per head);
 * not counted: elementwise ops (adds, scaling, residuals), softmax, LayerNorm / BatchNorm, GELU, pooling, and the
   gathers / scatters / sorts that token-reduction methods add. These are small next to the matmuls and are
   left out by the papers too.
