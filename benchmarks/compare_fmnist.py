@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from leanvit.analysis import threads_phrase
 from leanvit.reduce.compare import format_table, run_comparison
 from leanvit.vis import plot_pareto
 
@@ -44,7 +45,8 @@ def main() -> None:
     plot_pareto([r.as_dict() for r in rows], DOCS / "compare_fmnist.png",
                 title=f"{name}, Fashion-MNIST test, no fine-tuning")
     opts = "; ".join(f"{m}: {o}" for m, o in options.items())
-    md = (f"Model `{name}`, 10,000 test images, options {opts}; throughput at batch 32, {args.threads} threads. "
+    md = (f"Model `{name}`, 10,000 test images, options {opts}; throughput at batch 32, "
+          f"{threads_phrase(args.threads)}. "
           f"`gtp-cls` selects by cls attention (fused attention, no explicit map); `gtp-random` ranks tokens at "
           f"random (mean ± std over {args.seeds} seeds); all rows timed in one interleaved run.\n\n"
           f"```\n{table}\n```\n\n"

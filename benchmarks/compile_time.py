@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from leanvit.analysis import threads_phrase
+
 from common import write
 
 METHODS = {"dense": None, "ideal (truncate)": ("truncate", {}), "gtp": ("gtp", {}),
@@ -125,8 +127,8 @@ def main() -> None:
           f"{', cpp_wrapper' if args.cpp_wrapper else ''}) in a fresh process with an empty kernel cache (*cold*), "
           f"then again in a second process on the cache the first one filled (*warm*), "
           f"`TORCHINDUCTOR_COMPILE_THREADS=1`; batch {args.batch_size}, "
-          f"{args.threads} threads, budget {args.budget} of dense MACs (every reducer on GTP's schedule; idle on "
-          f"its own keep rule at the same budget){f', first {args.depth} blocks' if args.depth else ''}. "
+          f"{threads_phrase(args.threads)}, budget {args.budget} of dense MACs (every reducer on GTP's schedule; "
+          f"idle on its own keep rule at the same budget){f', first {args.depth} blocks' if args.depth else ''}. "
           "*Compile* = compile call plus first forward; *ratio* = over the dense model's; *C++*, *codegen*, "
           "*trace*: dynamo's breakdown of the cold time (compiling the generated kernels, inductor's lowering, "
           "scheduling and code generation, dynamo's bytecode tracing).\n",

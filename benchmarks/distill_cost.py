@@ -24,7 +24,7 @@ import time
 import torch
 
 import leanvit
-from leanvit.analysis import count_macs, default_input_size
+from leanvit.analysis import count_macs, default_input_size, threads_phrase
 from leanvit.distill import build_terms, cosine_distance
 from leanvit.distill.cache import TeacherCache, batch_key
 from leanvit.engine import CrossEntropyTerm, StepContext
@@ -111,8 +111,9 @@ def main() -> None:
     rows = [{"part": k, "ms": ms[k], "time_share": ms[k] / ms["step"], "gmacs": macs[k] / 1e9,
              "macs_share": macs[k] / macs["step"]} for k in ("step", "teacher", "projectors", "step, teacher cached")]
     md = [f"PEFD training step, {args.teacher} -> {args.student}, {args.projectors} projectors "
-          f"({sum(p.numel() for p in term.parameters()):,} parameters), batch {b}, {args.threads} threads; median of "
-          f"{args.runs} interleaved runs. MACs: forward + backward = 3 x forward for trained parts. {args.note}\n",
+          f"({sum(p.numel() for p in term.parameters()):,} parameters), batch {b}, "
+          f"{threads_phrase(args.threads)}; median of {args.runs} interleaved runs. MACs: forward + backward = "
+          f"3 x forward for trained parts. {args.note}\n",
           "| part | ms | share of the step (time) | GMACs | share of the step (MACs) |", "|---|---|---|---|---|"]
     md += [f"| {r['part']} | {r['ms']:.2f} | {100 * r['time_share']:.3f}% | {r['gmacs']:.3f} | "
            f"{100 * r['macs_share']:.3f}% |" for r in rows]

@@ -27,7 +27,7 @@ import timm
 import torch
 
 import leanvit
-from leanvit.analysis import compare_throughput, count_macs
+from leanvit.analysis import compare_throughput, count_macs, threads_phrase
 from leanvit.ops.graph import GRAPHS
 from leanvit.reduce.compare import CompareRow, run_comparison
 from leanvit.reduce.gtp import ORPHANS
@@ -192,10 +192,11 @@ def main() -> None:
         md.append(f"| {label} | " + " | ".join(f"{a:.2f}" for a in top1) + f" | {t['mean']:.2f} | {lost} |")
     for name, rows in test.items():
         md += ["", (f"Test set ({images[name]} images), `{name}`; `gtp-nolost` = {options['gtp-nolost']}; "
-                    f"throughput at batch 32, {args.threads} threads, one interleaved run.\n"), *_test_table(rows)]
+                    f"throughput at batch 32, {threads_phrase(args.threads)}, one interleaved run.\n"),
+               *_test_table(rows)]
     md += ["", (f"Speed, `{args.speed_model}`, batch {args.speed_batch}, budget {args.speed_budget}, "
-                f"{args.threads} threads, {args.speed_rounds} interleaved rounds of {args.speed_runs} runs; `vs gtp` "
-                "is images/s over GTP's (as published, its tuned options).\n"),
+                f"{threads_phrase(args.threads)}, {args.speed_rounds} interleaved rounds of {args.speed_runs} runs; "
+                "`vs gtp` is images/s over GTP's (as published, its tuned options).\n"),
            ("| method | GMACs | MACs % | img/s (median) | speed-up | vs gtp | img/s (best run) | vs gtp (best run) "
             "| schedule |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in speed_rows:

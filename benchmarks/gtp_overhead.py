@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import leanvit
+from leanvit.analysis import threads_phrase
 from leanvit.analysis.macs import default_input_size
 
 from common import write
@@ -67,9 +68,9 @@ def main() -> None:
         row["gap_share"] = (t_gtp - t_ideal) / t_gtp
         rows.append(row)
     md = ["Per-forward profile (self CPU time summed over ops), GTP at budget "
-          f"{args.budget}, batch {args.batch_size}, {args.threads} threads. *GTP's own work* = graph + score + "
-          "select + propagate; *gap to ideal* = (GTP time - ideal truncation time) / GTP time, which also "
-          "contains the extra cost of explicit attention over SDPA.\n",
+          f"{args.budget}, batch {args.batch_size}, {threads_phrase(args.threads)}. "
+          "*GTP's own work* = graph + score + select + propagate; *gap to ideal* = (GTP time - ideal truncation "
+          "time) / GTP time, which also contains the extra cost of explicit attention over SDPA.\n",
           "| model | GTP ms | ideal ms | graph ms | score ms | select ms | propagate ms | GTP's own work | explicit "
           "attention (whole region, incl. score) | gap to ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import leanvit
-from leanvit.analysis import compare_throughput, count_macs, measure_latency
+from leanvit.analysis import compare_throughput, count_macs, measure_latency, threads_phrase
 from leanvit.data import build_dataset
 from leanvit.engine import evaluate
 from leanvit.zoo import has_weights
@@ -38,7 +38,7 @@ def main() -> None:
                      "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
                      "images_per_s": speed[name], "latency_ms_b1": measure_latency(model, runs=20)})
     md = [f"Fashion-MNIST test set (10,000 images); throughput at batch {args.batch_size} (median of 3 interleaved "
-          f"rounds x 10 runs), batch-1 latency median of 20 runs; {args.threads} threads.\n",
+          f"rounds x 10 runs), batch-1 latency median of 20 runs; {threads_phrase(args.threads)}.\n",
           "| model | top-1 % | top-5 % | GMACs | params (M) | images/s | batch-1 latency (ms) |",
           "|---|---|---|---|---|---|---|"]
     for r in rows:

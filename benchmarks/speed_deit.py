@@ -21,7 +21,7 @@ import timm
 import torch
 
 import leanvit
-from leanvit.analysis import compare_throughput, count_macs
+from leanvit.analysis import compare_throughput, count_macs, threads_phrase
 from leanvit.analysis.macs import default_input_size
 
 from common import write
@@ -85,7 +85,7 @@ def main() -> None:
                              "images_per_s_best": best[k], "speedup_best": best[k] / best["dense"],
                              "efficiency_best": _efficiency(best, k), "schedule": red.schedule if red else []})
     mode = "every model torch.compile-d (default mode, fullgraph=True, dynamic=False); " if args.compile else "eager; "
-    md = [f"Budget {args.budget} of dense MACs; {args.threads} threads; {mode}"
+    md = [f"Budget {args.budget} of dense MACs; {threads_phrase(args.threads)}; {mode}"
           f"{args.rounds} interleaved rounds of {args.runs} runs (x10 at batch 1). *Efficiency* = (speed-up - 1) / "
           "(ideal speed-up - 1): the share of the ideal truncation's gain that a method keeps; from the median "
           "run and from the best run of each model.\n",

@@ -19,7 +19,7 @@ import timm
 import torch
 
 import leanvit
-from leanvit.analysis import compare_throughput, count_macs
+from leanvit.analysis import compare_throughput, count_macs, threads_phrase
 
 from common import write
 
@@ -73,9 +73,10 @@ def main() -> None:
             ideal = by["ideal-" + r["variant"]]
             r["of_ideal"] = r["speedup"] / ideal["speedup"]
             r["latency_of_ideal"] = r["latency_speedup"] / ideal["latency_speedup"]
-    md = [f"{args.model}, random weights, {args.threads} threads, eval, fp32; batch {args.batch_size}: median of "
-          f"{args.rounds} interleaved rounds x {args.runs} runs; batch 1: median of {args.rounds} x "
-          f"{args.latency_runs} runs. Speed-up over dense; 'of ideal' = speed-up / the ideal truncation's.\n",
+    md = [f"{args.model}, random weights, {threads_phrase(args.threads)}, eval, fp32; "
+          f"batch {args.batch_size}: median of {args.rounds} interleaved rounds x {args.runs} runs; "
+          f"batch 1: median of {args.rounds} x {args.latency_runs} runs. Speed-up over dense; "
+          "'of ideal' = speed-up / the ideal truncation's.\n",
           f"| variant | GMACs | images/s b{args.batch_size} | speed-up | of ideal | b1 latency ms | b1 speed-up | "
           f"b1 of ideal |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

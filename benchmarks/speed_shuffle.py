@@ -15,7 +15,7 @@ import argparse
 import timm
 import torch
 
-from leanvit.analysis import compare_throughput, count_macs
+from leanvit.analysis import compare_throughput, count_macs, threads_phrase
 from leanvit.models import SHUFFLE_ARCHS
 
 from common import write
@@ -63,9 +63,9 @@ def main() -> None:
         row["latency_speed_ratio"] = single[partner]["latency_ms"] / single[name]["latency_ms"]
         rows.append(row)
         print(row, flush=True)
-    md = [f"{args.threads} threads; batch {args.batch_size}: median (and best) of {args.rounds} interleaved rounds x "
-          f"{args.runs} runs; batch 1: median of {args.rounds} x {args.latency_runs} runs. Speed = shuffle / partner "
-          f"images/s (latency: partner / shuffle).\n",
+    md = [f"{threads_phrase(args.threads)}; batch {args.batch_size}: median (and best) of "
+          f"{args.rounds} interleaved rounds x {args.runs} runs; batch 1: median of {args.rounds} x "
+          f"{args.latency_runs} runs. Speed = shuffle / partner images/s (latency: partner / shuffle).\n",
           f"| model | partner | GMACs (shuffle / partner) | images/s b{args.batch_size} (shuffle / partner) | speed "
           f"(median) | speed (best run) | b1 latency ms (shuffle / partner) | b1 speed |",
           "|---|---|---|---|---|---|---|---|"]

@@ -229,8 +229,9 @@ def test_compare_compiled_timing(monkeypatch):
 
 @pytest.mark.parametrize("threads, words", [(1, "1 thread"), (2, "2 threads")])
 def test_machine_summary_names_thread_count(threads, words):
-    from leanvit.analysis.machine import machine_summary
+    from leanvit.analysis import machine_summary, threads_phrase
 
+    assert threads_phrase(threads) == words
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -1,10 +1,10 @@
 """Measuring a model: MACs per image, wall-clock throughput / latency, CKA to another model, calibration."""
 from .calibration import CalibrationReport, calibration
 from .cka import cka_matrix, linear_cka
-from .machine import machine_info, machine_summary
+from .machine import machine_info, machine_summary, threads_phrase
 from .macs import MacsReport, count_macs, default_input_size
 from .throughput import ThroughputReport, compare_throughput, measure_latency, measure_throughput
 
 __all__ = ["CalibrationReport", "MacsReport", "ThroughputReport", "calibration", "cka_matrix", "compare_throughput",
            "count_macs", "default_input_size", "linear_cka", "machine_info", "machine_summary", "measure_latency",
-           "measure_throughput"]
+           "measure_throughput", "threads_phrase"]

@@ -26,8 +26,13 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
+def threads_phrase(n: int | None = None) -> str:
+    """``"1 thread"`` or ``"<n> threads"``; ``n`` defaults to torch's intra-op thread count."""
+    n = torch.get_num_threads() if n is None else n
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def machine_summary(device: torch.device | str = "cpu") -> str:
     i = machine_info(device)
     gpu = f", {i['gpu']}" if "gpu" in i else ""
-    threads = f"{i['threads']} thread{'s' if i['threads'] != 1 else ''}"
-    return f"{i['processor']} ({i['cpu_count']} cores{gpu}), torch {i['torch']}, {threads}"
+    return f"{i['processor']} ({i['cpu_count']} cores{gpu}), torch {i['torch']}, {threads_phrase(i['threads'])}"

@@ -67,6 +67,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..analysis import threads_phrase
     from ..reduce.compare import format_table, resolve_method, run_comparison
     from ..vis import plot_pareto
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                           bench_batch=args.bench_batch, bench_runs=args.bench_runs, device=device,
                           progress=args.progress, compile=args.compile, amp=args.amp)
     n = len(loader.dataset) if loader is not None else 0
-    print(f"{args.model} on {args.data} ({args.split}, {n} images), {device}, {torch.get_num_threads()} threads, "
+    print(f"{args.model} on {args.data} ({args.split}, {n} images), {device}, {threads_phrase()}, "
           f"throughput at batch {args.bench_batch}")
     print(format_table(rows))
     meta = {"model": args.model, "data": args.data, "split": args.split, "images": n, "device": str(device),
