@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from leanvit.analysis import threads_phrase
-from leanvit.reduce.compare import format_table, run_comparison
+from leanvit.experiments.compare import format_table, run_comparison
 from leanvit.vis import plot_pareto
 
 from common import reference_eval, tuned_options, write

@@ -25,8 +25,9 @@ import torch
 
 import leanvit
 from leanvit.analysis import count_macs, default_input_size, threads_phrase
-from leanvit.distill import build_terms, cosine_distance
-from leanvit.distill.cache import TeacherCache, batch_key
+from leanvit.distill import build_terms
+from leanvit.engine.losses import cosine_distance
+from leanvit.engine.teacher import TeacherCache, batch_key
 from leanvit.engine import CrossEntropyTerm, StepContext
 
 from common import write

@@ -29,7 +29,7 @@ import torch
 import leanvit
 from leanvit.analysis import compare_throughput, count_macs, threads_phrase
 from leanvit.ops.graph import GRAPHS
-from leanvit.reduce.compare import CompareRow, run_comparison
+from leanvit.experiments.compare import CompareRow, run_comparison
 from leanvit.reduce.gtp import ORPHANS
 
 from common import reference_eval, tuned_options, write

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+from torch import nn
+
+from leanvit.engine import StepContext
+from leanvit.ops.graph import build_graph
+from leanvit.ops.select import attention_score, split_topk
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 BIN_DIR = Path(sys.executable).parent
@@ -110,3 +116,100 @@ def mlp_token_counts(model, x):
         for h in hooks:
             h.remove()
     return f, counts
+
+
+# ------------------------------------------------------------------ tiny timm ViTs (token-reduction tests)
+# name -> (timm architecture, overrides); all at img_size 64 (4x4 grid) and depth 2 unless given
+VARIANTS = {
+    "deit": ("deit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers_layerscale": ("vit_small_patch16_224", dict(reg_tokens=4, init_values=0.1)),
+    "no_cls_avg": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
+    "qk_norm": ("vit_tiny_patch16_224", dict(qk_norm=True)),
+    "no_embed_class_pre_norm": ("vit_tiny_patch16_224", dict(no_embed_class=True, pre_norm=True)),
+}
+
+
+def make(variant: str = "deit", img_size: int = 64, depth: int = 2, **kw) -> nn.Module:
+    arch, over = VARIANTS[variant]
+    torch.manual_seed(0)
+    args = dict(pretrained=False, img_size=img_size, depth=depth, num_classes=10, **over)
+    args.update(kw)
+    return timm.create_model(arch, **args).eval()
+
+
+def image(img_size: int = 64, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, img_size, img_size, generator=g)
+
+
+@torch.no_grad()
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+@torch.no_grad()
+def gtp_reference(model, x, sched, alpha, prop_attn, graph="mixed", k=8, score="mixed"):
+    """GTP written out from the paper with the ops functions, batch element by batch element."""
+    P = model.num_prefix_tokens
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    B = x.shape[0]
+    G = build_graph(x[:, P:], model.patch_embed.grid_size, graph, k)  # over the original image tokens
+    pos = [list(range(x.shape[1] - P)) for _ in range(B)]  # original index of every current image token
+    size = torch.ones(B, x.shape[1])
+    for i, blk in enumerate(model.blocks):
+        a = blk.attn
+        h = blk.norm1(x)
+        N = h.shape[1]
+        qkv = a.qkv(h).reshape(B, N, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, kk, v = qkv.unbind(0)
+        q, kk = a.q_norm(q), a.k_norm(kk)
+        logits = (q * a.scale) @ kk.transpose(-2, -1)
+        if prop_attn:
+            logits = logits + size.log()[:, None, None, :]
+        probs = logits.softmax(-1)
+        out = a.proj((probs @ v).transpose(1, 2).reshape(B, N, -1))
+        x = x + blk.ls1(out)
+        r = sched[i]
+        if r:
+            kept, removed = split_topk(attention_score(probs, P, score), r)
+            xs, ss, new_pos = [], [], []
+            for b in range(B):
+                kb, rb = kept[b].tolist(), removed[b].tolist()
+                img, s = x[b, P:], size[b, P:]
+                w = G[b][[pos[b][j] for j in kb]][:, [pos[b][j] for j in rb]]  # (K, r)
+                xs.append(torch.cat([x[b, :P], img[kb] + alpha * w @ img[rb]]))
+                ss.append(torch.cat([size[b, :P], s[kb] + alpha * w @ s[rb]]) if prop_attn else size[b, :P + len(kb)])
+                new_pos.append([pos[b][j] for j in kb])
+            x, size, pos = torch.stack(xs), torch.stack(ss), new_pos
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    x = model.norm(x)
+    if model.global_pool == "avg":
+        w = size[:, P:, None] if prop_attn else torch.ones_like(size[:, P:, None])
+        pooled = (x[:, P:] * w).sum(1) / w.sum(1)
+    else:
+        pooled = x[:, 0]
+    return model.head(model.fc_norm(pooled))
+
+
+# ------------------------------------------------------------------ loss terms
+class FixedTeacher(nn.Module):
+    """A 'teacher' whose pre-logits features and logits are given tensors (timm's forward_features/forward_head)."""
+
+    def __init__(self, features: torch.Tensor, logits: torch.Tensor):
+        super().__init__()
+        self.features, self.logits = features, logits
+
+    def forward_features(self, images):
+        return self.features
+
+    def forward_head(self, f, pre_logits=False):
+        return f if pre_logits else self.logits
+
+
+def step_context(logits, features=None, t_features=None, t_logits=None) -> StepContext:
+    b = logits.shape[0]
+    teacher = FixedTeacher(t_features if t_features is not None else torch.zeros(b, 1),
+                           t_logits if t_logits is not None else torch.zeros_like(logits))
+    return StepContext(nn.Identity(), torch.zeros(b, 1, 4, 4), torch.zeros(b, dtype=torch.long), logits, features,
+                       teacher)

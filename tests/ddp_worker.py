@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from leanvit.cli.main import main
-from leanvit.engine import save_weights
+from leanvit.io import save_weights
 from leanvit.engine.train import Trainer
 
 _init, _fit = Trainer.__init__, Trainer.fit

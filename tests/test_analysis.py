@@ -209,7 +209,7 @@ def test_bench_compiled_under_autocast(tmp_path):
 def test_compare_compiled_timing(monkeypatch):
     """--compile times every variant compiled with fullgraph=True, --amp under autocast (torch.compile recorded
     here, and run with dynamo's eager backend to keep the test fast; the inductor runs are the slow bench test)."""
-    from leanvit.reduce.compare import run_comparison
+    from leanvit.experiments.compare import run_comparison
 
     compiled = []
     real = torch.compile

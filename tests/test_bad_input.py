@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanvit.engine import load_weights, save_weights
+from leanvit.io import load_weights, save_weights
 from leanvit.errors import CheckpointError
 
 STUDENT = "leanvit_vit_fm_student"
@@ -52,7 +52,7 @@ def _cases(fm: str, tmp: Path) -> list[tuple[list[str], str]]:
         (["eval", "--method", "gtp", "--r", "2", "-O", "prop_attn=maybe"], "must be true or false"),
         (["eval", "--method", "gtp", "--r", "2", "-O", "nope=1"], "unknown option 'nope'"),
         (["eval", "--method", "gtp", "--r", "2", "-O", "novalue"], "OPTION=VALUE"),
-        (["eval", "--method", "tome", "--keep", "0.7"], "keep= is not an option of 'tome'"),
+        (["eval", "--method", "tome", "--keep", "0.7"], "'tome' does not take keep="),
         (["eval", "--method", "evit", "--keep", "0.7", "-O", "keep=0.5"], "not --keep and -O keep"),
         (["bench", "--method", "evit", "--budget", "0.7", "-O", "r=2"], "not --budget and -O r"),
         (["eval", "--device", "foo"], "unknown device 'foo'"),

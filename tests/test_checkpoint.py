@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from leanvit.engine import checkpoint as ckpt
-from leanvit.engine import load_checkpoint, load_into, load_weights, save_checkpoint, save_weights
+from leanvit.engine import load_checkpoint, save_checkpoint
+from leanvit.io import load_into, load_weights, save_weights
 from leanvit.errors import CheckpointError
 
 

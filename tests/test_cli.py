@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import leanvit
 from leanvit.data import fashion_mnist
 from leanvit.data.fashion_mnist import FashionMNIST
-from leanvit.engine import LossTerm, Trainer, TrainConfig, save_weights
+from leanvit.engine import LossTerm, Trainer, TrainConfig
+from leanvit.io import save_weights
 from leanvit.errors import ConfigError, LeanvitError, TrainingError
 
 REFERENCE = ("leanvit_vit_fm_teacher", "leanvit_vit_fm_student")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 import leanvit
 from leanvit.data import SyntheticImages
 from leanvit.reduce import get_reducer
-from leanvit.reduce.compare import format_table, run_comparison
+from leanvit.experiments.compare import format_table, run_comparison
 from leanvit.vis import plot_pareto, plot_token_maps
 
 STUDENT = ["--model", "leanvit_vit_fm_student", "--no-pretrained"]
@@ -179,7 +179,7 @@ def test_plot_token_maps_from_real_traces(tmp_path):
 
 def test_plot_token_maps_hand_made(tmp_path):
     """Every record is drawn from its data (states, groups, edges), whatever its row's label."""
-    from leanvit.reduce.base import IDLE, KEPT, MERGED, PROPAGATED, REACTIVATED, REMOVED
+    from leanvit.reduce.types import IDLE, KEPT, MERGED, PROPAGATED, REACTIVATED, REMOVED
 
     h = w = 4
     n = h * w
@@ -213,7 +213,7 @@ def test_plot_token_maps_hand_made(tmp_path):
 def test_trace_states_of_every_method():
     """The trace says what happened to each patch: ToMe merges, EViT fuses (merged) or drops (removed), GTP
     propagates (and, as published, loses orphans), IdleViT idles and re-activates."""
-    from leanvit.reduce.base import IDLE, KEPT, MERGED, PROPAGATED, REACTIVATED, REMOVED
+    from leanvit.reduce.types import IDLE, KEPT, MERGED, PROPAGATED, REACTIVATED, REMOVED
     from test_reduce import image, make
 
     x = image(96, batch=1)
@@ -255,7 +255,7 @@ def test_cli_compare_timm_checkpoint_on_imagefolder(run_cli, tmp_path):
     """The path a DeiT + ImageNet user takes: a timm model name, a checkpoint file, an ImageFolder."""
     from PIL import Image
 
-    from leanvit.engine import save_weights
+    from leanvit.io import save_weights
 
     rng = np.random.default_rng(0)
     root = tmp_path / "val"
@@ -290,7 +290,7 @@ def test_cli_compare_timm_checkpoint_on_imagefolder(run_cli, tmp_path):
 def test_compare_a_model_that_comes_patched():
     """A fine-tuned zoo model comes patched: its patch is a row of its own, dense is its weights unpatched, and the
     other methods replace the patch on copies (the model itself is left as it came)."""
-    from leanvit.reduce.compare import run_comparison
+    from leanvit.experiments.compare import run_comparison
     from test_reduce import make
 
     model = leanvit.patch(make("deit", img_size=96, depth=4), "idle", keep=0.5)

@@ -201,7 +201,7 @@ def _make_imagefolder(root, classes=("cat", "dog"), per_class=3):
 def test_imagefolder_uses_model_transform(tmp_path, train):
     root = _make_imagefolder(tmp_path / "imgs")
     model = timm.create_model("test_vit", pretrained=False, num_classes=2)
-    ds = build_dataset(f"imagefolder:{root}", "train" if train else "test", model, train=train)
+    ds = build_dataset(f"imagefolder:{root}", "trainval" if train else "test", model, train=train)
     assert len(ds) == 6
     x, y = ds[4]
     assert tuple(x.shape) == tuple(model.pretrained_cfg["input_size"]) == (3, 160, 160)

@@ -14,36 +14,18 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from conftest import FixedTeacher, step_context as _ctx
+
 import leanvit
 from leanvit.data.fashion_mnist import FashionMNIST
-from leanvit.distill import (METHODS, LogitKDTerm, ProjectedFeatureTerm, ProjectedLogitKDTerm, ProjectorEnsemble,
-                             block_features, build_terms, check_options, pooled_features, register_method)
+from leanvit.distill import METHODS, build_terms, check_options, register_method
+from leanvit.engine.losses import LogitKDTerm, ProjectedFeatureTerm, ProjectedLogitKDTerm
+from leanvit.models.features import block_features, pooled_features
+from leanvit.models.projectors import ProjectorEnsemble
 from leanvit.engine import StepContext, Trainer, TrainConfig, load_checkpoint
 from leanvit.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-class FixedTeacher(nn.Module):
-    """A 'teacher' whose pre-logits features and logits are given tensors (timm's forward_features/forward_head)."""
-
-    def __init__(self, features: torch.Tensor, logits: torch.Tensor):
-        super().__init__()
-        self.features, self.logits = features, logits
-
-    def forward_features(self, images):
-        return self.features
-
-    def forward_head(self, f, pre_logits=False):
-        return f if pre_logits else self.logits
-
-
-def _ctx(logits, features=None, t_features=None, t_logits=None) -> StepContext:
-    b = logits.shape[0]
-    teacher = FixedTeacher(t_features if t_features is not None else torch.zeros(b, 1),
-                           t_logits if t_logits is not None else torch.zeros_like(logits))
-    return StepContext(nn.Identity(), torch.zeros(b, 1, 4, 4), torch.zeros(b, dtype=torch.long), logits, features,
-                       teacher)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +102,6 @@ def test_ensemble_initialises_projectors_independently():
 # ---------------------------------------------------------------- registry and options
 def test_registry_and_defaults(student, teacher):
     assert list(METHODS) == ["none", "kd", "kd-proj", "proj", "pefd"]
-    assert leanvit.engine.LogitKDTerm is LogitKDTerm  # moved to leanvit.distill, still importable from the engine
     d = build_terms("pefd", student, teacher)
     assert d.ce_weight == 1.0 and d.options == {"weight": 25.0, "projectors": 3, "relu": True}
     (term,) = d.terms
@@ -308,7 +289,7 @@ def test_teacher_cache_ignores_an_unreadable_file(tmp_path, teacher, monkeypatch
 
 
 def test_teacher_cache_keys_the_batch_and_the_teacher(teacher):
-    from leanvit.distill.cache import batch_key, teacher_fingerprint
+    from leanvit.engine.teacher import batch_key, teacher_fingerprint
 
     x = torch.randn(2, 1, 28, 28)
     y = x.clone()

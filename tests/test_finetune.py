@@ -16,9 +16,10 @@ from torch import nn
 import leanvit
 from leanvit.engine import load_checkpoint
 from leanvit.errors import ConfigError
-from leanvit.finetune import (SelfDistillFeaturesTerm, SelfDistillLogitsTerm, TokenCutTerm, finetune_terms,
-                              token_cut_loss, token_cut_terms)
-from test_distill import _ctx
+from leanvit.engine.losses import (LogitKDTerm, NormalizedFeatureMSETerm, TokenCutTerm, token_cut_loss,
+                                   token_cut_terms)
+from leanvit.finetune import finetune_terms
+from conftest import step_context as _ctx
 
 # One idle layer, B = 1, N = 4 (cls + 3 image tokens). Logits are log(A): softmax(log a) = a / sum(a), so the
 # attention rows are A / 10 exactly (every row of A sums to 10).
@@ -88,6 +89,8 @@ def test_token_cut_shape_errors():
 class _StubReducer:
     """What the idle reducer exposes after a training forward: ``cut_inputs`` and ``info.num_prefix``."""
 
+    records_cut_inputs = True
+
     class info:
         num_prefix = 1
 
@@ -101,7 +104,7 @@ def test_token_cut_term_averages_the_idle_layers(monkeypatch):
     logits, mask = _layer()
     full = {"logits": logits, "mask": torch.ones(1, 4)}  # nothing idle: 0
     stub = _StubReducer([{"logits": logits, "mask": mask}, full])
-    monkeypatch.setattr("leanvit.reduce.get_reducer", lambda model: stub)
+    monkeypatch.setattr("leanvit.engine.losses.get_reducer", lambda model: stub)
     term = TokenCutTerm()
     assert term.weight == 20.0 and term.name == "token_cut"
     assert term(_ctx(torch.zeros(1, 3))).item() == pytest.approx((0.235 + 0.0) / 2, rel=1e-6)
@@ -110,7 +113,7 @@ def test_token_cut_term_averages_the_idle_layers(monkeypatch):
 
 
 def test_token_cut_term_needs_an_idling_reducer(monkeypatch):
-    monkeypatch.setattr("leanvit.reduce.get_reducer", lambda model: None)
+    monkeypatch.setattr("leanvit.engine.losses.get_reducer", lambda model: None)
     with pytest.raises(ConfigError, match="cut_inputs"):
         TokenCutTerm()(_ctx(torch.zeros(1, 3)))
 
@@ -121,8 +124,8 @@ def test_self_distill_logits_by_hand():
     e = math.exp
     kl = 2 * (e(3) - e(1)) / (e(3) + e(2) + e(1))
     ctx = _ctx(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), t_logits=torch.tensor([[3.0, 2.0, 1.0], [0.0] * 3]))
-    term = SelfDistillLogitsTerm()
-    assert term.weight == 10.0 and term.name == "sd_logits"
+    term = next(t for t in finetune_terms(nn.Identity()) if t.name == "sd_logits")
+    assert isinstance(term, LogitKDTerm) and term.weight == 10.0 and term.temperature == 1.0
     assert term(ctx).item() == pytest.approx(kl / 2, rel=1e-6)  # batch mean; the second row has no loss
 
 
@@ -131,18 +134,27 @@ def test_self_distill_features_by_hand():
     # identical second row
     x = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
     t = torch.tensor([[5.0, 0.0], [0.0, 7.0]])
-    term = SelfDistillFeaturesTerm()
-    assert term.weight == 1000.0 and term.name == "sd_features" and term.needs_features
+    term = next(t for t in finetune_terms(nn.Identity()) if t.name == "sd_features")
+    assert isinstance(term, NormalizedFeatureMSETerm) and term.weight == 1000.0 and term.needs_features
     assert term(_ctx(torch.zeros(2, 3), features=x, t_features=t)).item() == pytest.approx(0.8 / 4, rel=1e-6)
 
 
 def test_finetune_terms_add_token_cut_only_for_an_idling_reducer(monkeypatch):
-    monkeypatch.setattr("leanvit.reduce.get_reducer", lambda model: _StubReducer([]))
+    monkeypatch.setattr("leanvit.finetune.recipe.get_reducer", lambda model: _StubReducer([]))
     names = [t.name for t in finetune_terms(nn.Identity())]
     assert names == ["sd_logits", "sd_features", "token_cut"]
     assert [t.name for t in finetune_terms(nn.Identity(), token_cut_weight=0, features_weight=0)] == ["sd_logits"]
-    monkeypatch.setattr("leanvit.reduce.get_reducer", lambda model: object())  # e.g. EViT's reducer
+    monkeypatch.setattr("leanvit.finetune.recipe.get_reducer", lambda model: object())  # e.g. EViT's reducer
     assert [t.name for t in finetune_terms(nn.Identity())] == ["sd_logits", "sd_features"]
+
+
+def test_pyramid_gets_no_token_cut_term():
+    """A pyramid's idle reducer records no cut inputs (its maps are not square): no always-zero term."""
+    import timm
+
+    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10)
+    leanvit.patch(model, "idle", keep=0.7)
+    assert [t.name for t in finetune_terms(model)] == ["sd_logits", "sd_features"]
 
 
 # ---------------------------------------------------------------- leanvit finetune

@@ -17,7 +17,7 @@ import leanvit
 from leanvit.ops.fused_score import FUSABLE, fused_score, torch_scores
 from leanvit.ops.select import attention_score
 from leanvit.reduce import get_reducer
-from test_reduce import VARIANTS, image, make, run
+from conftest import VARIANTS, image, make, run
 
 
 def _qk(B=2, H=3, N=21, D=16, seed=0):

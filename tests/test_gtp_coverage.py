@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
-from test_reduce import VARIANTS, gtp_reference, image, make, run
+from conftest import VARIANTS, gtp_reference, image, make, run
 
 import leanvit
 from leanvit.errors import ConfigError
 from leanvit.reduce import get_reducer, gtp
-from leanvit.reduce.compat import AttnOut, ViTInfo
+from leanvit.reduce.types import AttnOut, ViTInfo
 from leanvit.vis import tokens as vis_tokens
 
 VARIANT_ORPHANS = ("nearest", "merge")

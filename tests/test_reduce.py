@@ -11,7 +11,7 @@ import pickle
 import pytest
 import timm
 import torch
-from conftest import mlp_token_counts
+from conftest import VARIANTS, gtp_reference, image, make, mlp_token_counts, run
 from torch import nn
 
 import leanvit
@@ -19,39 +19,10 @@ from leanvit.errors import ConfigError, UnsupportedModelError
 from leanvit.ops.graph import build_graph
 from leanvit.ops.select import attention_score, split_topk
 from leanvit.reduce import get_reducer, is_patched, tokens_per_block
-from leanvit.reduce.compat import ReducingBlock
+from leanvit.reduce.adapters.timm_vit import ReducingBlock
 from leanvit.reduce.evit import evit_locations
 
 METHODS = ("gtp", "tome", "evit", "truncate")
-
-# name -> (timm architecture, overrides); all at img_size 64 (4x4 grid) and depth 2 unless given
-VARIANTS = {
-    "deit": ("deit_tiny_patch16_224", {}),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
-    "registers_layerscale": ("vit_small_patch16_224", dict(reg_tokens=4, init_values=0.1)),
-    "no_cls_avg": ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg")),
-    "qk_norm": ("vit_tiny_patch16_224", dict(qk_norm=True)),
-    "no_embed_class_pre_norm": ("vit_tiny_patch16_224", dict(no_embed_class=True, pre_norm=True)),
-}
-
-
-def make(variant: str = "deit", img_size: int = 64, depth: int = 2, **kw) -> nn.Module:
-    arch, over = VARIANTS[variant]
-    torch.manual_seed(0)
-    args = dict(pretrained=False, img_size=img_size, depth=depth, num_classes=10, **over)
-    args.update(kw)
-    return timm.create_model(arch, **args).eval()
-
-
-def image(img_size: int = 64, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, img_size, img_size, generator=g)
-
-
-@torch.no_grad()
-def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x)
-
 
 # ================================================================================ 1. equivalence at r=0
 def _pairs(variants):
@@ -119,13 +90,19 @@ def test_unpatch_restores_exactly(variant, method):
     assert not any(k.startswith("_leanvit") for b in model.blocks for k in b.__dict__)
     assert not is_patched(model) and get_reducer(model) is None
     assert torch.equal(run(model, x), ref)
-    with pytest.raises(UnsupportedModelError, match="not patched"):
-        leanvit.unpatch(model)
+    assert leanvit.unpatch(model) is model and type(model) is model_cls  # a second unpatch changes nothing
 
 
-def test_unpatch_unpatched_model_raises():
-    with pytest.raises(UnsupportedModelError):
-        leanvit.unpatch(make("deit"))
+def test_unpatch_unpatched_model_is_a_no_op():
+    """Documented: unpatching a model that carries no patch returns it unchanged (idempotent, like ``unpatch``
+    twice), so cleanup code need not ask first."""
+    model = make("deit")
+    x = image()
+    ref = run(model, x)
+    assert leanvit.unpatch(model) is model and not is_patched(model)
+    leanvit.patch(model, "tome", r=2)
+    leanvit.unpatch(leanvit.unpatch(model))
+    assert type(model).__name__ == "VisionTransformer" and torch.equal(run(model, x), ref)
 
 
 @pytest.mark.parametrize("method", ["gtp", "tome", "evit"])
@@ -290,10 +267,10 @@ def test_budget_same_schedule_tome_truncate(budget):
 
 def test_budget_never_returns_silently_unpatched(monkeypatch):
     """If the measured MACs never fit the budget the patch must fail loudly, not return a dense model."""
-    import leanvit.reduce as red_mod
+    import leanvit.reduce.adapters.base as adapter_base
 
     model = budget_model()
-    monkeypatch.setattr(red_mod, "_dense_macs", lambda m: 1_000_000)  # a method whose work eats every saving
+    monkeypatch.setattr(adapter_base, "count_macs", lambda m: type("R", (), {"macs": 1_000_000})())  # a method whose work eats every saving
     try:
         leanvit.patch(model, "gtp", budget=0.99)
     except ConfigError:
@@ -426,48 +403,6 @@ def test_dynamic_img_size_model_at_native_size(method):
 
 
 # ================================================================================ 7. GTP specifics
-@torch.no_grad()
-def gtp_reference(model, x, sched, alpha, prop_attn, graph="mixed", k=8, score="mixed"):
-    """GTP written out from the paper with the ops functions, batch element by batch element."""
-    P = model.num_prefix_tokens
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    B = x.shape[0]
-    G = build_graph(x[:, P:], model.patch_embed.grid_size, graph, k)  # over the original image tokens
-    pos = [list(range(x.shape[1] - P)) for _ in range(B)]  # original index of every current image token
-    size = torch.ones(B, x.shape[1])
-    for i, blk in enumerate(model.blocks):
-        a = blk.attn
-        h = blk.norm1(x)
-        N = h.shape[1]
-        qkv = a.qkv(h).reshape(B, N, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, kk, v = qkv.unbind(0)
-        q, kk = a.q_norm(q), a.k_norm(kk)
-        logits = (q * a.scale) @ kk.transpose(-2, -1)
-        if prop_attn:
-            logits = logits + size.log()[:, None, None, :]
-        probs = logits.softmax(-1)
-        out = a.proj((probs @ v).transpose(1, 2).reshape(B, N, -1))
-        x = x + blk.ls1(out)
-        r = sched[i]
-        if r:
-            kept, removed = split_topk(attention_score(probs, P, score), r)
-            xs, ss, new_pos = [], [], []
-            for b in range(B):
-                kb, rb = kept[b].tolist(), removed[b].tolist()
-                img, s = x[b, P:], size[b, P:]
-                w = G[b][[pos[b][j] for j in kb]][:, [pos[b][j] for j in rb]]  # (K, r)
-                xs.append(torch.cat([x[b, :P], img[kb] + alpha * w @ img[rb]]))
-                ss.append(torch.cat([size[b, :P], s[kb] + alpha * w @ s[rb]]) if prop_attn else size[b, :P + len(kb)])
-                new_pos.append([pos[b][j] for j in kb])
-            x, size, pos = torch.stack(xs), torch.stack(ss), new_pos
-        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
-    x = model.norm(x)
-    if model.global_pool == "avg":
-        w = size[:, P:, None] if prop_attn else torch.ones_like(size[:, P:, None])
-        pooled = (x[:, P:] * w).sum(1) / w.sum(1)
-    else:
-        pooled = x[:, 0]
-    return model.head(model.fc_norm(pooled))
 
 
 @pytest.mark.parametrize("variant", ["deit", "no_cls_avg", "registers_layerscale"])
@@ -502,7 +437,7 @@ def test_gtp_cls_score_on_fused_attention_matches_reference(variant, graph):
 def test_gtp_scored_attention_in_slices_matches_whole_batch(monkeypatch, theta):
     """On CPU the attention map is computed and scored a slice of the batch at a time; slices must not change
     anything (one image per slice here, against the whole batch at once)."""
-    from leanvit.reduce import compat
+    from leanvit.reduce import attention as compat
 
     model = make("registers_layerscale", img_size=96, depth=3)
     x = torch.cat([image(96, seed=s) for s in range(3)])

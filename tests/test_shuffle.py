@@ -17,12 +17,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 import leanvit
 from leanvit.analysis import count_macs
-from leanvit.engine import save_weights
+from leanvit.io import save_weights
 from leanvit.errors import ConfigError, UnsupportedModelError
 from leanvit.models import SHUFFLE_ARCHS, VANILLA_ARCHS, ChannelShuffleBlock, channel_shuffle, write_channels
 from leanvit.models.shuffle import shuffle_index
 from leanvit.reduce import get_reducer, is_patched
-from leanvit.reduce.compat import ReducingShuffleBlock
+from leanvit.reduce.adapters.shuffle import ReducingShuffleBlock
 
 FM_NAMES = [n for n, a in SHUFFLE_ARCHS.items() if a.geometry == "fm"]
 DEFAULT = "leanvit_shuffle_fm_student"

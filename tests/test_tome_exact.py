@@ -20,7 +20,7 @@ import leanvit
 from leanvit.errors import ConfigError
 from leanvit.ops.schedule import cap_schedule
 from leanvit.reduce import get_reducer, tokens_per_block
-from leanvit.reduce.base import KEPT, MERGED
+from leanvit.reduce.types import KEPT, MERGED
 
 ARCHS = {
     "deit": ("deit_tiny_patch16_224", {}),

@@ -45,7 +45,7 @@ def test_cnn_teacher_keeps_small_images_large():
     """leanvit_resnet_fm_teacher: a timm ResNet whose stages see 28, 14, 7 and 4 pixels (not timm's 7 to 1)."""
     from timm.models.resnet import ResNet
 
-    from leanvit.distill.features import block_features, pooled_features
+    from leanvit.models.features import block_features, pooled_features
 
     torch.manual_seed(0)
     model = timm.create_model("leanvit_resnet_fm_teacher").eval()

@@ -64,7 +64,7 @@ def _collect(models: list[nn.Module], loader: DataLoader, device: torch.device, 
     """One pass over ``loader`` through every model: per model ``{"logits", "features"[, "blocks"]}`` (CPU)."""
     import torch
 
-    from ..distill import block_features, pooled_features
+    from ..models.features import block_features, pooled_features
     from ..progress import track
 
     out: list[dict[str, list]] = [{"logits": [], "features": [], "blocks": []} for _ in models]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ..engine.checkpoint import to_json_safe, write_json  # noqa: F401  (re-exported for the verbs)
+from ..io import to_json_safe, write_json  # noqa: F401  (re-exported for the verbs)
 from ..errors import ConfigError
 
 
@@ -287,7 +287,7 @@ def build_loader(args: argparse.Namespace, model, split: str | None = None, trai
 
 
 def save_resolved(args: argparse.Namespace, path: Path) -> None:
-    from ..engine.checkpoint import atomic_write_text
+    from ..io import atomic_write_text
 
     values = {k: v for k, v in vars(args).items() if k not in ("func", "config")}
     atomic_write_text(path, yaml.safe_dump(values, sort_keys=True))

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis import threads_phrase
-    from ..reduce.compare import format_table, resolve_method, run_comparison
+    from ..experiments.compare import format_table, run_comparison
+    from ..reduce.registry import resolve_method
     from ..vis import plot_pareto
 
     # everything the user typed is checked before the model or the data is loaded

@@ -37,7 +37,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..finetune.losses import FEATURES_WEIGHT, LOGITS_WEIGHT, TOKEN_CUT_WEIGHT
+from ..finetune import FEATURES_WEIGHT, LOGITS_WEIGHT, TOKEN_CUT_WEIGHT
 from .common import (add_config_arg, add_reduction_args, add_runtime_args, check_method_args, nonneg_float,
                      reduction_amount)
 from .train import add_train_options, run_training
@@ -126,7 +126,8 @@ def _patch_and_terms(args: argparse.Namespace, model: nn.Module, options: dict[s
 
     from .. import get_reducer, patch
     from ..engine import init_distributed
-    from ..finetune import TokenCutTerm, finetune_terms
+    from ..engine.losses import TokenCutTerm
+    from ..finetune import finetune_terms
 
     teacher = copy.deepcopy(model)
     # the amount may come as --keep or as -O keep=... (check_method_args allows one of them)

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _kd_losses(args: argparse.Namespace, model: nn.Module) -> tuple[list[LossTerm], nn.Module | None, float]:
     """``--teacher`` and ``--kd-weight``: Hinton logit distillation added to cross-entropy."""
-    from ..distill import LogitKDTerm
+    from ..engine.losses import LogitKDTerm
     from ..models import create_model
 
     teacher, terms = None, []
@@ -99,7 +99,7 @@ def run_training(args: argparse.Namespace, build_losses: LossBuilder, run_info: 
     import torch
 
     from ..data import build_dataset
-    from ..engine.checkpoint import atomic_write_text
+    from ..io import atomic_write_text
     from ..engine import Trainer, TrainConfig, init_distributed
 
     # what the user typed is checked before the model or the data is loaded

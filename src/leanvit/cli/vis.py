@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import build_dataset
     from ..errors import ConfigError
     from ..reduce import METHODS, get_reducer, inspect_vit, patch
-    from ..reduce.compare import own_schedule, resolve_method
+    from ..reduce.registry import own_schedule, resolve_method
     from ..vis import plot_token_maps
 
     # everything the user typed is checked before the model or the data is loaded

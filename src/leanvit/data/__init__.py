@@ -87,9 +87,7 @@ def build_dataset(
             )
         ds = FashionMNIST(spec.path, split=split, train_aug=train, mean=mean, std=std, limit=limit)
     elif spec.kind == "imagefolder":
-        sub = "train" if split in ("train", "trainval") else "val"
-        ds = build_imagefolder(spec.path, model, train=train, split=sub, skip_bad=skip_bad,
-                               progress=progress)
+        ds = build_imagefolder(spec.path, model, train=train, split=split, skip_bad=skip_bad, progress=progress)
         if limit is not None:
             ds = Subset(ds, range(min(limit, len(ds))))
     else:

@@ -10,13 +10,10 @@ checkpoints (``last.pt``), resumes and synchronises them with the student, and l
     Trainer(student, train_set, val_set, cfg, "runs/pefd", loss_terms=d.terms, teacher=teacher,
             ce_weight=d.ce_weight).fit()
 
-Methods (:data:`METHODS`): ``none``, ``kd``, ``kd-proj``, ``proj``, ``pefd``; see :mod:`leanvit.distill.methods`.
+Methods (:data:`METHODS`): ``none``, ``kd``, ``kd-proj``, ``proj``, ``pefd``; see :mod:`leanvit.distill.methods`. The
+loss terms are :mod:`leanvit.engine.losses`', the projectors :mod:`leanvit.models.projectors`', the teacher's outputs
+and their cache :mod:`leanvit.engine.teacher`'s.
 """
-from .features import block_features, pooled_features, probe_widths
-from .losses import LogitKDTerm, ProjectedFeatureTerm, ProjectedLogitKDTerm, cosine_distance, kd_loss
 from .methods import METHODS, Distillation, Method, build_terms, check_options, get_method, register_method
-from .projectors import ProjectorEnsemble
 
-__all__ = ["METHODS", "Distillation", "LogitKDTerm", "Method", "ProjectedFeatureTerm", "ProjectedLogitKDTerm",
-           "ProjectorEnsemble", "block_features", "build_terms", "check_options", "cosine_distance", "get_method",
-           "kd_loss", "pooled_features", "probe_widths", "register_method"]
+__all__ = ["METHODS", "Distillation", "Method", "build_terms", "check_options", "get_method", "register_method"]

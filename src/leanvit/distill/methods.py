@@ -26,17 +26,17 @@ registering a name twice is an error, never a silent overwrite.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from ..engine.losses import LossTerm
+from ..engine.losses import LogitKDTerm, LossTerm, ProjectedFeatureTerm, ProjectedLogitKDTerm
+from ..models.features import probe_widths
+from ..models.projectors import ProjectorEnsemble
 from ..errors import ConfigError
-from .features import probe_widths
-from .losses import LogitKDTerm, ProjectedFeatureTerm, ProjectedLogitKDTerm
-from .projectors import ProjectorEnsemble
+from ..options import Option, check_options as check_schema
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,9 @@ def register_method(name: str, help: str, options: Mapping[str, Any] | None = No
     Raises:
         ValueError: ``name`` is already registered, or an option is not one :func:`check_options` knows.
     """
-    unknown = sorted(set(options or {}) - set(_CHECKS))
+    unknown = sorted(set(options or {}) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"method '{name}' declares unknown options {unknown}; known: {', '.join(_CHECKS)}")
+        raise ValueError(f"method '{name}' declares unknown options {unknown}; known: {', '.join(OPTIONS)}")
 
     def register(build: Callable[..., list[LossTerm]]) -> Callable[..., list[LossTerm]]:
         if name in METHODS:
@@ -105,37 +105,14 @@ class Distillation:
     options: dict[str, Any]
 
 
-def _non_negative(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-        raise ConfigError(f"{key} must be a number >= 0, got {v!r}")
-    return float(v)
-
-
-def _positive(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
-        raise ConfigError(f"{key} must be a number > 0, got {v!r}")
-    return float(v)
-
-
-def _count(key: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"{key} must be an integer >= 1, got {v!r}")
-    return v
-
-
-def _flag(key: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(f"{key} must be true or false, got {v!r}")
-    return v
-
-
-# every option a method may declare, with its check
-_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "weight": _non_negative,  # weight of the method's distillation term
-    "temperature": _positive,  # KD softmax temperature
-    "projectors": _count,  # number of projectors in the ensemble
-    "relu": _flag,  # ReLU after each projector
+# every option a method may declare, with its type and range (checked by the one validator, leanvit.options)
+OPTIONS: dict[str, Option] = {
+    "weight": Option((float,), low=0.0),  # weight of the method's distillation term
+    "temperature": Option((float,), low=0.0, low_open=True),  # KD softmax temperature
+    "projectors": Option((int,), low=1),  # number of projectors in the ensemble
+    "relu": Option((bool,)),  # ReLU after each projector
 }
+_CE_WEIGHT = Option((float,), low=0.0)
 
 
 def get_method(name: str) -> Method:
@@ -167,10 +144,11 @@ def check_options(method: str, has_teacher: bool, ce_weight: float | None = None
     for key in given:
         if key not in m.options:
             users = [n for n, other in METHODS.items() if key in other.options]
-            where = f"{key} applies to {', '.join(users)}" if users else f"known options: {', '.join(_CHECKS)}"
+            where = f"{key} applies to {', '.join(users)}" if users else f"known options: {', '.join(OPTIONS)}"
             raise ConfigError(f"method '{method}' has no option '{key}' ({where})")
-    resolved = {k: _CHECKS[k](k, given.get(k, default)) for k, default in m.options.items()}
-    ce = _non_negative("ce_weight", m.ce_weight if ce_weight is None else ce_weight)
+    schema = {k: replace(OPTIONS[k], default=default) for k, default in m.options.items()}
+    resolved = check_schema(method, schema, given, defaults=True)
+    ce = _CE_WEIGHT.check(method, "ce_weight", m.ce_weight if ce_weight is None else ce_weight)
     if m.needs_teacher and not has_teacher:
         raise ConfigError(f"method '{method}' needs a teacher (--teacher)")
     if not m.needs_teacher and has_teacher:

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, TrainingError
-from .checkpoint import atomic_write_text, load_checkpoint, to_json_safe, load_into, save_checkpoint, save_weights
+from ..io import atomic_write_text, load_into, save_weights, to_json_safe
+from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, broadcast_buffers, init_distributed
 from .evaluate import evaluate
 from .losses import CrossEntropyTerm, LossTerm, StepContext
@@ -166,7 +167,7 @@ class Trainer:
         teacher: frozen teacher for distillation terms (moved to the device, set to eval, grads off).
         run_info: free-form dict stored in the checkpoint and in ``config.json`` (model name, data spec, ...).
         teacher_cache: a folder where the teacher's outputs are kept and read back by runs that train on the same
-            batches (:mod:`leanvit.distill.cache`); None computes them in every step.
+            batches (:mod:`leanvit.engine.teacher`); None computes them in every step.
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
@@ -195,7 +196,7 @@ class Trainer:
         if teacher_cache is not None:
             if self.teacher is None:
                 raise ConfigError("a teacher cache needs a teacher")
-            from ..distill.cache import TeacherCache
+            from .teacher import TeacherCache
 
             self.teacher_cache = TeacherCache(teacher_cache, self.teacher, rank=self.dist.rank)
         names = [name for name, _ in self.model.named_parameters()]

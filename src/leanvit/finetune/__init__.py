@@ -8,8 +8,6 @@ plus the token cut loss for token idling.
 
 ``leanvit finetune`` does this with the recipe's schedule (see :mod:`leanvit.cli.finetune`).
 """
-from .losses import (FEATURES_WEIGHT, LOGITS_WEIGHT, TOKEN_CUT_WEIGHT, SelfDistillFeaturesTerm,
-                     SelfDistillLogitsTerm, TokenCutTerm, finetune_terms, token_cut_loss, token_cut_terms)
+from .recipe import FEATURES_WEIGHT, LOGITS_WEIGHT, TOKEN_CUT_WEIGHT, finetune_terms
 
-__all__ = ["FEATURES_WEIGHT", "LOGITS_WEIGHT", "SelfDistillFeaturesTerm", "SelfDistillLogitsTerm",
-           "TOKEN_CUT_WEIGHT", "TokenCutTerm", "finetune_terms", "token_cut_loss", "token_cut_terms"]
+__all__ = ["FEATURES_WEIGHT", "LOGITS_WEIGHT", "TOKEN_CUT_WEIGHT", "finetune_terms"]

@@ -41,7 +41,7 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
         weights: path of a safetensors file, a leanvit checkpoint or a torch state dict, loaded strictly.
         kwargs: passed to the model constructor (``num_classes``, ``drop_path_rate``, ...).
     """
-    from ..engine.checkpoint import load_into, load_weights
+    from ..io import load_into, load_weights
 
     check_model_name(name)
     if weights is not None and not Path(weights).is_file():

@@ -49,8 +49,9 @@ def _cfg(name: str, **kwargs) -> dict:
 
 
 # Fine-tuned token-reduction models: name -> (architecture, method, keep). They are created already patched
-# (``leanvit.get_reducer(model)`` gives the method and its keep rate); their weights are the fine-tuned ones
-# (``leanvit finetune``; run, log and evaluation in ``leanvit/zoo/runs/<name>``).
+# (``leanvit.get_reducer(model)`` gives the method and its keep rate): their entry points are registered by
+# :mod:`leanvit.reduce.zoo`, the layer that can patch; their weights are the fine-tuned ones (``leanvit finetune``;
+# run, log and evaluation in ``leanvit/zoo/runs/<name>``).
 REDUCED_ARCHS: dict[str, tuple[str, str, float]] = {
     "leanvit_vit_fm_teacher_idle70": ("leanvit_vit_fm_teacher", "idle", 0.7),
     "leanvit_vit_fm_teacher_idle50": ("leanvit_vit_fm_teacher", "idle", 0.5),
@@ -65,10 +66,10 @@ DISTILLED_ARCHS: dict[str, tuple[str, str]] = {
 }
 
 default_cfgs = generate_default_cfgs(
-    {f"{name}.fmnist": _cfg(name) for name in [*REFERENCE_ARCHS, *REDUCED_ARCHS, *DISTILLED_ARCHS]})
+    {f"{name}.fmnist": _cfg(name) for name in [*REFERENCE_ARCHS, *DISTILLED_ARCHS]})
 
 
-def _create(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+def create_reference(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     arch = {**REDUCED_ARCHS, **DISTILLED_ARCHS}.get(name, (name,))[0]
     args = dict(
         img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_layer=ConvStemEmbed, **REFERENCE_ARCHS[arch]
@@ -90,48 +91,22 @@ def _create(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
 @register_model
 def leanvit_vit_fm_teacher(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Fashion-MNIST reference teacher: width 96, depth 6, 3 heads, 196 + 1 tokens."""
-    return _create("leanvit_vit_fm_teacher", pretrained, **kwargs)
+    return create_reference("leanvit_vit_fm_teacher", pretrained, **kwargs)
 
 
 @register_model
 def leanvit_vit_fm_student(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Fashion-MNIST reference student: width 64, depth 4, 2 heads, 196 + 1 tokens (~1/3 of the teacher's MACs)."""
-    return _create("leanvit_vit_fm_student", pretrained, **kwargs)
-
-
-def _create_reduced(name: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
-    from ..reduce import patch
-
-    _, method, keep = REDUCED_ARCHS[name]
-    return patch(_create(name, pretrained, **kwargs), method, keep=keep)
-
-
-@register_model
-def leanvit_vit_fm_teacher_idle70(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """The reference teacher fine-tuned with IdleViT at keep 0.7, created patched (``idle``, keep 0.7)."""
-    return _create_reduced("leanvit_vit_fm_teacher_idle70", pretrained, **kwargs)
-
-
-@register_model
-def leanvit_vit_fm_teacher_idle50(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """The reference teacher fine-tuned with IdleViT at keep 0.5, created patched (``idle``, keep 0.5)."""
-    return _create_reduced("leanvit_vit_fm_teacher_idle50", pretrained, **kwargs)
-
-
-@register_model
-def leanvit_vit_fm_teacher_evit50(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """The reference teacher fine-tuned with EViT at keep 0.5 under IdleViT's recipe, created patched (``evit``,
-    keep 0.5): the fair baseline of ``leanvit_vit_fm_teacher_idle50``."""
-    return _create_reduced("leanvit_vit_fm_teacher_evit50", pretrained, **kwargs)
+    return create_reference("leanvit_vit_fm_student", pretrained, **kwargs)
 
 
 @register_model
 def leanvit_vit_fm_student_pefd(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The reference student distilled from the reference teacher with PEFD (3 projectors)."""
-    return _create("leanvit_vit_fm_student_pefd", pretrained, **kwargs)
+    return create_reference("leanvit_vit_fm_student_pefd", pretrained, **kwargs)
 
 
 @register_model
 def leanvit_vit_fm_student_proj(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The reference student distilled from the reference teacher with one Linear projector (FitNet-style)."""
-    return _create("leanvit_vit_fm_student_proj", pretrained, **kwargs)
+    return create_reference("leanvit_vit_fm_student_proj", pretrained, **kwargs)

@@ -125,7 +125,7 @@ class ChannelShuffleBlock(nn.Module):
     The constructor takes every argument timm's ``VisionTransformer`` passes to ``block_fn`` (``dim`` is the total
     width, ``depth`` the block's index); the shuffle options come through ``functools.partial``. Token-reduction
     patches run the forward's three steps (:meth:`attn_input`, :meth:`attn_residual`, :meth:`mlp_residual`) with
-    the reduction between attention and MLP (``leanvit.reduce.compat``).
+    the reduction between attention and MLP (``leanvit.reduce.adapters.shuffle``).
 
     Args:
         dim: total width C of the residual stream.

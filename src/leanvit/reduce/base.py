@@ -17,81 +17,25 @@ Every hook but :meth:`TokenReducer.reduce` defaults to a no-op. A method also sa
 (:meth:`TokenReducer.block_tokens`, which the MACs solver and ``tokens_per_block`` use), how it turns ``r=``,
 ``budget=`` and ``keep=`` into its schedule, and, when tracing, what happened to every patch in every block
 (:data:`TOKEN_STATES`), which is all ``leanvit vis`` draws from. A new method is one new file with a
-:class:`TokenReducer` subclass, registered in :data:`leanvit.reduce.METHODS`.
+:class:`TokenReducer` subclass, decorated with :func:`leanvit.reduce.registry.register_method`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import ConfigError
 from ..ops.schedule import (BlockTokens, cap_schedule, check_schedule, parse_schedule, per_block, removal_tokens,
                             solve_budget)
-
-if TYPE_CHECKING:
-    from .compat import AttnOut, ViTInfo
-
-# What happened to an original patch by the end of a block (trace records, ``state``):
-KEPT, MERGED, PROPAGATED, REMOVED, IDLE, REACTIVATED = range(6)
-TOKEN_STATES = ("kept", "merged", "propagated", "removed", "idle", "reactivated")
-"""``kept``: its own token, computed; ``merged``: part of a token that stands for several patches (ToMe's merges,
-EViT's fused token); ``propagated``: removed after passing its features to kept tokens (GTP's graph edges);
-``removed``: removed and its features reached no token (EViT without fusing, GTP's orphans as published);
-``idle``: still a token but not computed by this block (IdleViT); ``reactivated``: computed again after idling."""
-
-
-@dataclass(frozen=True)
-class AttnRequest:
-    """What one block's attention must produce for its reducer.
-
-    Attributes:
-        probs: the post-softmax attention probabilities ``(B, H, N, N)`` (forces explicit attention).
-        score: a function from probabilities ``(b, H, N, N)`` to per-image-token scores ``(b, N_img)``, computed
-            beside explicit attention and, on CPU, on slices of the batch so the map is never held whole.
-        cls_probs: the cls query's attention row ``(B, H, N)``, computed beside fused attention.
-        keys: the keys ``(B, H, N, Dh)``.
-        size_bias: ``(B, N)`` added to every query's logits for key j (``log s_j``, proportional attention).
-        theta: keep ratio of attention entries per head (GTP's sparsification; 1 = dense).
-        select: the block computes a subset of the tokens: a function from the head-averaged, scaled logits of the
-            cls query against every key ``(B, N)`` to the positions ``(B, M)`` of the tokens to compute, prefix
-            tokens included. Only keys are computed for the others.
-        masked: with ``select``, compute every token but mask the unselected ones out as keys and gate the block's
-            outputs by the selection (the differentiable training path; the same output as the gathered path).
-        logits: with a masked ``select``, also return the head-averaged, scaled, pre-mask logits ``(B, N, N)``.
-    """
-
-    probs: bool = False
-    score: Callable[[torch.Tensor], torch.Tensor] | None = None
-    cls_probs: bool = False
-    keys: bool = False
-    size_bias: torch.Tensor | None = None
-    theta: float = 1.0
-    select: Callable[[torch.Tensor], torch.Tensor] | None = None
-    masked: bool = False
-    logits: bool = False
-    fused_score: Callable[..., torch.Tensor] | None = None
-    score_stats: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-
-    # ``fused_score``: instead of ``score``, a function ``(q, k, size_bias, scale) -> (B, N_img)`` that scores the
-    # tokens from the queries and keys without the attention map, so that the attention stays fused
-    # (:mod:`leanvit.ops.fused_score`); ignored when something else needs the explicit map.
-    # ``score_stats``: beside ``score``, the same score as a function ``(diag, colsum) -> (B, N_img)`` of the map's
-    # diagonal and column sums ``(B, H, N)``, for a score that needs no more of the map: a compiled CPU forward then
-    # runs the attention as one cache-blocked op (``leanvit::explicit_attention_stats``) instead of tracing it.
-
-    @property
-    def explicit(self) -> bool:
-        """Whether the attention map must be computed explicitly (no fused kernel)."""
-        return self.probs or self.theta < 1.0 or self.score is not None
+from .types import KEPT, MERGED, PROPAGATED, REMOVED, AttnOut, AttnRequest, ViTInfo
 
 
 class TokenReducer:
     """Base class of every method: by default removes ``schedule[i]`` image tokens after block i's attention.
 
     Args:
-        info: the model description from :func:`~leanvit.reduce.compat.inspect_vit`.
+        info: the model description from the model's adapter (:mod:`leanvit.reduce.adapters`).
         schedule: the method's per-block schedule (removing methods: image tokens removed after block i's
             attention; idling: image tokens idle in block i). ``any(schedule)`` is true when the patch reduces.
         prop_attn: proportional attention, ``+ log(size_j)`` on the attention logits (ToMe, GTP token size).
@@ -101,9 +45,10 @@ class TokenReducer:
 
     Class attributes a method sets: ``name`` (its key in ``METHODS``), ``display`` and ``summary`` (CLI help and
     plot labels), ``style`` (plot colour and marker), ``amounts`` (which of ``r``, ``budget``, ``keep`` it
-    takes), ``max_fraction`` (largest share of a block's image tokens one block may remove), ``tracks_sizes``
-    (tokens stand for several patches: size-weighted pooling), ``keeps_all_tokens`` (the output has every token,
-    so ``forward_intermediates`` can be reshaped to NCHW), ``shuffle_blocks`` (works on channel-shuffle blocks).
+    takes), ``max_fraction`` (largest share of a block's image tokens one block may remove),
+    ``keeps_all_tokens`` (the output has every token, so ``forward_intermediates`` can be reshaped to NCHW),
+    ``selects_subsets`` (blocks compute a selected subset of the tokens in attention and MLP; block kinds whose
+    attention and MLP see different channels refuse it).
     """
 
     name: ClassVar[str] = "base"
@@ -113,9 +58,9 @@ class TokenReducer:
     amounts: ClassVar[tuple[str, ...]] = ("r", "budget")
     keep_help: ClassVar[str] = ""  # what keep= means, for methods that take it
     max_fraction: ClassVar[float] = 1.0
-    tracks_sizes: ClassVar[bool] = False
     keeps_all_tokens: ClassVar[bool] = False
-    shuffle_blocks: ClassVar[bool] = True
+    selects_subsets: ClassVar[bool] = False
+    records_cut_inputs: ClassVar[bool] = False  # training forwards record ``cut_inputs`` for the token cut loss
     training: bool = False  # the patched model's mode in the current forward (set at block 0)
 
     def __init__(self, info: ViTInfo, schedule: list[int], prop_attn: bool = False, theta: float = 1.0,
@@ -157,7 +102,7 @@ class TokenReducer:
     @classmethod
     def schedule_from_keep(cls, keep: Any, info: ViTInfo, options: dict[str, Any]) -> list[int]:
         """The schedule of the method's own keep rate ``keep=`` (methods that have one)."""
-        raise ConfigError(f"keep= is not an option of '{cls.name}'; give {' or '.join(a + '=' for a in cls.amounts)}")
+        raise ConfigError(f"'{cls.name}' does not take keep=; give {' or '.join(a + '=' for a in cls.amounts)}")
 
     @classmethod
     def schedule_for_budget(cls, target: float, info: ViTInfo, other_macs: int, options: dict[str, Any]

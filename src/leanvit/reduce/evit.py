@@ -23,8 +23,9 @@ import torch
 from ..errors import ConfigError
 from ..ops.schedule import check_schedule
 from ..ops.select import cls_score, gather_tokens, split_topk
-from .base import AttnRequest, TokenReducer
-from .compat import AttnOut, ViTInfo
+from .base import TokenReducer
+from .registry import register_method
+from .types import AttnOut, AttnRequest, ViTInfo
 
 
 def evit_locations(depth: int) -> list[int]:
@@ -51,6 +52,7 @@ def keep_schedule(keep: float, depth: int, num_image: int, fuse: bool, locations
     return sched
 
 
+@register_method
 class EViTReducer(TokenReducer):
     """Keep top tokens by cls attention, fuse the rest. Needs a cls token."""
 

@@ -25,13 +25,16 @@ from ..errors import ConfigError
 from ..ops.graph import GRAPHS, build_graph, fallback_edges, spatial_adjacency
 from ..ops.fused_score import FUSABLE, fused_score
 from ..ops.select import SCORES, attention_score, cls_score, combine_scores, gather_tokens, split_topk
-from .base import AttnRequest, TokenReducer
-from .compat import AttnOut, ViTInfo, label
+from .base import TokenReducer
+from .registry import register_method
+from .attention import label
+from .types import AttnOut, AttnRequest, ViTInfo
 
 ORPHANS = ("drop", "nearest", "merge")
 SCORE_PATHS = ("auto", "fused", "explicit")
 
 
+@register_method
 class GTPReducer(TokenReducer):
     """Graph-based token propagation.
 
@@ -79,7 +82,6 @@ class GTPReducer(TokenReducer):
     _cuda = False
     summary = "graph-based token propagation (training-free)"
     style = ("tab:red", "o")
-    tracks_sizes = True
     _per_forward = TokenReducer._per_forward + ("graph", "index", "_batch", "_prefix_rows", "_graph_flat",
                                                 "_graph_rows", "_edge")
 

@@ -14,7 +14,7 @@ Two forward paths give the same output (up to float rounding):
 * ``masked`` (training, differentiable): full attention with the unselected tokens masked out as keys, and the
   attention and MLP outputs multiplied by the 0/1 selection, so idle tokens keep their residual only. It also
   records, per idling block, the head-averaged pre-mask logits and the selection (``cut_inputs``), the inputs of
-  the token-cut loss (:mod:`leanvit.finetune.losses`).
+  the token-cut loss (:class:`leanvit.engine.losses.TokenCutTerm`).
 
 ``path="auto"`` (default) takes ``masked`` in training mode and ``gather`` in eval mode.
 
@@ -39,9 +39,10 @@ import torch
 
 from ..errors import ConfigError
 from ..ops.schedule import BlockTokens, tokens_macs
-from .base import IDLE, KEPT, REACTIVATED, AttnRequest, TokenReducer
-from .compat import AttnOut, ViTInfo
+from .base import TokenReducer
+from .registry import register_method
 from .evit import evit_locations
+from .types import IDLE, KEPT, REACTIVATED, AttnOut, AttnRequest, ViTInfo
 
 PATHS = ("auto", "masked", "gather")
 
@@ -72,6 +73,7 @@ def idle_schedule(keep: float | list[float] | tuple[float, ...], depth: int, num
     return [num_image - max(1, int(num_image * r + 1e-9)) for r in idle_keep_ratios(keep, depth)]
 
 
+@register_method
 class IdleReducer(TokenReducer):
     """Token idling. Needs a cls token (selection is by the cls query).
 
@@ -86,7 +88,8 @@ class IdleReducer(TokenReducer):
     amounts = ("budget", "keep")
     keep_help = "computed r, r^2, r^3 in its three stages"
     keeps_all_tokens = True
-    shuffle_blocks = False
+    selects_subsets = True
+    records_cut_inputs = True
     _per_forward = TokenReducer._per_forward + ("_full", "_index", "_k", "cut_inputs")
 
     def __init__(self, info: ViTInfo, schedule: list[int], path: str = "auto", trace: bool = False):

@@ -35,10 +35,12 @@ from typing import Any
 import torch
 
 from ..ops.merge import bipartite_soft_matching, merge_weighted
-from .base import AttnRequest, TokenReducer
-from .compat import AttnOut, ViTInfo
+from .base import TokenReducer
+from .registry import register_method
+from .types import AttnOut, AttnRequest, ViTInfo
 
 
+@register_method
 class ToMeReducer(TokenReducer):
     """Token merging. ``prop_attn`` defaults to True, as in ToMe's timm patch for off-the-shelf models."""
 
@@ -47,7 +49,6 @@ class ToMeReducer(TokenReducer):
     summary = "token merging (training-free)"
     style = ("tab:blue", "s")
     max_fraction = 0.5
-    tracks_sizes = True
 
     def __init__(self, info: ViTInfo, schedule: list[int], prop_attn: bool = True, trace: bool = False):
         super().__init__(info, schedule, prop_attn=prop_attn, trace=trace)

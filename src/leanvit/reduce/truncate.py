@@ -14,11 +14,13 @@ import torch
 from ..errors import ConfigError
 from ..ops.schedule import BlockTokens
 from .base import TokenReducer
-from .compat import AttnOut, ViTInfo
+from .registry import register_method
+from .types import AttnOut, ViTInfo
 
 POINTS = ("mlp", "attn")
 
 
+@register_method
 class TruncateReducer(TokenReducer):
     name = "truncate"
     display = "ideal"

@@ -9,7 +9,7 @@ def save_figure(fig, path: str | Path) -> Path:
     """Save ``fig`` to ``path`` in the format its extension names, atomically; parent folders are created."""
     import matplotlib.pyplot as plt
 
-    from ..engine.checkpoint import atomic_write
+    from ..io import atomic_write
     from ..errors import ConfigError
 
     path = Path(path)

@@ -52,7 +52,7 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
     from matplotlib import colormaps
 
     from ..reduce import METHODS
-    from ..reduce.base import IDLE, MERGED, PROPAGATED, REACTIVATED, REMOVED
+    from ..reduce.types import IDLE, MERGED, PROPAGATED, REACTIVATED, REMOVED
 
     base = _grid_image(image)
     H, W = base.shape[:2]

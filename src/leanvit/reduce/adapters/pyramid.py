@@ -2,7 +2,7 @@
 
 Idling keeps every token, so it fits a pyramid, whose stages need the whole grid (the spatial-reduction attention,
 the depthwise convolution of the MLP, the downsampling between stages); methods that remove or merge tokens do
-not. What differs from the plain-ViT case (:mod:`leanvit.reduce.idle`):
+not. What differs from the plain-ViT case (:mod:`leanvit.reduce.idle`; this module is the PVT v2 adapter):
 
 * No cls token: the query of the block's average token (the mean of its normalised tokens, projected by the
   attention's query layer) stands in for the cls query. It is dotted with every token's key at full resolution
@@ -31,18 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModelError
-from .base import AttnRequest, TokenReducer
-from .idle import PATHS, idle_keep_ratios
+from ...errors import ConfigError, UnsupportedModelError
+from ..base import TokenReducer
+from ..idle import PATHS, IdleReducer, idle_keep_ratios
+from ..types import AttnRequest, ViTInfo
+from .base import REDUCER_ATTR, ModelAdapter, register_adapter
 
 try:
     from timm.models.pvt_v2 import Block as PvtBlock, PyramidVisionTransformerV2
 except ImportError:  # pragma: no cover - timm without PVT v2
     PvtBlock = PyramidVisionTransformerV2 = None
-
-
-def is_pyramid(model: nn.Module) -> bool:
-    return PyramidVisionTransformerV2 is not None and isinstance(model, PyramidVisionTransformerV2)
 
 
 def pyramid_blocks(model: nn.Module) -> list[nn.Module]:
@@ -60,52 +58,67 @@ def _grid_sizes(model: nn.Module) -> list[int]:
     return out
 
 
-def patch_pyramid(model: nn.Module, method: str, r: Any, budget: Any, keep: Any, options: dict[str, Any]
-                  ) -> nn.Module:
-    """``leanvit.patch`` for a pyramid ViT (idle only); checks everything before it changes the model."""
-    if method != "idle":
-        raise UnsupportedModelError(
-            f"'{method}' removes or merges tokens, which a pyramid ViT's stages cannot take (its attention, "
-            f"convolutions and downsampling need the whole grid); token idling keeps every token: use 'idle'")
-    if keep is None:
-        given = "r=" if r is not None else "budget="
-        raise ConfigError(f"{given} is not supported for idle on pyramid ViTs; give keep= (a ratio or a per-block "
-                          f"list)")
-    blocks = pyramid_blocks(model)
-    for i, blk in enumerate(blocks):
-        if type(blk) not in (PvtBlock, IdlePyramidBlock):
-            raise UnsupportedModelError(f"block {i} of {type(model).__name__} is a {type(blk).__name__}, not "
-                                        f"timm's PVT v2 Block")
-        if blk.attn.pool is not None:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} uses PVT v2's linear attention (pooled keys, e.g. pvt_v2_b2_li), whose keys "
-                f"do not follow the tokens; idling supports PVT v2 with spatial-reduction attention (pvt_v2_b0-b5)")
-    unknown = set(options) - {"path", "trace"}
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} for idle on a pyramid ViT")
-    if options.get("trace"):
-        raise ConfigError("trace= (leanvit vis) is not supported on pyramid ViTs")
-    reducer = PyramidIdleReducer(idle_keep_ratios(keep, len(blocks)), _grid_sizes(model),
-                                 path=options.get("path", "auto"))
-    reducer.report.update(method=method, keep=keep, schedule=reducer.schedule)
-    if "_leanvit_reducer" in model.__dict__:  # everything is checked: replace the earlier patch
-        unpatch_pyramid(model)
-    model.__dict__["_leanvit_reducer"] = reducer
-    model.__dict__["_leanvit_orig_class"] = type(model)
-    for i, blk in enumerate(blocks):
-        blk.__class__ = IdlePyramidBlock
-        blk.__dict__["_leanvit_reducer"] = reducer
-        blk.__dict__["_leanvit_index"] = i
-    return model
+@register_adapter
+class PyramidAdapter(ModelAdapter):
+    """timm's PVT v2 pyramids: a method runs on them through its pyramid reducer (:data:`PYRAMID_REDUCERS`)."""
 
+    describes = "timm PVT v2 pyramids (pvt_v2_b0-b5) for methods that keep every token (idle)"
 
-def unpatch_pyramid(model: nn.Module) -> None:
-    for blk in pyramid_blocks(model):
-        blk.__class__ = PvtBlock
-        blk.__dict__.pop("_leanvit_reducer", None)
-        blk.__dict__.pop("_leanvit_index", None)
-    model.__dict__.pop("_leanvit_orig_class", None)
-    del model.__dict__["_leanvit_reducer"]
+    def claims(self, model: nn.Module) -> bool:
+        return PyramidVisionTransformerV2 is not None and isinstance(model, PyramidVisionTransformerV2)
+
+    def inspect(self, model: nn.Module) -> ViTInfo:  # pragma: no cover - pyramids are costed by counting
+        raise UnsupportedModelError("a pyramid ViT has no single token grid; leanvit describes plain ViTs only")
+
+    def patch(self, model: nn.Module, cls: type[TokenReducer], r: Any, budget: Any, keep: Any, measure: bool,
+              options: dict[str, Any]) -> nn.Module:
+        """Build the method's pyramid reducer; checks everything before it changes the model."""
+        variant = PYRAMID_REDUCERS.get(cls)
+        if variant is None:
+            why = ("removes or merges tokens, which a pyramid ViT's stages cannot take (its attention, convolutions "
+                   "and downsampling need the whole grid)" if not cls.keeps_all_tokens
+                   else "has no pyramid variant")
+            keepers = ", ".join(f"'{c.name}'" for c in PYRAMID_REDUCERS)
+            raise UnsupportedModelError(f"'{cls.name}' {why}; on a pyramid ViT use {keepers}")
+        if keep is None:
+            given = "r=" if r is not None else "budget="
+            raise ConfigError(f"{given} is not supported for {cls.name} on pyramid ViTs; give keep= (a ratio or a "
+                              f"per-block list)")
+        blocks = pyramid_blocks(model)
+        for i, blk in enumerate(blocks):
+            if type(blk) not in (PvtBlock, IdlePyramidBlock):
+                raise UnsupportedModelError(f"block {i} of {type(model).__name__} is a {type(blk).__name__}, not "
+                                            f"timm's PVT v2 Block")
+            if blk.attn.pool is not None:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} uses PVT v2's linear attention (pooled keys, e.g. pvt_v2_b2_li), whose "
+                    f"keys do not follow the tokens; idling supports PVT v2 with spatial-reduction attention "
+                    f"(pvt_v2_b0-b5)")
+        unknown = set(options) - {"path", "trace"}
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} for {cls.name} on a pyramid ViT")
+        if options.get("trace"):
+            raise ConfigError("trace= (leanvit vis) is not supported on pyramid ViTs")
+        reducer = variant(idle_keep_ratios(keep, len(blocks)), _grid_sizes(model), path=options.get("path", "auto"))
+        reducer.report.update(method=cls.name, keep=keep, schedule=reducer.schedule)
+        self.apply(model, reducer)
+        return model
+
+    def apply(self, model: nn.Module, reducer: TokenReducer) -> None:
+        model.__dict__[REDUCER_ATTR] = reducer
+        model.__dict__["_leanvit_orig_class"] = type(model)
+        for i, blk in enumerate(pyramid_blocks(model)):
+            blk.__class__ = IdlePyramidBlock
+            blk.__dict__[REDUCER_ATTR] = reducer
+            blk.__dict__["_leanvit_index"] = i
+
+    def remove(self, model: nn.Module) -> None:
+        for blk in pyramid_blocks(model):
+            blk.__class__ = PvtBlock
+            blk.__dict__.pop(REDUCER_ATTR, None)
+            blk.__dict__.pop("_leanvit_index", None)
+        model.__dict__.pop("_leanvit_orig_class", None)
+        del model.__dict__[REDUCER_ATTR]
 
 
 class PyramidIdleReducer(TokenReducer):
@@ -215,3 +228,7 @@ class IdlePyramidBlock(PvtBlock if PvtBlock is not None else nn.Module):
         if top is not None:
             z = z.gather(1, top[..., None].expand(B, top.shape[1], D))
         return mlp.drop(mlp.fc2(mlp.drop(mlp.act(z))))
+
+
+# a method's reducer class -> its pyramid variant
+PYRAMID_REDUCERS: dict[type[TokenReducer], type[TokenReducer]] = {IdleReducer: PyramidIdleReducer}

@@ -104,7 +104,7 @@ class TeacherCache:
             return
         from safetensors.torch import save
 
-        from ..engine.checkpoint import atomic_write
+        from ..io import atomic_write
 
         self._stored.update(self._new)
         self._new = {}

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
 from ..progress import track
-from . import METHODS, check_options, get_reducer, patch, unpatch
+from ..reduce import METHODS, get_reducer, patch, unpatch
+from ..reduce.registry import own_schedule, resolve_method
 
 # options whose results vary with the RNG (selection by random score): evaluated over several seeds
 _RANDOM_OPTIONS = {("score", "random")}
@@ -49,27 +50,6 @@ class CompareRow:
 
 def _is_random(options: dict[str, Any]) -> bool:
     return any((k, v) in _RANDOM_OPTIONS for k, v in options.items())
-
-
-def resolve_method(name: str, method_options: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict]:
-    """``(method, options)`` of a row name: a method, or a label whose options name its method, e.g.
-    ``{"gtp-cls": {"method": "gtp", "score": "cls"}}`` (several variants of one method side by side)."""
-    opts = dict((method_options or {}).get(name, {}))
-    method = opts.pop("method", name)
-    if method not in METHODS:
-        hint = f" (label '{name}' names method '{method}')" if method != name else ""
-        raise ConfigError(f"unknown method '{method}'{hint}; choose from dense, {', '.join(METHODS)}, or a label "
-                          f"with a 'method' option (e.g. -O gtp-cls.method=gtp -O gtp-cls.score=cls)")
-    if "budget" in opts:
-        raise ConfigError(f"'{name}': budgets come from --budgets, not from an option")
-    if "r" in opts and "keep" in opts:
-        raise ConfigError(f"'{name}': give r or keep, not both")
-    return method, check_options(method, opts)
-
-
-def own_schedule(opts: dict[str, Any]) -> bool:
-    """A variant with its own schedule (``keep`` or ``r``) runs once, not at every budget."""
-    return "keep" in opts or "r" in opts
 
 
 def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[float],

@@ -1,0 +1,1 @@
+"""Experiment runners built on the library: the side-by-side comparison of methods (``leanvit compare``)."""

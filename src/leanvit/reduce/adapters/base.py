@@ -1,0 +1,124 @@
+"""What an adapter is, the registry of adapters, and the patching steps every adapter shares.
+
+An adapter knows one family of models: how to recognise it, describe it for the reducers (:class:`ViTInfo`), and
+swap in and out the classes whose forward calls the reducer. The methods never see the family: they receive a
+:class:`ViTInfo` and the attention building blocks of :mod:`leanvit.reduce.attention`. Adding a family is one new
+module with a :class:`ModelAdapter` subclass decorated with :func:`register_adapter`.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ...analysis.macs import count_macs
+from ...errors import ConfigError, UnsupportedModelError
+from ...ops.schedule import block_macs, tokens_macs
+from ..base import TokenReducer
+from ..types import ViTInfo
+
+REDUCER_ATTR = "_leanvit_reducer"
+
+ADAPTERS: list["ModelAdapter"] = []
+
+
+def register_adapter(cls: type["ModelAdapter"]) -> type["ModelAdapter"]:
+    """Class decorator: make ``cls`` one of the adapters :func:`find_adapter` asks, in registration order."""
+    ADAPTERS.append(cls())
+    return cls
+
+
+def find_adapter(model: nn.Module) -> "ModelAdapter":
+    """The adapter that claims ``model``; :class:`UnsupportedModelError` naming the supported families if none."""
+    for adapter in ADAPTERS:
+        if adapter.claims(model):
+            return adapter
+    families = "; ".join(a.describes for a in ADAPTERS)
+    raise UnsupportedModelError(f"leanvit cannot patch {type(model).__name__}: it is not a timm VisionTransformer "
+                                f"or another model family leanvit has an adapter for. Supported: {families}")
+
+
+def get_reducer(model: nn.Module) -> TokenReducer | None:
+    """The reducer attached to a patched model (its ``schedule``, ``report``, ``trace_log``), or None."""
+    return model.__dict__.get(REDUCER_ATTR)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return REDUCER_ATTR in model.__dict__
+
+
+class ModelAdapter:
+    """One family of models. Subclasses set ``describes`` and implement :meth:`claims`, :meth:`inspect`,
+    :meth:`apply` and :meth:`remove`; :meth:`patch` (schedules from ``r``/``keep``/``budget``, the budget solved
+    against measured MACs) is shared and may be overridden by a family whose reducers differ."""
+
+    describes: ClassVar[str] = ""
+
+    def claims(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def inspect(self, model: nn.Module) -> ViTInfo:
+        """Check the model and describe it; raise :class:`UnsupportedModelError` naming what is not understood."""
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, reducer: TokenReducer) -> None:
+        """Attach ``reducer`` (``model.__dict__[REDUCER_ATTR]``) and swap the classes; :meth:`remove` undoes it."""
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------- shared patching
+    def patch(self, model: nn.Module, cls: type[TokenReducer], r: Any, budget: float | None, keep: Any,
+              measure: bool, options: dict[str, Any]) -> nn.Module:
+        info = self.inspect(model)
+        method = cls.name
+        report: dict[str, Any] = {"method": method}
+        if budget is not None:
+            if "budget" not in cls.amounts:
+                raise ConfigError(f"'{method}' does not take budget=; give "
+                                  f"{' or '.join(a + '=' for a in cls.amounts)}")
+            return self._patch_budget(model, cls, info, budget, measure, options, report)
+        if keep is not None:
+            schedule = cls.schedule_from_keep(keep, info, options)
+            report.update(keep=keep)
+        else:
+            schedule = cls.schedule_from_r(r, info, options)
+        reducer = build_reducer(cls, info, schedule, options)
+        reducer.report.update(report, schedule=schedule)
+        self.apply(model, reducer)
+        return model
+
+    def _patch_budget(self, model: nn.Module, cls: type[TokenReducer], info: ViTInfo, budget: float, measure: bool,
+                      options: dict[str, Any], report: dict[str, Any]) -> nn.Module:
+        dense = int(count_macs(model).macs)
+        other = dense - block_macs(info.blocks, [0] * info.depth, info.num_prefix, info.num_image)
+        report.update(budget=budget, dense_macs=dense)
+        target = budget
+        # the schedule is solved from token counts; the method's own work (graph, matching, propagation) costs
+        # MACs too, so tighten the target until the measured MACs of the patched model fit the budget
+        for _ in range(8):
+            schedule = cls.schedule_for_budget(target, info, other, options)
+            reducer = build_reducer(cls, info, schedule, options)
+            reducer.report.update(report, schedule=schedule)
+            self.apply(model, reducer)
+            if not measure:
+                return model
+            reached = int(count_macs(model).macs)
+            reducer.reset_stats()  # the counting forward is not an evaluation
+            reducer.report.update(macs=reached, achieved=reached / dense)
+            if reached <= budget * dense or target <= 0.05:
+                return model
+            self.remove(model)
+            # the method's own MACs on top of the token-count model; aim that much lower
+            analytic = (tokens_macs(info.blocks, reducer.block_tokens()) + other) / dense
+            target = min(target - 1e-4, budget - (reached / dense - analytic))
+        # every try was removed again: never hand back a silently unpatched model
+        raise ConfigError(f"'{cls.name}' could not reach budget {budget}: its own work keeps the measured MACs above "
+                          f"the target; use a larger budget or r=")
+
+
+def build_reducer(cls: type[TokenReducer], info: ViTInfo, schedule: list[int], options: dict[str, Any]
+                  ) -> TokenReducer:
+    cls.check_schedule(schedule, info, options)
+    return cls(info, schedule, **options)
