@@ -44,10 +44,10 @@ def reference_eval(model: str | None, split: str, limit: int | None = None, batc
     from torch.utils.data import DataLoader
 
     import leanvit
-    from leanvit.cli.common import default_model
+    from leanvit.cli.arguments import DEFAULT_MODEL
     from leanvit.data import build_dataset
 
-    name = model or default_model()
+    name = model or DEFAULT_MODEL
     net = leanvit.create_model(name, pretrained=True).eval()
     return name, net, DataLoader(build_dataset("fmnist", split, net, limit=limit), batch_size=batch_size)
 

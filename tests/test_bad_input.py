@@ -211,7 +211,7 @@ def test_weights_format_by_content(tmp_path):
 
 # ---------------------------------------------------------------- outputs: strict JSON, atomic files
 def test_json_has_null_not_nan(tmp_path):
-    from leanvit.cli.common import write_json
+    from leanvit.io import write_json
 
     path = tmp_path / "r.json"
     write_json(path, {"a": float("nan"), "b": [1.0, float("inf")], "c": (1, 2)})

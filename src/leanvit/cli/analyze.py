@@ -14,8 +14,11 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
-                     check_model_name, check_output_file, positive_int, resolve_device, setup_runtime, write_json)
+from .arguments import add_data_args, add_model_args, add_runtime_args
+from .build import build_model_from_args, check_model_name, resolve_device, setup_runtime
+from .outputs import check_output_file
+from .parsing import add_config_arg, positive_int
+from ..io import write_json
 
 if TYPE_CHECKING:
     import torch

@@ -12,9 +12,12 @@ import argparse
 import datetime
 
 from ..analysis.machine import machine_info
-from .common import (add_config_arg, add_model_args, add_reduction_args, add_runtime_args, build_model_from_args,
-                     check_method_args, check_model_name, check_output_file, nonneg_int, positive_int,
-                     reduction_amount, resolve_device, setup_runtime, write_json)
+from .arguments import add_model_args, add_reduction_args, add_runtime_args
+from .build import build_model_from_args, check_model_name, resolve_device, setup_runtime
+from .methods import check_method_args, reduction_amount
+from .outputs import check_output_file
+from .parsing import add_config_arg, nonneg_int, positive_int
+from ..io import write_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -51,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     opts = check_method_args(args)
     check_output_file(args.json, "--json")
     if args.model is None:
-        from .common import default_model
+        from .arguments import DEFAULT_MODEL
 
-        args.model = default_model()
+        args.model = DEFAULT_MODEL
     if args.pretrained is None:
         args.pretrained = args.model.startswith("leanvit_") and has_weights(args.model)
     device = resolve_device(args)

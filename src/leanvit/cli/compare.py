@@ -9,9 +9,12 @@ import datetime as _dt
 import platform
 
 from ..errors import ConfigError
-from .common import (EVAL_BATCH_SIZE, add_config_arg, add_data_args, add_model_args, add_runtime_args,
-                     build_loader, build_model_from_args, check_model_name, check_output_file, fraction, nonneg_int,
-                     parse_options, positive_int, resolve_device, setup_runtime, write_json)
+from .arguments import add_data_args, add_model_args, add_runtime_args, EVAL_BATCH_SIZE
+from .build import build_loader, build_model_from_args, check_model_name, resolve_device, setup_runtime
+from .methods import parse_options
+from .outputs import check_output_file
+from .parsing import add_config_arg, fraction, nonneg_int, positive_int
+from ..io import write_json
 
 
 def _floats(text: str) -> list[float]:

@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .common import add_config_arg, add_model_args, add_runtime_args
+from .arguments import add_model_args, add_runtime_args
+from .parsing import add_config_arg
 from .train import add_train_options, run_training
 
 if TYPE_CHECKING:

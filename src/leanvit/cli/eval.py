@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (EVAL_BATCH_SIZE, add_config_arg, add_data_args, add_model_args, add_reduction_args,
-                     add_runtime_args, build_loader, build_model_from_args, check_method_args, check_model_name,
-                     check_output_file, reduction_amount, resolve_device, setup_runtime, write_json)
+from .arguments import add_data_args, add_model_args, add_reduction_args, add_runtime_args, EVAL_BATCH_SIZE
+from .build import build_loader, build_model_from_args, check_model_name, resolve_device, setup_runtime
+from .methods import check_method_args, reduction_amount
+from .outputs import check_output_file
+from .parsing import add_config_arg
+from ..io import write_json
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

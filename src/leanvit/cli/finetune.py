@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..finetune import FEATURES_WEIGHT, LOGITS_WEIGHT, TOKEN_CUT_WEIGHT
-from .common import (add_config_arg, add_reduction_args, add_runtime_args, check_method_args, nonneg_float,
-                     reduction_amount)
+from .arguments import add_reduction_args, add_runtime_args
+from .methods import check_method_args, reduction_amount
+from .parsing import add_config_arg, nonneg_float
 from .train import add_train_options, run_training
 
 if TYPE_CHECKING:

@@ -4,26 +4,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import __version__
 from ..errors import LeanvitError
+from . import analyze, bench, compare, distill, eval as eval_cmd, finetune, list_models, train, vis
+from .parsing import ArgumentParser, parse_with_config
+
+# every verb, in the order of `leanvit --help`. Each is imported unconditionally: a verb whose module fails to
+# import is a bug to see as a traceback, not a verb to hide ("invalid choice"); a verb that needs an optional
+# extra imports it when it runs and says which package to install.
+VERBS = (train, eval_cmd, list_models, bench, compare, vis, distill, finetune, analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import eval as eval_cmd, list_models, train
-
-    from .common import ArgumentParser
-
     parser = ArgumentParser(prog="leanvit", description="Make Vision Transformers cheap to run.")
-    from .. import __version__
-
     parser.add_argument("--version", action="version", version=f"leanvit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in (train, eval_cmd, list_models):
-        mod.add_parser(sub)
-    for name in ("bench", "compare", "vis", "distill", "finetune", "analyze"):
-        try:
-            mod = __import__(f"leanvit.cli.{name}", fromlist=["add_parser"])
-        except ImportError:  # a verb whose module is missing is simply not offered
-            continue
+    for mod in VERBS:
         mod.add_parser(sub)
     return parser
 
@@ -39,15 +35,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .common import parse_with_config
-
     parser = build_parser()
     try:
         # the sub-command's own parser handles --config; find it from the first positional argument
         argv = list(sys.argv[1:] if argv is None else argv)
         args = parse_with_config(parser, argv)
-        import leanvit  # noqa: F401  (registers models)
-
         return int(args.func(args) or 0)
     except LeanvitError as e:
         print(f"leanvit: error: {_one_line(e)}", file=sys.stderr)

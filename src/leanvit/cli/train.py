@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ConfigError
-from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
-                     check_model_name, check_output_dir, nonneg_float, nonneg_int, positive_float, positive_int,
-                     resolve_device, save_resolved, setup_runtime)
+from .arguments import add_data_args, add_model_args, add_runtime_args
+from .build import build_model_from_args, check_model_name, resolve_device, setup_runtime
+from .outputs import check_output_dir, save_resolved
+from .parsing import add_config_arg, nonneg_float, nonneg_int, positive_float, positive_int
 
 if TYPE_CHECKING:
     from torch import nn

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (add_config_arg, add_data_args, add_model_args, add_runtime_args, build_model_from_args,
-                     check_model_name, check_output_file, fraction, nonneg_int, parse_options, resolve_device,
-                     setup_runtime)
+from .arguments import add_data_args, add_model_args, add_runtime_args
+from .build import build_model_from_args, check_model_name, resolve_device, setup_runtime
+from .methods import parse_options
+from .outputs import check_output_file
+from .parsing import add_config_arg, fraction, nonneg_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -1,0 +1,35 @@
+"""The house: every CLI verb is offered (none hidden by a failed import), and the registries and adapters are
+the only places that name methods and model families."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from leanvit.cli.main import VERBS, build_parser
+
+ALL_VERBS = {"train", "eval", "list-models", "bench", "compare", "vis", "distill", "finetune", "analyze"}
+
+
+def test_every_verb_is_offered():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == ALL_VERBS and len(VERBS) == len(ALL_VERBS)
+
+
+def test_a_verb_that_fails_to_import_is_an_error_not_a_missing_choice():
+    """Before: `cli/main.py` caught ImportError and the verb vanished ("invalid choice"); now the import error
+    surfaces with its traceback."""
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+        class Broken(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "leanvit.cli.analyze":
+                    raise ImportError("simulated bug in leanvit.cli.analyze")
+        sys.meta_path.insert(0, Broken())
+        from leanvit.cli.main import main
+        main(["analyze", "--help"])
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "simulated bug in leanvit.cli.analyze" in res.stderr
+    assert "invalid choice" not in res.stderr
