@@ -50,11 +50,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def broadcast_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
 
@@ -64,11 +59,3 @@ def broadcast_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> 
     if info.enabled:
         for b in module.buffers():
             dist.broadcast(b.data, src)
-
-
-def all_reduce_mean(value: float, info: DistInfo) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world_size

@@ -28,17 +28,33 @@ class TruncateReducer(TokenReducer):
     style = ("tab:gray", "x")
 
     def __init__(self, info: ViTInfo, schedule: list[int], point: str = "mlp", trace: bool = False):
-        super().__init__(info, schedule, trace=False)
+        super().__init__(info, schedule, trace=trace)
         if point not in POINTS:
             raise ConfigError(f"unknown truncate point '{point}'; choose one of {', '.join(POINTS)}")
         self.point = point
 
     def before_attn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         r = self.schedule[i]
-        return x[:, : x.shape[1] - r] if r and self.point == "attn" else x
+        if not r or self.point != "attn":
+            return x
+        if self.trace:
+            self._trace_extra = {}
+            self._drop_trace(r)
+            self._trace_step(i, self._passed)
+        return x[:, : x.shape[1] - r]
+
+    def reduce(self, i: int, x: torch.Tensor, attn: AttnOut) -> torch.Tensor:
+        return super().reduce(i, x, attn) if self.point == "mlp" else x  # at "attn" the block already ran fewer
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
-        return x[:, : x.shape[1] - r] if self.point == "mlp" else x
+        if self.trace:
+            self._drop_trace(r)
+        return x[:, : x.shape[1] - r]
+
+    def _drop_trace(self, r: int) -> None:
+        """The last ``r`` image tokens go and their features reach no token: ``removed`` in the trace."""
+        self.source = self.source[:, : self.source.shape[1] - r]
+        self._passed = torch.zeros_like(self._state, dtype=torch.bool)
 
     def block_tokens(self) -> list[BlockTokens]:
         if self.point == "mlp":

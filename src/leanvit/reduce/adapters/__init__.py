@@ -7,7 +7,6 @@ leanvit's channel-shuffle blocks registered by :mod:`.shuffle`) and timm's PVT v
 from __future__ import annotations
 
 from . import pyramid, shuffle, timm_vit  # noqa: F401  (each registers itself)
-from .base import ADAPTERS, REDUCER_ATTR, ModelAdapter, find_adapter, get_reducer, is_patched, register_adapter
+from .base import ModelAdapter, find_adapter, get_reducer, is_patched, register_adapter
 
-__all__ = ["ADAPTERS", "REDUCER_ATTR", "ModelAdapter", "find_adapter", "get_reducer", "is_patched",
-           "register_adapter"]
+__all__ = ["ModelAdapter", "find_adapter", "get_reducer", "is_patched", "register_adapter"]
