@@ -16,7 +16,8 @@ Defaults and why:
   interleaves one attended and one idle channel, as in ShuffleNetV2's half split.
 * ``mlp_mode="grouped"`` with ``idle_mlp_ratio=0``: the attended group runs a vanilla block (attention + MLP), the
   idle group is carried unchanged (ShuffleNetV2's identity branch). Then only the stem and the head pay for the
-  wider stream: +0.029 GMACs on DeiT-Tiny at expansion 2, the "under 0.03 GMACs change" that the paper reports.
+  wider stream (on DeiT-Tiny at expansion 2, within the "under 0.03 GMACs change" that the paper reports;
+  BENCHMARKS.md, "Design measurements behind code defaults").
   ``shared`` (one MLP over all C channels) mixes the groups without any shuffle, but costs (C/a)^2 times the
   MLP of the attended group; ``grouped`` with ``idle_mlp_ratio > 0`` gives the idle group its own MLP. At equal
   MACs the ablation measured that split (half the attended MLP's hidden width moved to an idle MLP) best on
@@ -36,8 +37,8 @@ order (one ``torch.stack`` of the shuffle's groups instead of one ``torch.cat``)
 the attended group writes the stream once, after its MLP. Folding the permutation into the next layers' weights
 instead leaves the identity path permuted, so every later branch must gather its channels and scatter its output
 (``index_select`` / ``index_add``, which measured slower on CPU than the slices they replace) and the last block
-must gather them back; shuffling through a transposed view after the write costs 10x the write (see
-:func:`write_channels`).
+must gather them back; shuffling through a transposed view after the write costs far more than the write (see
+:func:`write_channels`; figures in BENCHMARKS.md, "Design measurements behind code defaults").
 """
 from __future__ import annotations
 
@@ -82,9 +83,9 @@ def write_channels(x: torch.Tensor, updates: Sequence[tuple[Span, torch.Tensor]]
 
     Equals ``channel_shuffle(x')`` with ``x'[..., start:stop] = new`` for each update, but the output is written in
     shuffled order by ``torch.stack`` of the shuffle's groups, so the shuffle costs nothing over the residual write
-    itself. Shuffling afterwards (``channel_shuffle`` copies through a transposed view) took 5.4 ms for a
-    (32, 197, 128) float stream against 0.5 ms for this write (one CPU thread); the stack needs every span edge on a
-    group boundary (true for the default groups), else it falls back to that copy.
+    itself; shuffling afterwards (``channel_shuffle`` copies through a transposed view) costs several times the
+    write (BENCHMARKS.md, "Design measurements behind code defaults"). The stack needs every span edge on a group
+    boundary (true for the default groups), else it falls back to that copy.
 
     Args:
         x: ``(B, N, C)`` stream.
