@@ -11,7 +11,6 @@ Projectors are saved in OUTPUT/last.pt with the optimiser; OUTPUT/model.safetens
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .arguments import add_model_args, add_runtime_args
@@ -72,11 +71,13 @@ def run(args: argparse.Namespace) -> int:
         check_model_name(args.teacher)
     if args.teacher_cache is not None:
         from ..errors import ConfigError
+        from .outputs import check_output_dir
 
         if args.teacher is None:
             raise ConfigError(f"--teacher-cache keeps a teacher's outputs, and method '{args.method}' has no teacher")
-        if Path(args.teacher_cache).exists() and not Path(args.teacher_cache).is_dir():
-            raise ConfigError(f"--teacher-cache {args.teacher_cache} is a file, not a folder")
+        # the cache is first written at the first checkpoint or epoch end: a folder that cannot be created or
+        # written must be refused now, not after that work
+        check_output_dir(args.teacher_cache, "--teacher-cache")
     return run_training(args, _losses, run_info={"teacher": args.teacher, "method": args.method})
 
 

@@ -62,9 +62,31 @@ def check_output_file(path: str | os.PathLike | None, flag: str, plot: bool = Fa
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
-    """Check an output folder before any work: not a file, and creatable / writable."""
+    """Check an output folder before any work: not a file, and creatable / writable. For folders a run fills
+    later (a run folder, a teacher cache), where a bad path would otherwise surface at the first write, after the
+    work it was meant to keep."""
     p = Path(path)
+    if str(path).strip() == "":
+        raise ConfigError(f"{flag} needs a folder name, got '{path}'")
     if p.exists() and not p.is_dir():
-        raise ConfigError(f"{flag} {p} is a file; give a folder")
+        raise ConfigError(f"{flag} {p} is a file, not a folder")
     _writable_folder(p, flag, p)
+    return p
+
+
+# the files a training run writes in its run folder: the records of cli/train.py (config.yaml, command.txt) and
+# those of leanvit.engine.Trainer (its docstring and checkpoint code). Each is written to a temporary file that is
+# renamed over the name, which fails if a folder is in the way.
+RUN_FILES = ("config.yaml", "command.txt", "last.pt", "log.csv", "log.json", "best.safetensors", "model.safetensors",
+             "model_ema.safetensors")
+
+
+def check_run_dir(path: str | os.PathLike, flag: str, files: tuple[str, ...] = RUN_FILES) -> Path:
+    """Check a run folder before any work: :func:`check_output_dir`, and no folder sits where the run writes one of
+    ``files`` (the rename would fail at the first checkpoint, an epoch in, or at the very end)."""
+    p = check_output_dir(path, flag)
+    for name in files:
+        if (p / name).is_dir():
+            raise ConfigError(f"{flag} {p}: {p / name} is a folder, where the run writes its {name}; remove it or "
+                              f"choose another {flag}")
     return p

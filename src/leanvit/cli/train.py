@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import ConfigError
 from .arguments import add_data_args, add_model_args, add_runtime_args
 from .build import build_model_from_args, check_model_name, resolve_device, setup_runtime
-from .outputs import check_output_dir, save_resolved
+from .outputs import check_run_dir, save_resolved
 from .parsing import add_config_arg, nonneg_float, nonneg_int, positive_float, positive_int
 
 if TYPE_CHECKING:
@@ -88,6 +88,17 @@ def _kd_losses(args: argparse.Namespace, model: nn.Module) -> tuple[list[LossTer
     return terms, teacher, 1.0
 
 
+def check_run_folder(args: argparse.Namespace) -> Path:
+    """``--output`` before any work: a folder the run can create and write, with no folder where it writes a file,
+    and not a finished or stopped run unless ``--resume`` (the trainer would refuse it only once the model and data
+    are built)."""
+    out = check_run_dir(args.output, "--output")
+    last = out / "last.pt"  # leanvit.engine.Trainer.last_path
+    if last.exists() and not args.resume:
+        raise ConfigError(f"{last} exists; pass --resume to continue it or choose another --output")
+    return out
+
+
 def run_training(args: argparse.Namespace, build_losses: LossBuilder, run_info: dict[str, Any] | None = None) -> int:
     """Build the model, data and :class:`~leanvit.engine.Trainer` from ``args`` (:func:`add_train_options` plus
     the model and runtime options), resume or start the run, and train.
@@ -105,7 +116,7 @@ def run_training(args: argparse.Namespace, build_losses: LossBuilder, run_info: 
 
     # what the user typed is checked before the model or the data is loaded
     check_model_name(args)
-    check_output_dir(args.output, "--output")
+    check_run_folder(args)
     resolve_device(args)
     setup_runtime(args)
     dist = init_distributed(args.device)
