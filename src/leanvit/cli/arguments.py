@@ -6,9 +6,9 @@ import argparse
 from ..reduce import METHODS, method_help
 from .parsing import fraction, nonneg_int, positive_int
 
-# Evaluation batch size: on a 2-core CPU small batches keep each block's activations in cache. `leanvit eval` of the
-# reference teacher on the 10,000 test images took 59 s at batch 256 and 44 s at 64; the 13 variants of `leanvit
-# compare` on 1,280 images took 48 s at batch 32, 51 s at 64 and 57 s at 128 (2026-11-26).
+# Evaluation batch size: on a 2-core CPU small batches keep each block's activations in cache. Host-dependent,
+# chosen by timing `leanvit eval` and `leanvit compare` on the project's 2-core AMD EPYC host (BENCHMARKS.md,
+# "Design measurements behind code defaults").
 EVAL_BATCH_SIZE = 32
 
 
