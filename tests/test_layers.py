@@ -33,3 +33,19 @@ def test_a_verb_that_fails_to_import_is_an_error_not_a_missing_choice():
     assert res.returncode != 0
     assert "simulated bug in leanvit.cli.analyze" in res.stderr
     assert "invalid choice" not in res.stderr
+
+
+def test_a_required_option_may_come_from_the_config(tmp_path):
+    """``-o`` of the training verbs was required on the command line even when the YAML gave ``output``."""
+    from leanvit.cli.parsing import parse_with_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output: {tmp_path / 'run'}\nepochs: 1\n")
+    args = parse_with_config(build_parser(), ["train", "-c", str(cfg)])
+    assert args.output == str(tmp_path / "run") and args.epochs == 1
+    import pytest
+
+    from leanvit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="required"):
+        parse_with_config(build_parser(), ["train"])

@@ -103,10 +103,19 @@ class _Scalar:
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse twice: first to find the verb and ``--config``, then with the YAML's keys as the verb's defaults
-    (timm's train.py pattern). Unknown keys and values of the wrong type are errors, not silently ignored."""
-    args = parser.parse_args(argv)
+    (timm's train.py pattern). Unknown keys and values of the wrong type are errors, not silently ignored. A
+    required option (``-o`` of the training verbs) may come from the YAML: the first pass does not require it."""
+    subs = [p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    required = [a for p in (parser, *subs) for a in p._actions if a.required and a.option_strings]
+    for action in required:
+        action.required = False
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        for action in required:
+            action.required = True
     if not getattr(args, "config", None):
-        return args
+        return parser.parse_args(argv)
     path = Path(args.config)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -130,6 +139,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     sub.set_defaults(**values)
+    for key in values:  # given by the YAML: no longer required on the command line
+        actions[key].required = False
     return parser.parse_args(argv)
 
 
