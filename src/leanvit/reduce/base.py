@@ -18,9 +18,15 @@ Every hook but :meth:`TokenReducer.reduce` defaults to a no-op. A method also sa
 ``budget=`` and ``keep=`` into its schedule, and, when tracing, what happened to every patch in every block
 (:data:`TOKEN_STATES`), which is all ``leanvit vis`` draws from. A new method is one new file with a
 :class:`TokenReducer` subclass, decorated with :func:`leanvit.reduce.registry.register_method`.
+
+The hooks keep their per-forward state on the reducer, one object shared by the model and its blocks; a forward
+that runs while another is under way (threads serving one model, ``nn.DataParallel`` replicas) therefore runs on a
+per-thread copy of it (:meth:`TokenReducer.for_thread`), which the patched blocks fetch in every block.
 """
 from __future__ import annotations
 
+import copy
+import threading
 from typing import Any, ClassVar
 
 import torch
@@ -49,6 +55,20 @@ class TokenReducer:
     ``keeps_all_tokens`` (the output has every token, so ``forward_intermediates`` can be reshaped to NCHW),
     ``selects_subsets`` (blocks compute a selected subset of the tokens in attention and MLP; block kinds whose
     attention and MLP see different channels refuse it).
+
+    Threads. The hooks keep a forward's state on the reducer (``_per_forward``: token sizes, the trace, a method's
+    graph or selection, ``cut_inputs``), and one reducer serves every block, so two forwards at once would read and
+    overwrite each other's: threads serving one model, and ``nn.DataParallel``, whose replicas share the reducer
+    through their blocks' ``__dict__``. Every patched block therefore runs the reducer :meth:`for_thread` returns:
+    the reducer itself in the thread that created (or unpickled, or deep-copied) it, and in any other thread a
+    shallow copy of its own, made at that thread's first forward, which shares the configuration (``schedule``,
+    ``info``, the options; read-only while forwards run) and has its own per-forward state and its own ``report``
+    (diagnostic counters start at zero). ``get_reducer(model)`` returns the same object, so ``trace_log``,
+    ``cut_inputs`` and :meth:`stats_summary` read the calling thread's last forward; a configuration change made
+    after a thread's copy exists (``set_stats``, an attribute) reaches only the object it was made on. Patching
+    and unpatching always handle the shared reducer (:meth:`shared`). A compiled forward (``torch.compile``) uses
+    the reducer itself in every thread, since dynamo must not trace the thread machinery: one compiled model is not
+    supported in several threads at once (compile one per thread, or serve from one thread).
     """
 
     name: ClassVar[str] = "base"
@@ -77,6 +97,7 @@ class TokenReducer:
         self.source: torch.Tensor | None = None  # (B, N_img, N_img_orig) bool, when tracing
         self._state: torch.Tensor | None = None  # (B, N_img_orig) uint8 TOKEN_STATES code, when tracing
         self.trace_log: list[dict[str, torch.Tensor]] = []
+        self._bind_thread()
 
     # --------------------------------------------------------------- schedules (class methods: before building)
     @classmethod
@@ -229,12 +250,68 @@ class TokenReducer:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{type(self).__name__}(schedule={self.schedule}, {opts})"
 
+    # --------------------------------------------------------------- threads
+    _origin: TokenReducer | None = None  # on a thread's copy: the shared reducer it was copied from
+
+    def _bind_thread(self) -> None:
+        """Make the calling thread the one that uses this reducer itself, with no thread copies yet (at
+        construction and unpickling; a subclass that does not call ``TokenReducer.__init__`` calls this)."""
+        self._thread_lock = threading.Lock()
+        self._threads: dict[int, tuple[threading.Thread, TokenReducer]] = {}
+        self._origin = None
+        self._owner = threading.get_ident()  # last: for_thread takes a reducer with an owner as fully bound
+
+    def for_thread(self) -> TokenReducer:
+        """The reducer the calling thread's forward must use: this one in the thread that owns it, else the
+        thread's own shallow copy (made once per thread, see the class docs); this one while compiling."""
+        if torch.compiler.is_compiling():  # before any thread machinery, which dynamo must not trace
+            return self
+        ident = threading.get_ident()
+        owner = self.__dict__.get("_owner")
+        if owner is None:  # a subclass that skipped TokenReducer.__init__: the first thread to run it owns it
+            with _BIND_LOCK:
+                if "_owner" not in self.__dict__:
+                    self._bind_thread()
+            owner = self._owner
+        if ident == owner:
+            return self
+        thread = threading.current_thread()
+        entry = self._threads.get(ident)
+        if entry is not None and entry[0] is thread:  # a thread id can be reused once its thread has ended
+            return entry[1]
+        with self._thread_lock:
+            local = copy.copy(self)  # __getstate__/__setstate__: shared configuration, fresh per-forward state
+            local.report = dict(self.report)
+            local.reset_stats()  # its counters count its own forwards
+            local._origin = self
+            # copies of ended threads go (nn.DataParallel starts new threads for every forward); the dict is
+            # replaced, never changed in place, so threads reading it without the lock see a whole one
+            live = {k: v for k, v in self._threads.items() if v[0].is_alive() and k != ident}
+            self._threads = {**live, ident: (thread, local)}
+        return local
+
+    def shared(self) -> TokenReducer:
+        """The reducer attached to the model: this one, or for a thread's copy the reducer it was copied from.
+
+        Patching attaches and detaches this one, so that a thread's copy never becomes the model's reducer.
+        """
+        return self if self._origin is None else self._origin
+
+    # --------------------------------------------------------------- pickling and copying
     # attributes that only live for one forward pass; not pickled or deep-copied with a model
     _per_forward: ClassVar[tuple[str, ...]] = ("_size", "source", "_state", "trace_log", "_trace_extra", "_passed")
+    # the calling thread's bookkeeping (a lock cannot be pickled); a copy is bound to the thread that makes it
+    _per_thread: ClassVar[tuple[str, ...]] = ("_owner", "_thread_lock", "_threads", "_origin")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self._per_forward}
+        skip = self._per_forward + self._per_thread
+        # a snapshot first: another thread's forward may add attributes while this one copies
+        return {k: v for k, v in self.__dict__.copy().items() if k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._size, self.source, self._state, self.trace_log = None, None, None, []
+        self._bind_thread()
+
+
+_BIND_LOCK = threading.Lock()  # binds reducers whose subclass skipped TokenReducer.__init__ (see for_thread)

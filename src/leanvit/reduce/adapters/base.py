@@ -39,7 +39,21 @@ def find_adapter(model: nn.Module) -> "ModelAdapter":
 
 
 def get_reducer(model: nn.Module) -> TokenReducer | None:
-    """The reducer attached to a patched model (its ``schedule``, ``report``, ``trace_log``), or None."""
+    """The reducer of a patched model as the calling thread sees it (its ``schedule``, ``report``, ``trace_log``),
+    or None.
+
+    That is :meth:`TokenReducer.for_thread` of the reducer attached to the model: the attached reducer itself in the
+    thread that patched (or unpickled, or deep-copied) the model, and in any other thread that thread's own copy,
+    so ``trace_log``, ``cut_inputs`` and ``stats_summary()`` read the calling thread's last forward even while other
+    threads run the model. The configuration (``schedule``, ``info``, the options) is the same object in all.
+    """
+    red = attached_reducer(model)
+    return None if red is None else red.for_thread()
+
+
+def attached_reducer(model: nn.Module) -> TokenReducer | None:
+    """The reducer object attached to the model and its blocks, shared by every thread (for patching; forwards
+    and readers of their state use :func:`get_reducer`)."""
     return model.__dict__.get(REDUCER_ATTR)
 
 
@@ -62,7 +76,8 @@ class ModelAdapter:
         raise NotImplementedError
 
     def apply(self, model: nn.Module, reducer: TokenReducer) -> None:
-        """Attach ``reducer`` (``model.__dict__[REDUCER_ATTR]``) and swap the classes; :meth:`remove` undoes it."""
+        """Attach ``reducer`` (``model.__dict__[REDUCER_ATTR]``; its :meth:`TokenReducer.shared` one, never a
+        thread's copy) and swap the classes; :meth:`remove` undoes it."""
         raise NotImplementedError
 
     def remove(self, model: nn.Module) -> None:

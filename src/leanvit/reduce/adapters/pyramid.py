@@ -105,6 +105,7 @@ class PyramidAdapter(ModelAdapter):
         return model
 
     def apply(self, model: nn.Module, reducer: TokenReducer) -> None:
+        reducer = reducer.shared()  # patch() may hand back the calling thread's copy (get_reducer) on a failure
         model.__dict__[REDUCER_ATTR] = reducer
         model.__dict__["_leanvit_orig_class"] = type(model)
         for i, blk in enumerate(pyramid_blocks(model)):
@@ -141,6 +142,7 @@ class PyramidIdleReducer(TokenReducer):
         self.training = False
         self.cut_inputs: list[dict[str, torch.Tensor]] = []  # not recorded on pyramids (see the module docs)
         self._size, self.source, self._state, self.trace_log = None, None, None, []
+        self._bind_thread()  # what TokenReducer.__init__ does for the threads (for_thread)
 
     @property
     def keep_ratios(self) -> list[float]:
@@ -173,7 +175,7 @@ class IdlePyramidBlock(PvtBlock if PvtBlock is not None else nn.Module):
     _leanvit_index: int
 
     def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
-        red, i = self._leanvit_reducer, self._leanvit_index
+        red, i = self._leanvit_reducer.for_thread(), self._leanvit_index  # this thread's forward state
         if i == 0:
             red.training = self.training
         B, N, C = x.shape

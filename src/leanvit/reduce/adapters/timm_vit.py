@@ -137,7 +137,8 @@ class _Reducing:
     def _begin(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> TokenReducer:
         if attn_mask is not None or is_causal:
             raise UnsupportedModelError("token reduction cannot be combined with attention masks")
-        red = self._leanvit_reducer
+        # every block, not just block 0: the state of this forward is the calling thread's (TokenReducer docs)
+        red = self._leanvit_reducer.for_thread()
         if self._leanvit_index == 0:
             n_img = x.shape[1] - red.info.num_prefix
             # a schedule that removes nothing is size-agnostic, so a dynamic_img_size model keeps taking any size;
@@ -184,7 +185,7 @@ def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | N
     red = model.__dict__.get(REDUCER_ATTR)
     if pool_type not in ("avg", "avgmax") or red is None or model.attn_pool is not None:
         return None
-    size = red.current_sizes()
+    size = red.for_thread().current_sizes()  # the sizes this thread's forward left
     if size is None or size.shape[1] != x.shape[1]:
         return None
     p = 0 if model.pool_include_prefix else model.num_prefix_tokens
@@ -238,6 +239,7 @@ class TimmViTAdapter(ModelAdapter):
 
     def apply(self, model: nn.Module, reducer: TokenReducer) -> None:
         """Swap block (and model) classes and attach ``reducer``; :meth:`remove` undoes it exactly."""
+        reducer = reducer.shared()  # patch() may hand back the calling thread's copy (get_reducer) on a failure
         orig_model_cls = type(model)
         if orig_model_cls not in MODEL_CLASSES and orig_model_cls not in MODEL_CLASSES.values():
             if model.global_pool in ("avg", "avgmax"):
