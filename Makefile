@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all test-timm-floor lint bench clean
 
 $(VENV)/.leanvit-installed: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -19,6 +19,14 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# the equivalence tests on the oldest timm pyproject.toml allows (installed into .timm-floor/, the venv keeps its own)
+test-timm-floor: setup
+	VENV=$(VENV) bash scripts/test_timm_floor.sh
+
+# import-linter contracts (.importlinter)
+lint: setup
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf results .pytest_cache

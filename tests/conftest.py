@@ -213,3 +213,27 @@ def step_context(logits, features=None, t_features=None, t_logits=None) -> StepC
                            t_logits if t_logits is not None else torch.zeros_like(logits))
     return StepContext(nn.Identity(), torch.zeros(b, 1, 4, 4), torch.zeros(b, dtype=torch.long), logits, features,
                        teacher)
+
+
+# ------------------------------------------------------------------ which attention building blocks ran
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts of the attention building blocks (and GTP's fused score pass) called since the fixture started:
+    ``{"fused": n, "explicit": n, "cls_row": n, "fused_score": n}``."""
+    from leanvit.reduce import attention, gtp
+
+    counts = {"fused": 0, "explicit": 0, "cls_row": 0, "fused_score": 0}
+
+    def counting(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    for name in ("fused", "explicit", "cls_row"):
+        counting(attention, name)
+    counting(gtp, "fused_score")
+    return counts

@@ -45,7 +45,7 @@ def test_score_pass_equals_scoring_the_map(kind, with_bias):
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS])
 @pytest.mark.parametrize("score", ["mixed", "colsum"])
-def test_fused_path_selects_as_explicit(variant, score):
+def test_fused_path_selects_as_explicit(variant, score, attention_calls):
     model = make(variant, img_size=96, depth=3)
     x = torch.cat([image(96, seed=s) for s in range(2)])
     out = {}
@@ -53,23 +53,25 @@ def test_fused_path_selects_as_explicit(variant, score):
     for path in ("explicit", "fused"):
         m = copy.deepcopy(model)
         leanvit.patch(m, "gtp", r=[5, 4, 3], score=score, score_path=path, trace=True)
+        before = dict(attention_calls)
         out[path] = run(m, x)
         traces[path] = get_reducer(m).trace_log
-        req = get_reducer(m).request(0)
-        assert (req.fused_score is not None) == (path == "fused") and (req.score is None) == (path == "fused")
+        ran = {k: attention_calls[k] - before[k] for k in attention_calls}
+        # three reducing blocks: each scores through the path asked for, never both
+        assert ran["fused_score"] == (3 if path == "fused" else 0) and ran["explicit"] == (0 if path == "fused" else 3)
     assert torch.allclose(out["fused"], out["explicit"], atol=1e-5), (out["fused"] - out["explicit"]).abs().max()
     for a, b in zip(traces["explicit"], traces["fused"]):
         assert torch.equal(a["kept"], b["kept"]) and torch.equal(a["removed"].sort(1).values,
                                                                  b["removed"].sort(1).values)
 
 
-def test_auto_is_explicit_on_cpu_and_theta_forces_explicit():
+def test_auto_is_explicit_on_cpu_and_theta_forces_explicit(attention_calls):
     model = leanvit.patch(make("deit"), "gtp", r=2)
-    with torch.no_grad():
-        model(image())
-    assert get_reducer(model).request(0).fused_score is None
+    run(model, image())
+    assert attention_calls["fused_score"] == 0 and attention_calls["explicit"] == 2
     model = leanvit.patch(make("deit"), "gtp", r=2, score_path="fused", theta=0.8)
-    assert get_reducer(model).request(0).fused_score is None
+    run(model, image())
+    assert attention_calls["fused_score"] == 0 and attention_calls["explicit"] == 4
     with pytest.raises(leanvit.errors.ConfigError, match="score_path"):
         leanvit.patch(make("deit"), "gtp", r=2, score_path="fast")
 

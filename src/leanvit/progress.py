@@ -18,17 +18,21 @@ class _LineProgress:
     """A tqdm look-alike (iteration, ``update``, ``set_postfix``, ``close``) that prints a few whole lines."""
 
     def __init__(self, iterable: Iterable | None, total: int | None, desc: str, step_percent: float,
-                 file: TextIO):
+                 file: TextIO, initial: int = 0):
         self.iterable = iterable
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.desc, self.file = desc, file
         self.step = max(step_percent, 1.0) / 100.0
-        self.n = 0
+        self.n = initial
         self.postfix = ""
         self._next = self.step
+        if self.total and initial:  # a resumed phase: the next line is at the next step past where it resumed
+            while self._next <= initial / self.total:
+                self._next += self.step
         self._t0 = time.perf_counter()
         self._closed = False
-        self._print("started" + (f" ({self.total} steps)" if self.total else ""))
+        resumed = f" at {initial}/{self.total}" if initial and self.total else ""
+        self._print("started" + (f" ({self.total} steps)" if self.total else "") + resumed)
 
     def _print(self, what: str) -> None:
         print(f"{self.desc}: {what}", file=self.file, flush=True)
@@ -67,8 +71,8 @@ class _LineProgress:
 
 
 class _Silent(_LineProgress):
-    def __init__(self, iterable: Iterable | None, total: int | None = None):  # noqa: D107
-        self.iterable, self.total, self.n, self._closed = iterable, total, 0, True
+    def __init__(self, iterable: Iterable | None, total: int | None = None, initial: int = 0):  # noqa: D107
+        self.iterable, self.total, self.n, self._closed = iterable, total, initial, True
 
     def _print(self, what: str) -> None:
         pass
@@ -78,19 +82,20 @@ class _Silent(_LineProgress):
 
 
 def track(iterable: Iterable | None = None, desc: str = "", total: int | None = None, enabled: bool = True,
-          step_percent: float = 25.0, file: TextIO | None = None):
+          step_percent: float = 25.0, file: TextIO | None = None, initial: int = 0):
     """Wrap ``iterable`` (or count ``update()`` calls up to ``total``) with progress output.
 
     Args:
         enabled: False prints nothing.
         step_percent: in line mode (stderr not a terminal), print a line every this many percent.
         file: where to write (default ``sys.stderr``).
+        initial: work already done before ``iterable``'s first item (a phase resumed part-way, e.g. an epoch).
     """
     file = file or sys.stderr
     if not enabled:
-        return _Silent(iterable, total)
+        return _Silent(iterable, total, initial)
     if getattr(file, "isatty", lambda: False)():
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=file)
-    return _LineProgress(iterable, total, desc, step_percent, file)
+        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=file, initial=initial)
+    return _LineProgress(iterable, total, desc, step_percent, file, initial)

@@ -4,13 +4,27 @@ atomic per-epoch checkpoints and exact resume.
 Exact resume: every epoch starts by seeding torch's RNG from ``(seed, epoch, rank)`` and the sampler from
 ``(seed, epoch)``, and a checkpoint is written after every epoch. A run killed mid-epoch therefore resumes at the
 start of that epoch and replays it bit for bit; RNG states are saved too so that code drawing random numbers
-outside the epoch loop stays reproducible.
+outside the epoch loop stays reproducible. Seeding the global RNGs (python, numpy, torch) is what makes dropout,
+drop-path, augmentation and mixup, which draw from them, repeat; :meth:`Trainer.fit` gives the caller's RNG states
+back when it returns, so a training run in a notebook or script does not change the random numbers that follow.
+
+No host sync per step: the loss and its parts are summed on the device and read (one transfer) only every
+``log_steps`` steps, at within-epoch checkpoints and at the end of the epoch. A non-finite loss is recorded on the
+device (the first bad step and its loss) and raised as :class:`TrainingError` at the next read, before any
+checkpoint is written; from that step on no optimizer update is applied, so the model's weights are those before
+the bad step, as when the loss was checked on the host every step (the steps in between still run their forward
+and backward, and the EMA, if any, keeps averaging the unchanged weights; nothing of them is saved). The update is
+skipped on the device by AdamW's fused kernel, which takes a ``found_inf`` flag: the contract by which GradScaler
+skips steps with non-finite gradients without a sync. On a device without fused kernels the loss is read every
+step instead, before the update.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,10 +36,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, TrainingError
 from ..io import atomic_write_text, load_into, save_weights, to_json_safe
+from ..progress import track
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, broadcast_buffers, init_distributed
 from .evaluate import evaluate
@@ -55,6 +69,9 @@ class TrainConfig:
     progress: bool = True
     find_unused_parameters: bool = False
     checkpoint_steps: int = 100  # also checkpoint every this many steps within an epoch (0: at epoch ends only)
+    # read the running losses from the device (progress output, non-finite check) every this many steps; a read
+    # waits for the device, so reading every step would stall a GPU (the epoch's end and checkpoints also read)
+    log_steps: int = 50
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -69,6 +86,8 @@ class TrainConfig:
             raise ConfigError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
         if self.checkpoint_steps < 0:
             raise ConfigError(f"checkpoint_steps must be >= 0, got {self.checkpoint_steps}")
+        if self.log_steps < 1:
+            raise ConfigError(f"log_steps must be >= 1, got {self.log_steps}")
 
 
 class _SkipSampler(torch.utils.data.Sampler):
@@ -112,6 +131,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _callers_rng():
+    """Give the caller's global RNG states (python, numpy, torch, CUDA) back on exit: a run reseeds them every
+    epoch (dropout, augmentation and mixup draw from them), which should not change what the caller draws next."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
 
 
 class _StepModule(nn.Module):
@@ -225,9 +255,15 @@ class Trainer:
         params = [p for p in self.step_module.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]  # biases, norms, tokens: no weight decay (DeiT recipe)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        try:
+            # fused: one kernel per step, and it skips an update on the device when told to (found_inf), which is
+            # how a non-finite loss stops the weights without a host sync (see the module docs)
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+            self.fused = True
+        except RuntimeError:  # no fused kernels for this device or dtype: the loss is then read every step
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+            self.fused = False
         from timm.scheduler import CosineLRScheduler
 
         # linear warmup, then one cosine cycle that ends at min_lr on the last step (with warmup_prefix the cosine
@@ -258,6 +294,12 @@ class Trainer:
                     if self.dist.enabled else self.step_module)
         self.epoch = 0  # epochs completed
         self.step = 0
+        # the running sums of loss and parts (times batch size) live on the device in this order; float64 where the
+        # device has it, so that the logged means are those of summing the values on the host
+        self._sum_keys = ["loss", *(f"loss_{name}" for name in self.step_module.part_names)]
+        self._sum_dtype = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
+        self._first_bad = torch.zeros((), dtype=torch.int64, device=self.device)  # first non-finite step, 0: none
+        self._bad_loss = torch.zeros((), dtype=torch.float32, device=self.device)  # the loss at that step
         self._partial: dict[str, Any] | None = None  # the running sums of an epoch stopped mid-way (resume)
         self.history: list[dict[str, Any]] = []
         self.best_top1 = -1.0
@@ -293,7 +335,11 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         load_into(self.model, state["model"], source)
         self.terms.load_state_dict(state["loss_terms"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # a checkpoint's param groups carry the implementation it ran with (fused or not) and would replace this
+        # run's; keep this run's, which the loop relies on (and with it, where the step counts are kept)
+        saved = state["optimizer"]
+        impl = {k: self.optimizer.param_groups[0][k] for k in ("fused", "foreach")}
+        self.optimizer.load_state_dict({**saved, "param_groups": [{**g, **impl} for g in saved["param_groups"]]})
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
@@ -342,21 +388,86 @@ class Trainer:
         atomic_write_text(self.output / "log.json", json.dumps(to_json_safe(self.history), indent=1, allow_nan=False))
 
     # ------------------------------------------------------------------ loop
+    def _record_loss(self, total: torch.Tensor) -> torch.Tensor:
+        """Record step ``self.step + 1``'s loss on the device: the first non-finite step and its loss are kept for
+        the next read (:meth:`_read`). Returns whether a non-finite loss has been seen (a 0-dim bool tensor)."""
+        loss = total.detach()
+        bad = ~torch.isfinite(loss)
+        if self.dist.enabled:
+            # every process halts at the same step and raises at the same read, so that none waits for the others
+            flag = bad.to(torch.float32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag > 0
+        first = bad & (self._first_bad == 0)
+        self._first_bad = torch.where(first, self.step + 1, self._first_bad)
+        self._bad_loss = torch.where(first, loss.to(torch.float32), self._bad_loss)
+        return self._first_bad > 0
+
+    def _read(self, sums: torch.Tensor | None = None) -> list[float]:
+        """Copy the running sums and the non-finite record to the host (one sync); raise if a loss was non-finite.
+
+        The weights are then those before the first non-finite step (no update was applied from it on), and
+        ``self.step`` counts the steps applied.
+        """
+        parts = [self._first_bad.to(self._sum_dtype).view(1), self._bad_loss.to(self._sum_dtype).view(1)]
+        values = torch.cat([*([] if sums is None else [sums]), *parts]).tolist()
+        first, loss = int(values[-2]), values[-1]
+        if first:
+            self.step = first - 1
+            what = f"{loss}" if not math.isfinite(loss) else "non-finite (in another process)"
+            raise TrainingError(
+                f"loss became {what} at step {first} (epoch {(first - 1) // self.steps_per_epoch + 1}); lower "
+                f"the learning rate (now {self.optimizer.param_groups[0]['lr']:.3g}) or enable gradient clipping; "
+                f"the last good checkpoint is {self.last_path}")
+        return values[:-2]
+
+    def _optimizer_step(self, halted: torch.Tensor) -> None:
+        """Clip and apply the gradients, unless ``halted`` (a 0-dim bool tensor on the device): no host sync.
+
+        Without AMP, fused AdamW is told to skip through the ``found_inf`` attribute its ``step`` reads (GradScaler
+        sets it the same way). With AMP, GradScaler already skips steps whose gradients are not finite and passes
+        its flag to the fused kernel; a non-finite loss does not always make the gradients non-finite (a term that
+        adds a constant NaN has zero gradient), so one gradient is made NaN when halted: the scaler then skips the
+        step (and lowers its scale, which the run never saves since it raises at the next read).
+        """
+        cfg = self.cfg
+        amp = self.scaler.is_enabled()
+        if amp and self.fused:
+            grad = next((p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None),
+                        None)
+            if grad is not None:
+                grad.masked_fill_(halted, float("nan"))
+        if cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), cfg.clip_grad)
+        if amp or not self.fused:
+            self.scaler.step(self.optimizer)
+            return
+        self.optimizer.grad_scale, self.optimizer.found_inf = None, halted.to(torch.float32)
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.grad_scale, self.optimizer.found_inf
+
     def _train_epoch(self) -> dict[str, float]:
         cfg = self.cfg
         self.ddp.train()
         self.sampler.set_epoch(self.epoch)
         done = self.step - self.epoch * self.steps_per_epoch  # batches of this epoch trained before a resume
         loader = self.loader
+        sums = torch.zeros(len(self._sum_keys), dtype=self._sum_dtype, device=self.device)
         if done > 0 and self._partial is not None:
             # resumed mid-epoch: the RNG state was restored with the checkpoint; skip the batches already done
-            sums, seen, before = dict(self._partial["sums"]), int(self._partial["seen"]), self._partial["seconds"]
+            saved, seen, before = self._partial["sums"], int(self._partial["seen"]), self._partial["seconds"]
+            sums = torch.tensor([float(saved.get(k, 0.0)) for k in self._sum_keys], dtype=self._sum_dtype,
+                                device=self.device)
             loader = DataLoader(self.train_set, batch_size=cfg.batch_size, drop_last=True,
                                 sampler=_SkipSampler(self.sampler, done * cfg.batch_size), num_workers=cfg.workers,
                                 pin_memory=self.device.type == "cuda")
         else:
             _seed_all(cfg.seed * 100_003 + self.epoch * 1_009 + self.dist.rank)
-            sums, seen, before = {}, 0, 0.0
+            seen, before = 0, 0.0
+        self._first_bad.zero_()
         if self.teacher_cache is not None:
             self.teacher_cache.begin_epoch(self.epoch)
         t0 = time.perf_counter() - before
@@ -365,9 +476,8 @@ class Trainer:
             # creating the iterator draws a seed from the RNG, which the interrupted run did at the epoch's start:
             # restore the checkpoint's state after it, so that the run continues with the same random stream
             _set_rng_state(self._partial["rng"])
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.progress and self.dist.is_main), initial=max(done, 0),
-                   total=self.steps_per_epoch)
+        bar = track(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", total=self.steps_per_epoch,
+                    enabled=cfg.progress and self.dist.is_main, initial=max(done, 0))
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -375,17 +485,12 @@ class Trainer:
                 images, targets = self.mixup(images, targets)
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 total, parts, _ = self.ddp(images, targets)
-            if not torch.isfinite(total):
-                raise TrainingError(
-                    f"loss became {total.item()} at step {self.step + 1} (epoch {self.epoch + 1}); "
-                    f"lower the learning rate (now {self.optimizer.param_groups[0]['lr']:.3g}) or enable "
-                    f"gradient clipping; the last good checkpoint is {self.last_path}")
+            halted = self._record_loss(total)
+            if not self.fused:
+                self._read()  # the update cannot be skipped on the device: look now, before it is applied
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
-            if cfg.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), cfg.clip_grad)
-            self.scaler.step(self.optimizer)
+            self._optimizer_step(halted)
             self.scaler.update()
             self.step += 1
             self.scheduler.step_update(num_updates=self.step)
@@ -393,25 +498,30 @@ class Trainer:
                 self.ema.update(self.model, step=self.step)
             bs = images.shape[0]
             seen += bs
-            sums["loss"] = sums.get("loss", 0.0) + total.item() * bs
-            for k, v in parts.items():
-                sums[f"loss_{k}"] = sums.get(f"loss_{k}", 0.0) + v.item() * bs
+            values = torch.stack([total.detach(), *(v.detach() for v in parts.values())]).view(-1)
+            sums.add_(values.to(self._sum_dtype), alpha=bs)
+            in_epoch = self.step - self.epoch * self.steps_per_epoch
+            checkpoint = (cfg.checkpoint_steps and in_epoch % cfg.checkpoint_steps == 0
+                          and in_epoch < self.steps_per_epoch)
+            if not (checkpoint or in_epoch % cfg.log_steps == 0):
+                continue
+            read = dict(zip(self._sum_keys, self._read(sums)))  # raises on a non-finite loss, before any save
             elapsed = time.perf_counter() - t0
             ips = seen * self.dist.world_size / max(elapsed, 1e-9)
             remaining = (self.total_steps - self.step) * bs * self.dist.world_size / max(ips, 1e-9)
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+            bar.set_postfix(loss=f"{read['loss'] / seen:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                             img_s=f"{ips:.0f}", eta=f"{remaining / 60:.0f}m")
-            in_epoch = self.step - self.epoch * self.steps_per_epoch
-            if cfg.checkpoint_steps and in_epoch % cfg.checkpoint_steps == 0 and in_epoch < self.steps_per_epoch:
+            if checkpoint:
                 # a checkpoint within the epoch: a stopped run loses at most checkpoint_steps steps
-                self._partial = {"sums": dict(sums), "seen": seen, "seconds": elapsed, "rng": _rng_state()}
+                self._partial = {"sums": read, "seen": seen, "seconds": elapsed, "rng": _rng_state()}
                 if self.teacher_cache is not None:
                     self.teacher_cache.flush()
                 if self.dist.is_main:
                     save_checkpoint(self.state_dict(), self.last_path)
+        read = dict(zip(self._sum_keys, self._read(sums)))
         self._partial = None
         elapsed = time.perf_counter() - t0
-        row = {k: v / seen for k, v in sums.items()}
+        row = {k: v / seen for k, v in read.items()}
         row["images_per_s"] = seen * self.dist.world_size / elapsed
         row["epoch_seconds"] = elapsed
         if self.teacher_cache is not None:
@@ -420,6 +530,11 @@ class Trainer:
         return row
 
     def fit(self) -> TrainResult:
+        """Train the remaining epochs; the caller's global RNG states are given back on return (module docs)."""
+        with _callers_rng():
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         log = print if self.dist.is_main else (lambda *a, **k: None)
         if self.epoch >= cfg.epochs:

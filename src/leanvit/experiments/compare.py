@@ -52,6 +52,21 @@ def _is_random(options: dict[str, Any]) -> bool:
     return any((k, v) in _RANDOM_OPTIONS for k, v in options.items())
 
 
+def _pass_generator(seed: int, device: torch.device, loader: DataLoader) -> torch.Generator:
+    """The generator of one evaluation pass of a random selection with ``seed``, drawing the numbers that the pass
+    drew when it seeded the global RNG (``torch.manual_seed(seed)``), so that the published figures still hold.
+
+    Creating a data loader's iterator draws a seed for its workers from the CPU generator, before the first score:
+    on CPU, where the scores are drawn from the same generator, that draw is made here too. (On CUDA the scores come
+    from the CUDA generator, which the loader does not touch; a loader that shuffles without a generator of its own
+    drew more, and its passes have other, equally seeded, figures.)
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if device.type == "cpu" and isinstance(loader, DataLoader) and loader.generator is None:
+        torch.empty((), dtype=torch.int64).random_(generator=gen)
+    return gen
+
+
 def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[float],
                    method_options: dict[str, dict[str, Any]] | None = None,
                    progress: bool = False) -> list[tuple[str, float | None, nn.Module]]:
@@ -92,6 +107,11 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
     variant whose selection is deterministic (:func:`leanvit.engine.evaluate.evaluate_many`), one pass per seed for
     each variant with random selection (seeded as if evaluated alone), then the interleaved timing.
 
+    The caller's global RNG is left as it was: a random selection is seeded through the reducer's own generator
+    (:meth:`~leanvit.reduce.gtp.GTPReducer.seed`; seed ``s`` gives the figures of ``torch.manual_seed(s)``), and
+    what else draws from the global RNG here (the random inputs of MACs counting and timing) runs on a saved and
+    restored state, so that comparing in a notebook or a script does not change the random numbers that follow.
+
     Args:
         loader: evaluation data; None skips accuracy (speed and MACs only).
         seeds: repetitions for methods whose selection is random (mean and std of top-1 are reported).
@@ -99,13 +119,22 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
         compile: time every variant after ``torch.compile(fullgraph=True)`` (accuracy is evaluated eagerly).
         amp: time under ``torch.autocast`` in ``"fp16"`` or ``"bf16"`` (accuracy is evaluated in full precision).
     """
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    device = torch.device(device)
+    cuda = [] if device.type != "cuda" else [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=cuda):
+        return _run_comparison(model, loader, methods, budgets, method_options, seeds, bench_batch, bench_runs,
+                               device, progress, compile, amp)
+
+
+def _run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequence[str], budgets: Sequence[float],
+                    method_options: dict[str, dict[str, Any]] | None, seeds: int, bench_batch: int, bench_runs: int,
+                    device: torch.device, progress: bool, compile: bool, amp: str | None) -> list[CompareRow]:
     from ..analysis import compare_throughput, count_macs
     from ..engine import evaluate
     from ..engine.evaluate import evaluate_many
 
-    if seeds < 1:
-        raise ConfigError(f"seeds must be at least 1, got {seeds}")
-    device = torch.device(device)
     method_options = method_options or {}
     model = model.to(device).eval()
     variants = build_variants(model, methods, budgets, method_options, progress=progress)
@@ -132,10 +161,19 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
                 accs = [results[str(i)].top1]
             else:
                 accs = []
-                for s in range(seeds):
-                    torch.manual_seed(s)
-                    accs.append(evaluate(variant, loader, device, progress=progress,
-                                         desc=f"evaluating {method}@{row.budget:.2f} seed {s}").top1)
+                red = reducers[i]
+                seeded = callable(getattr(red, "seed", None))
+                try:
+                    for s in range(seeds):
+                        if seeded:
+                            red.seed(_pass_generator(s, device, loader))
+                        else:  # a method without its own generator: the global RNG, restored by the caller
+                            torch.manual_seed(s)
+                        accs.append(evaluate(variant, loader, device, progress=progress,
+                                             desc=f"evaluating {method}@{row.budget:.2f} seed {s}").top1)
+                finally:
+                    if seeded:
+                        red.seed(None)  # a shipped model is the caller's own: give it back as it came
             row.top1 = statistics.fmean(accs)
             row.top1_std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             row.seeds = len(accs)

@@ -20,7 +20,7 @@ from .adapters import get_reducer, is_patched
 from .base import TokenReducer
 from .patching import inspect_vit, patch, tokens_per_block, unpatch
 from .registry import METHODS, check_options, list_methods, method_help, register_method
-from .types import TOKEN_STATES, AttnRequest
+from .types import TOKEN_STATES, AttnOut
 
-__all__ = ["METHODS", "TOKEN_STATES", "AttnRequest", "TokenReducer", "check_options", "get_reducer", "inspect_vit",
+__all__ = ["METHODS", "TOKEN_STATES", "AttnOut", "TokenReducer", "check_options", "get_reducer", "inspect_vit",
            "is_patched", "list_methods", "method_help", "patch", "register_method", "tokens_per_block", "unpatch"]

@@ -1,6 +1,16 @@
-"""Attention building blocks for patched blocks: timm-layout attention that also produces what a reducer asked for
-(:class:`~leanvit.reduce.types.AttnRequest`): a size bias, the probabilities or a score of them (explicit, or
-beside fused attention), the cls row, the keys, or attention over a selected subset of the tokens.
+"""Attention building blocks that reducers compose in :meth:`TokenReducer.attend
+<leanvit.reduce.base.TokenReducer.attend>`: timm-layout attention whose pieces a method takes as it needs them,
+so a new need is a new block (or a method's own composition), never a wider request type.
+
+* :func:`heads` projects queries, keys and values (``(B, H, N, Dh)``, q/k norm applied) with the additive key
+  bias of proportional attention (``log(size)``);
+* :func:`fused` runs them through ``scaled_dot_product_attention``; :func:`explicit` computes the map (sliced over
+  the batch on CPU when only a score of it is needed), sparsified and/or scored; :func:`explicit_stats` is the
+  compiled-CPU form of a score of the map's diagonal and column sums (one cache-blocked custom op);
+  :func:`cls_row` is the cls query's attention row beside fused attention;
+* :func:`output` applies the attention's own output layers (norm, gate, projection);
+* :func:`dense` is the whole unreduced attention; :func:`subset` and :func:`masked_subset` attend among a selected
+  subset of the tokens (the gathered inference path and the masked training path of idling).
 
 An adapter maps its library's attention module onto the layout these functions read (``qkv``, ``q_norm``,
 ``k_norm``, ``norm``, ``gate``, ``proj``, ``attn_drop``, ``proj_drop``, ``num_heads``, ``scale``).
@@ -8,6 +18,7 @@ An adapter maps its library's attention module onto the layout these functions r
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,7 +27,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..ops.select import gather_tokens, sparsify_attention
-from .types import AttnOut, AttnRequest
+from .types import AttnOut
 
 
 def label(name: str):
@@ -29,92 +40,142 @@ def label(name: str):
 
 # Explicit attention on CPU is computed this many bytes of probabilities at a time, so that each slice of the
 # (B, H, N, N) map is written, normalised, multiplied with V and scored while it is still in cache instead of
-# streaming the whole map through memory four times (found by timing DeiT-S at batch 32; see gtp_overhead.py).
+# streaming the whole map through memory four times. Host-dependent: chosen by timing DeiT-S at batch 32 on the
+# project's 2-core AMD EPYC host (benchmarks/gtp_overhead.py; BENCHMARKS.md, "Design measurements behind code
+# defaults").
 CPU_PROBS_CHUNK_BYTES = 1 << 21
 
 
-def attention_forward(attn: nn.Module, x: torch.Tensor, req: AttnRequest = AttnRequest()) -> AttnOut:
-    """timm ``Attention.forward`` producing what ``req`` asks for: an additive key bias (``log(size)``,
-    proportional attention), the attention probabilities, a score of them, the cls row, the keys, GTP's attention
-    sparsification, or attention over a selected subset of the tokens (gathered, or masked for training).
+@dataclass
+class Heads:
+    """One block's attention inputs: the queries, keys and values ``(B, H, N, Dh)`` (q/k norm applied), the size
+    bias ``(B, N)`` they were made with and its additive form ``(B, 1, 1, N)`` (None: no bias)."""
 
-    Uses fused ``scaled_dot_product_attention`` unless the probabilities (or a score of them) are needed.
-    """
-    if req.select is not None and not req.masked:
-        return _subset_attention(attn, x, req)
-    B, N, C = x.shape
-    heads = attn.num_heads
-    head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // heads)
-    gate_layer = getattr(attn, "gate", None)
-    gate = gate_layer(x).sigmoid() if gate_layer is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (B, H, N, Dh)
+    attn: nn.Module
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    size_bias: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def _head_dim(attn: nn.Module) -> int:
+    return getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
+
+
+def _dropout(attn: nn.Module) -> float:
+    return attn.attn_drop.p if attn.training else 0.0
+
+
+def heads(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor | None = None) -> Heads:
+    """Queries, keys and values of ``x`` ``(B, N, C)``; ``size_bias`` ``(B, N)`` is added to every query's logit
+    for key j (``log s_j``, proportional attention)."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, _head_dim(attn)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    size_bias = req.size_bias
-    bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None  # (B, 1, 1, N)
-    probs = score = selected = keep = mean_logits = None
-    if req.select is not None:
-        # the masked (training) path of a subset: unselected tokens are masked out as keys of the fused attention;
-        # outputs gated below. No (B, H, N, N) map: the cls row is one row, and the head-averaged logits of the
-        # token-cut loss are one matmul over the full width, mean_h q_h.k_h = (q_1..q_H).(k_1..k_H) / H
-        cls_logits = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).mean(1)[:, 0]  # (B, N)
-        if size_bias is not None:
-            cls_logits = cls_logits + size_bias.to(q.dtype)
-        index = req.select(cls_logits)
-        selected = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, index, True)
-        if req.logits:
-            qf, kf = (t.transpose(1, 2).reshape(B, N, heads * head_dim) for t in (q, k))
-            mean_logits = (qf @ kf.transpose(1, 2)) * (attn.scale / heads)  # (B, N, N)
-            if size_bias is not None:
-                mean_logits = mean_logits + size_bias[:, None, :].to(q.dtype)
-        key_mask = torch.zeros(B, 1, 1, N, dtype=q.dtype, device=x.device).masked_fill(
-            ~selected[:, None, None, :], float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask if bias is None else key_mask + bias,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
-        keep = selected[..., None].to(x.dtype)
-    elif req.fused_score is not None and not req.explicit:
-        # the attention stays fused; the score comes from its own exact pass over q and k (no attention map)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
-        with label("leanvit.attn.score"):
-            score = req.fused_score(q, k, size_bias, attn.scale)
-    elif req.explicit and _stats_op_applies(req, q, attn):
-        # compiled on CPU, a score of the map's diagonal and column sums: the sliced explicit attention runs as one
-        # opaque op (see explicit_attention_stats), and only the score's combination is traced
-        out, diag, col = explicit_attention_stats(q, k, v, bias, float(attn.scale))
-        score = req.score_stats(diag, col)
-    elif req.explicit:
-        # explicit attention: the reducer needs the probabilities or a score of them (labelled for profiles);
-        # sliced over the batch on CPU unless the whole map is asked for; never when compiling: each slice would be
-        # traced and compiled as separate kernels (their offsets differ), which multiplied GTP's compile time
-        sliced = req.score is not None and not req.probs and not q.is_cuda and not torch.compiler.is_compiling()
-        with label("leanvit.attn.explicit"):
-            out, probs, score = _explicit_attention(q, k, v, bias, attn.scale, attn.attn_drop, req.theta,
-                                                    req.score, sliced)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    cls_probs = None
-    if req.cls_probs:
-        if probs is not None:
-            cls_probs = probs[:, :, 0]
-        else:
-            row = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
-            cls_probs = (row if bias is None else row + bias).softmax(dim=-1)[:, :, 0]
-    out = out.transpose(1, 2).reshape(B, N, heads * head_dim)
+    bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None
+    return Heads(attn, x, q, k, v, size_bias, bias)
+
+
+def fused(h: Heads, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(scale q k^T + bias [+ mask]) v`` by ``scaled_dot_product_attention``, ``(B, H, N, Dh)``."""
+    attn_mask = h.bias if mask is None else (mask if h.bias is None else mask + h.bias)
+    return F.scaled_dot_product_attention(h.q, h.k, h.v, attn_mask=attn_mask, dropout_p=_dropout(h.attn))
+
+
+def explicit(h: Heads, theta: float = 1.0, score: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             keep_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Attention through the explicit map: ``(output, probs, score(probs))``, the map sparsified to a keep ratio
+    ``theta`` per head (GTP; 1 = dense). When only a score of the map is needed on CPU (and not compiling: each
+    slice would be traced and compiled as separate kernels), the map is computed a slice of the batch at a time
+    and ``probs`` is None (never held whole); ``keep_probs`` asks for the whole map."""
+    sliced = (score is not None and not keep_probs and not h.q.is_cuda and not torch.compiler.is_compiling())
+    with label("leanvit.attn.explicit"):
+        return _explicit_attention(h.q, h.k, h.v, h.bias, h.attn.scale, h.attn.attn_drop, theta, score, sliced)
+
+
+def stats_op_applies(h: Heads, theta: float = 1.0) -> bool:
+    """Whether a compiled forward should run a score of the map's diagonal and column sums as
+    :func:`explicit_stats`: on CPU, for a batch whose map takes more than one slice (a single slice is as fast
+    traced, and inductor then fuses it with its neighbours), without gradients (the op has no backward), dense
+    (theta 1) and with no attention dropout."""
+    return (torch.compiler.is_compiling() and not h.q.is_cuda and h.q.shape[0] > _slice_step(h.q)
+            and theta >= 1.0 and not torch.is_grad_enabled() and not (h.attn.training and h.attn.attn_drop.p > 0))
+
+
+def explicit_stats(h: Heads, combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output, combine(diagonal, column sums))`` of the explicit map, run as one opaque cache-blocked op
+    (:func:`explicit_attention_stats`) so that a compiled graph neither traces the slices nor streams the map."""
+    out, diag, col = explicit_attention_stats(h.q, h.k, h.v, h.bias, float(h.attn.scale))
+    return out, combine(diag, col)
+
+
+def cls_row(h: Heads, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """The cls query's attention row ``(B, H, N)``: read from the map when there is one, else one row computed
+    beside fused attention."""
+    if probs is not None:
+        return probs[:, :, 0]
+    row = (h.q[:, :, :1] * h.attn.scale) @ h.k.transpose(-2, -1)  # (B, H, 1, N)
+    return (row if h.bias is None else row + h.bias).softmax(dim=-1)[:, :, 0]
+
+
+def output(h: Heads, out: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention's output layers on ``out`` ``(B, H, N, Dh)``: ``(B, N, C)`` after norm, gate and projection;
+    ``keep`` ``(B, N, 1)`` gates the tokens (the masked subset path)."""
+    attn = h.attn
+    B, H, N, Dh = out.shape
+    out = out.transpose(1, 2).reshape(B, N, H * Dh)
     out = getattr(attn, "norm", nn.Identity())(out)
-    if gate is not None:
-        out = out * gate
+    gate_layer = getattr(attn, "gate", None)
+    if gate_layer is not None:
+        out = out * gate_layer(h.x).sigmoid()
     out = attn.proj_drop(attn.proj(out))
-    if keep is not None:
-        out = out * keep
-    return AttnOut(out, probs if req.probs else None, k if req.keys else None, cls_probs, score, gate=keep,
-                   selected=selected, logits=mean_logits)
+    return out if keep is None else out * keep
 
 
-def _subset_attention(attn: nn.Module, x: torch.Tensor, req: AttnRequest) -> AttnOut:
-    """Attention among the tokens ``req.select`` chooses, computing only what they need (the inference path of
-    idling): keys for every token (to score them), the cls query, then queries and values of the selected tokens;
+def dense(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor | None = None, theta: float = 1.0) -> AttnOut:
+    """The block's whole attention with an optional size bias and sparsification (explicit only when
+    ``theta < 1``): what a block runs when its reducer needs nothing from it."""
+    h = heads(attn, x, size_bias)
+    out = fused(h) if theta >= 1.0 else explicit(h, theta)[0]
+    return AttnOut(output(h, out))
+
+
+def masked_subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor],
+                  size_bias: torch.Tensor | None = None, logits: bool = False) -> AttnOut:
+    """The differentiable (training) form of :func:`subset`: every token is computed, the unselected ones are
+    masked out as keys of fused attention and the outputs are gated by the selection (``AttnOut.gate``), so it
+    gives the gathered path's output. No ``(B, H, N, N)`` map: the cls row is one row, and with ``logits`` the
+    head-averaged logits of the token-cut loss are one matmul over the full width,
+    ``mean_h q_h.k_h = (q_1..q_H).(k_1..k_H) / H`` (``AttnOut.logits``, pre-mask)."""
+    h = heads(attn, x, size_bias)
+    q, k = h.q, h.k
+    B, H, N, Dh = q.shape
+    cls_logits = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).mean(1)[:, 0]  # (B, N)
+    if size_bias is not None:
+        cls_logits = cls_logits + size_bias.to(q.dtype)
+    index = select(cls_logits)
+    selected = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, index, True)
+    mean_logits = None
+    if logits:
+        qf, kf = (t.transpose(1, 2).reshape(B, N, H * Dh) for t in (q, k))
+        mean_logits = (qf @ kf.transpose(1, 2)) * (attn.scale / H)  # (B, N, N)
+        if size_bias is not None:
+            mean_logits = mean_logits + size_bias[:, None, :].to(q.dtype)
+    key_mask = torch.zeros(B, 1, 1, N, dtype=q.dtype, device=x.device).masked_fill(
+        ~selected[:, None, None, :], float("-inf"))
+    keep = selected[..., None].to(x.dtype)
+    return AttnOut(output(h, fused(h, key_mask), keep), gate=keep, selected=selected, logits=mean_logits)
+
+
+def subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], torch.Tensor],
+           size_bias: torch.Tensor | None = None) -> AttnOut:
+    """Attention among the tokens ``select`` chooses (from the head-averaged, scaled logits of the cls query against
+    every key ``(B, N)`` to the positions ``(B, M)`` of the tokens to compute, prefix tokens included),
+    computing only what they need (the inference path of idling): keys for every token (to score them), the cls query, then queries and values of the selected tokens;
     unselected tokens are neither queries, keys nor values. Returns the output of the selected tokens only."""
     B, N, C = x.shape
     heads = attn.num_heads
@@ -127,9 +188,9 @@ def _subset_attention(attn: nn.Module, x: torch.Tensor, req: AttnRequest) -> Att
     q_cls = attn.q_norm(F.linear(x[:, :1], w[:A], None if b is None else b[:A]).view(B, 1, heads, head_dim))
     # mean over heads of q_h.k_h is the full-width product over the number of heads: one (1 x N) product per image
     cls_logits = (q_cls.reshape(B, 1, A) @ k.transpose(1, 2))[:, 0] * (attn.scale / heads)  # (B, N)
-    if req.size_bias is not None:
-        cls_logits = cls_logits + req.size_bias
-    index = req.select(cls_logits)  # (B, M)
+    if size_bias is not None:
+        cls_logits = cls_logits + size_bias
+    index = select(cls_logits)  # (B, M)
     M = index.shape[1]
     xs = gather_tokens(x, index)
     ks = gather_tokens(k, index).view(B, M, heads, head_dim).transpose(1, 2)  # (B, H, M, Dh)
@@ -137,8 +198,8 @@ def _subset_attention(attn: nn.Module, x: torch.Tensor, req: AttnRequest) -> Att
     q = attn.q_norm(F.linear(xs, w[:A], None if b is None else b[:A]).view(B, M, heads, head_dim).transpose(1, 2))
     v = F.linear(xs, w[2 * A:], None if b is None else b[2 * A:]).view(B, M, heads, head_dim).transpose(1, 2)
     bias = None
-    if req.size_bias is not None:
-        bias = req.size_bias.gather(1, index)[:, None, None, :].to(q.dtype)
+    if size_bias is not None:
+        bias = size_bias.gather(1, index)[:, None, None, :].to(q.dtype)
     out = F.scaled_dot_product_attention(q, ks, v, attn_mask=bias,
                                          dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(B, M, A)
@@ -175,17 +236,6 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     return torch.cat(outs), None, score
 
 
-def _stats_op_applies(req: AttnRequest, q: torch.Tensor, attn: nn.Module) -> bool:
-    """Whether a compiled forward runs the explicit attention as ``explicit_attention_stats``: on CPU, for a batch
-    whose map takes more than one slice (a single slice is as fast traced, and inductor then fuses it with its
-    neighbours: compiled GTP at batch 1 kept 0.65 of the ideal speed-up with the op, about 0.75-0.85 without), for a
-    score of the diagonal and column sums only, without gradients (the op has no backward), dense (theta 1) and
-    with no attention dropout."""
-    return (req.score_stats is not None and torch.compiler.is_compiling() and not q.is_cuda and not req.probs
-            and q.shape[0] > _slice_step(q) and req.theta >= 1.0 and not torch.is_grad_enabled()
-            and not (attn.training and attn.attn_drop.p > 0))
-
-
 def _slice_step(q: torch.Tensor) -> int:
     """Images per slice of explicit CPU attention: ``CPU_PROBS_CHUNK_BYTES`` of the ``(b, H, N, N)`` map."""
     B, H, N, _ = q.shape
@@ -200,8 +250,8 @@ def explicit_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Why an op: traced by ``torch.compile``, the loop over slices becomes separate kernels per slice (slow to
     compile), and without it inductor streams the whole ``(B, H, N, N)`` map through memory several times (slower
-    than the eager slices at batch 32 on CPU: compiled GTP kept 0.77 of the ideal speed-up against about 0.9
-    eagerly). As a custom op the compiled graph calls this eager, cache-blocked code as one extern kernel."""
+    than the eager slices at batch 32 on CPU; BENCHMARKS.md, "Design measurements behind code defaults"). As a
+    custom op the compiled graph calls this eager, cache-blocked code as one extern kernel."""
     out, _, stats = _explicit_attention(q, k, v, bias, scale, _identity, 1.0, _diag_colsum, sliced=True)
     diag, col = stats.unbind(1)
     return out, diag.contiguous(), col.contiguous()

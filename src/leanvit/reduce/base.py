@@ -5,10 +5,11 @@ state dict of a patched model is the original one). A patched block ``i`` runs, 
 
 1. ``x = reducer.before_attn(i, x)`` (block 0 first calls :meth:`TokenReducer.begin`, at the start of every
    forward pass: ``forward``, ``forward_features`` and ``forward_intermediates`` alike);
-2. the attention, producing what ``reducer.request(i)`` (an :class:`AttnRequest`) asks for: the attention
-   probabilities or a score of them, the cls row, the keys, the size bias, or the tokens the block computes
-   (``select``, for methods that compute a subset);
-3. the attention residual; when the request selected a subset, only on the selected tokens;
+2. ``attn = reducer.attend(i, block.attn, norm1(x))``: the method composes its attention from the building blocks
+   of :mod:`leanvit.reduce.attention` (fused or explicit attention, a score of the map, the cls row, the keys, a
+   size bias, a subset of the tokens) and returns an :class:`AttnOut` whose ``x`` is the attention's output and
+   whose other fields carry what its :meth:`TokenReducer.reduce` reads;
+3. the attention residual; when the attention computed a subset (``AttnOut.index``), only on those tokens;
 4. ``x = reducer.reduce(i, x, attn)``, between attention and MLP (removal, merging, propagation);
 5. the MLP residual, gated by the selection mask on a masked path;
 6. ``x = reducer.after_mlp(i, x)``, and after the last block ``x = reducer.end(x)``.
@@ -30,11 +31,13 @@ import threading
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..ops.schedule import (BlockTokens, cap_schedule, check_schedule, parse_schedule, per_block, removal_tokens,
                             solve_budget)
-from .types import KEPT, MERGED, PROPAGATED, REMOVED, AttnOut, AttnRequest, ViTInfo
+from . import attention
+from .types import KEPT, MERGED, PROPAGATED, REMOVED, AttnOut, ViTInfo
 
 
 class TokenReducer:
@@ -161,9 +164,10 @@ class TokenReducer:
             self.source = torch.eye(n, dtype=torch.bool, device=x.device).expand(B, n, n).clone()
             self._state = torch.full((B, n), KEPT, dtype=torch.uint8, device=x.device)
 
-    def request(self, i: int) -> AttnRequest:
-        """What block i's attention must produce (default: the size bias and the sparsification)."""
-        return AttnRequest(size_bias=self.size_bias(), theta=self.theta)
+    def attend(self, i: int, attn: nn.Module, x: torch.Tensor) -> AttnOut:
+        """Block i's attention on its normalised input ``x`` ``(B, N, C)``, composed from
+        :mod:`leanvit.reduce.attention` (default: the whole attention with the size bias and the sparsification)."""
+        return attention.dense(attn, x, self.size_bias(), self.theta)
 
     def before_attn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Block i's input, before its attention (default: unchanged)."""

@@ -19,13 +19,15 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..ops.schedule import check_schedule
 from ..ops.select import cls_score, gather_tokens, split_topk
+from . import attention
 from .base import TokenReducer
 from .registry import register_method
-from .types import AttnOut, AttnRequest, ViTInfo
+from .types import AttnOut, ViTInfo
 
 
 def evit_locations(depth: int) -> list[int]:
@@ -85,8 +87,11 @@ class EViTReducer(TokenReducer):
             raise ConfigError(f"EViT fuse must be 'mean', 'sum' or None, got {fuse!r}")
         self.fuse = fuse
 
-    def request(self, i: int) -> AttnRequest:
-        return AttnRequest(cls_probs=self.schedule[i] > 0)
+    def attend(self, i: int, attn: nn.Module, x: torch.Tensor) -> AttnOut:
+        """Fused attention; a reducing block also computes the cls query's attention row (one row, no map)."""
+        h = attention.heads(attn, x)
+        out = attention.output(h, attention.fused(h))
+        return AttnOut(out, cls_probs=attention.cls_row(h) if self.schedule[i] else None)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix

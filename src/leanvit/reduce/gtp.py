@@ -20,15 +20,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..ops.graph import GRAPHS, build_graph, fallback_edges, spatial_adjacency
 from ..ops.fused_score import FUSABLE, fused_score
 from ..ops.select import SCORES, attention_score, cls_score, combine_scores, gather_tokens, split_topk
+from . import attention
+from .attention import label
 from .base import TokenReducer
 from .registry import register_method
-from .attention import label
-from .types import AttnOut, AttnRequest, ViTInfo
+from .types import AttnOut, ViTInfo
 
 ORPHANS = ("drop", "nearest", "merge")
 SCORE_PATHS = ("auto", "fused", "explicit")
@@ -80,10 +82,12 @@ class GTPReducer(TokenReducer):
     display = "GTP"
     score_path = "auto"  # class defaults for reducers pickled before these options existed
     _cuda = False
+    _seed: int | None = None  # score="random": the seed of the reducer's own generator (None: torch's global RNG)
+    _generator: torch.Generator | None = None
     summary = "graph-based token propagation (training-free)"
     style = ("tab:red", "o")
     _per_forward = TokenReducer._per_forward + ("graph", "index", "_batch", "_prefix_rows", "_graph_flat",
-                                                "_graph_rows", "_edge")
+                                                "_graph_rows", "_edge", "_generator")
 
     def __init__(self, info: ViTInfo, schedule: list[int], graph: str = "mixed", k: int = 8, score: str = "mixed",
                  alpha: float = 0.1, prop_attn: bool = True, theta: float = 1.0, orphans: str = "drop",
@@ -131,6 +135,28 @@ class GTPReducer(TokenReducer):
         return {"lost_tokens": int(self.report["lost_tokens"]), "removed_tokens": removed,
                 "lost_token_fraction": float(self.report["lost_tokens"]) / max(removed, 1)}
 
+    def seed(self, seed: int | torch.Generator | None) -> None:
+        """Draw the random scores of ``score="random"`` from a generator of the reducer's own instead of torch's
+        global RNG, for every forward after this call: an int seeds one (made on the device of the next forward;
+        it draws what the global RNG draws after ``torch.manual_seed(seed)`` on that device), a
+        :class:`torch.Generator` is drawn from as given (on the forward's device), None goes back to the global RNG
+        (the default).
+
+        So that library code (``leanvit compare`` evaluating one pass per seed) repeats a random selection without
+        reseeding the caller's global RNG. The generator is not pickled or deep-copied with the model: a copy
+        seeded with an int starts that seed's stream afresh, one given a generator draws from the global RNG.
+        """
+        if isinstance(seed, torch.Generator):
+            self._seed, self._generator = None, seed
+        else:
+            self._seed, self._generator = (None if seed is None else int(seed)), None
+
+    def _random_generator(self, device: torch.device) -> torch.Generator | None:
+        gen = self._generator
+        if self._seed is not None and (gen is None or gen.device != device):
+            gen = self._generator = torch.Generator(device=device).manual_seed(self._seed)
+        return gen
+
     def options(self) -> dict[str, Any]:
         return {"graph": self.graph_kind, "k": self.k, "score": self.score, "alpha": self.alpha,
                 "orphans": self.orphans, "score_path": self.score_path, **super().options()}
@@ -172,23 +198,30 @@ class GTPReducer(TokenReducer):
             self._spatial = spatial_adjacency(self.info.grid, device)
         return self._spatial
 
-    def request(self, i: int) -> AttnRequest:
-        reducing = self.schedule[i] > 0
-        # the cls score needs one attention row, computed beside fused attention: no explicit attention map; the
-        # attention scores need the map's diagonal and column sums: from fused attention plus a score pass
-        # (score_path "fused"), or from the map computed explicitly a slice at a time and only scored
-        needs_map = reducing and self.score not in ("random", "cls")
-        fused = needs_map and self.theta >= 1.0 and (self.score_path == "fused" or
-                                                      (self.score_path == "auto" and self._cuda))
-        return AttnRequest(size_bias=self.size_bias(), theta=self.theta,
-                           score=self._score if needs_map and not fused else None,
-                           fused_score=self._fused_score if fused else None,
-                           score_stats=self._score_stats if needs_map and self.score in FUSABLE else None,
-                           cls_probs=reducing and self.score == "cls")
+    def attend(self, i: int, attn: nn.Module, x: torch.Tensor) -> AttnOut:
+        """Block i's attention and, in a reducing block, the score that selects the tokens to propagate.
 
-    def _fused_score(self, q: torch.Tensor, k: torch.Tensor, size_bias: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
-        return fused_score(q, k, size_bias, scale, self.info.num_prefix, self.score)
+        The cls score needs one attention row, computed beside fused attention (no map). The attention scores need
+        the map's diagonal and column sums: from fused attention plus an exact score pass over the queries and keys
+        (``score_path`` "fused", the default on CUDA), as one cache-blocked op in a compiled CPU forward, or from
+        the map computed explicitly a slice at a time and scored (eager CPU)."""
+        reducing = self.schedule[i] > 0
+        if not reducing or self.score == "random":
+            return attention.dense(attn, x, self.size_bias(), self.theta)
+        h = attention.heads(attn, x, self.size_bias())
+        if self.score == "cls":
+            out, probs, _ = attention.explicit(h, self.theta, keep_probs=True) if self.theta < 1.0 \
+                else (attention.fused(h), None, None)
+            return AttnOut(attention.output(h, out), cls_probs=attention.cls_row(h, probs))
+        if self.theta >= 1.0 and (self.score_path == "fused" or (self.score_path == "auto" and self._cuda)):
+            out = attention.fused(h)
+            with label("leanvit.attn.score"):
+                score = fused_score(h.q, h.k, h.size_bias, attn.scale, self.info.num_prefix, self.score)
+        elif self.score in FUSABLE and attention.stats_op_applies(h, self.theta):
+            out, score = attention.explicit_stats(h, self._score_stats)
+        else:
+            out, _, score = attention.explicit(h, self.theta, self._score)
+        return AttnOut(attention.output(h, out), score=score)
 
     def _score_stats(self, diag: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         return combine_scores(diag, col, self.info.num_prefix, self.score)
@@ -200,11 +233,15 @@ class GTPReducer(TokenReducer):
         P = self.info.num_prefix
         with label("leanvit.gtp.select"):
             if self.score == "random":
-                score = torch.rand(x.shape[0], x.shape[1] - P, device=x.device)
+                gen = self._random_generator(x.device)
+                shape = (x.shape[0], x.shape[1] - P)
+                # no generator argument unless seeded: the compiled forward stays as it was
+                score = torch.rand(shape, device=x.device) if gen is None else torch.rand(shape, device=x.device,
+                                                                                        generator=gen)
             elif self.score == "cls":
                 score = cls_score(attn.cls_probs, P)  # (B, N), one attention row computed beside fused attention
             else:
-                score = attn.score  # (B, N), computed beside the attention (attention_forward's score_fn)
+                score = attn.score  # (B, N), computed beside the attention (attention.explicit's score)
             kept, removed = split_topk(score, r)  # (B, K), (B, r) positions among current image tokens
         with label("leanvit.gtp.propagate"):
             return self._propagate(x, kept, removed, P)

@@ -36,13 +36,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..ops.schedule import BlockTokens, tokens_macs
+from . import attention
 from .base import TokenReducer
 from .registry import register_method
 from .evit import evit_locations
-from .types import IDLE, KEPT, REACTIVATED, AttnOut, AttnRequest, ViTInfo
+from .types import IDLE, KEPT, REACTIVATED, AttnOut, ViTInfo
 
 PATHS = ("auto", "masked", "gather")
 
@@ -156,12 +158,15 @@ class IdleReducer(TokenReducer):
         self.cut_inputs = []
         self._full = self._index = None
 
-    def request(self, i: int) -> AttnRequest:
+    def attend(self, i: int, attn: nn.Module, x: torch.Tensor) -> AttnOut:
+        """An idling block attends among the tokens it selects: gathered in inference, masked (the differentiable
+        form, which also records the token-cut loss's logits) in training."""
         if self.schedule[i] == 0:
-            return AttnRequest()
+            return attention.dense(attn, x)
         self._k = self.info.num_image - self.schedule[i]
-        masked = self._masked()
-        return AttnRequest(select=self._select, masked=masked, logits=masked and self.training)
+        if self._masked():
+            return attention.masked_subset(attn, x, self._select, logits=self.training)
+        return attention.subset(attn, x, self._select)
 
     def _select(self, cls_logits: torch.Tensor) -> torch.Tensor:
         """Positions ``(B, P + K)`` of the prefix tokens and the K image tokens the cls query scores highest."""

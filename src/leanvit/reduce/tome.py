@@ -33,11 +33,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..ops.merge import bipartite_soft_matching, merge_weighted
+from . import attention
 from .base import TokenReducer
 from .registry import register_method
-from .types import AttnOut, AttnRequest, ViTInfo
+from .types import AttnOut, ViTInfo
 
 
 @register_method
@@ -53,8 +55,10 @@ class ToMeReducer(TokenReducer):
     def __init__(self, info: ViTInfo, schedule: list[int], prop_attn: bool = True, trace: bool = False):
         super().__init__(info, schedule, prop_attn=prop_attn, trace=trace)
 
-    def request(self, i: int) -> AttnRequest:
-        return AttnRequest(size_bias=self.size_bias(), keys=self.schedule[i] > 0)
+    def attend(self, i: int, attn: nn.Module, x: torch.Tensor) -> AttnOut:
+        """Fused attention with proportional attention's size bias; the keys are the merge metric."""
+        h = attention.heads(attn, x, self.size_bias())
+        return AttnOut(attention.output(h, attention.fused(h)), keys=h.k if self.schedule[i] else None)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         P = self.info.num_prefix

@@ -4,22 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ._figure import save_figure
+from ._figure import new_figure, save_figure
 
 
 def plot_reliability(report, path: str | Path, title: str = "") -> Path:
     """Write a reliability diagram of a :class:`~leanvit.analysis.CalibrationReport`: per confidence bin, the
     accuracy (bars) against the diagonal of perfect calibration, the gap to each bin's mean confidence (hatched),
     and below, the share of predictions per bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     edges = report.edges
     lefts, width = edges[:-1], edges[1] - edges[0]
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 5.2), dpi=120, sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 1]})
+    fig = new_figure(figsize=(4.6, 5.2), dpi=120)
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     filled = [i for i, c in enumerate(report.counts) if c > 0]
     ax.bar([lefts[i] for i in filled], [report.accuracy[i] for i in filled], width=width, align="edge",
            color="tab:blue", edgecolor="white", label="accuracy")
@@ -41,13 +36,9 @@ def plot_reliability(report, path: str | Path, title: str = "") -> Path:
 def plot_cka(matrix: Sequence[Sequence[float]], path: str | Path, row_label: str = "student block",
              col_label: str = "teacher block", title: str = "") -> Path:
     """Write a heatmap of a CKA matrix (rows: ``row_label``, columns: ``col_label``), each cell annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, cols = len(matrix), len(matrix[0])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * cols, 0.9 + 0.5 * rows), dpi=120)
+    fig = new_figure(figsize=(1.0 + 0.55 * cols, 0.9 + 0.5 * rows), dpi=120)
+    ax = fig.subplots()
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", origin="lower")
     for i in range(rows):
         for j in range(cols):

@@ -4,21 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._figure import save_figure
-
+from ._figure import new_figure, save_figure
 
 
 def plot_pareto(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Write a PNG/PDF/SVG of top-1 against GMACs from comparison rows (keys ``method``, ``gmacs``, ``top1``,
     optional ``top1_std``). The dense model is drawn as a star and a dashed horizontal reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from ..reduce import METHODS
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    fig = new_figure(figsize=(6, 4.2), dpi=120)
+    ax = fig.subplots()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for m in methods:
         pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["gmacs"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._figure import save_figure
+from ._figure import new_figure, save_figure
 
 
 def _grid_image(image: torch.Tensor) -> np.ndarray:
@@ -45,10 +45,6 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
     edges of ``orphans="nearest"`` / ``"merge"``; every dot keeps its strongest line, then the strongest others
     are drawn up to ``max_arrows``; a black cross marks a removed token whose features reached no kept token.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import colormaps
 
     from ..reduce import METHODS
@@ -60,7 +56,8 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
     ph, pw = H / h, W / w
     cols = max((len(t) for t in traces.values()), default=0) + 1
     rows = max(len(traces), 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.2 * rows), dpi=110, squeeze=False)
+    fig = new_figure(figsize=(2.1 * cols, 2.2 * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
     cmap = colormaps["tab20"]
     tints = {PROPAGATED: (0.15, 0.3, 0.75), REMOVED: (0.15, 0.3, 0.75), IDLE: (0.5, 0.5, 0.5),
              REACTIVATED: (1.0, 0.55, 0.0)}

@@ -34,7 +34,7 @@ from torch import nn
 from ...errors import ConfigError, UnsupportedModelError
 from ..base import TokenReducer
 from ..idle import PATHS, IdleReducer, idle_keep_ratios
-from ..types import AttnRequest, ViTInfo
+from ..types import ViTInfo
 from .base import REDUCER_ATTR, ModelAdapter, register_adapter
 
 try:
@@ -153,9 +153,6 @@ class PyramidIdleReducer(TokenReducer):
 
     def masked(self) -> bool:
         return self.path == "masked" or (self.path == "auto" and self.training)
-
-    def request(self, i: int) -> AttnRequest:  # pragma: no cover - pyramid blocks run their own attention
-        return AttnRequest()
 
     def block_tokens(self):
         raise NotImplementedError("pyramid blocks are costed by counting, not by the ViT token model")

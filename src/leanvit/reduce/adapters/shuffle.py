@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ...models.shuffle import ChannelShuffleBlock
-from ..attention import attention_forward
 from ..base import TokenReducer
 from .timm_vit import _Reducing, register_block
 
@@ -40,7 +39,7 @@ class ReducingShuffleBlock(_Reducing, ChannelShuffleBlock):
         red = self._begin(x, attn_mask, is_causal)
         i = self._leanvit_index
         x = red.before_attn(i, x)
-        a = attention_forward(self.attn, self.attn_input(x), red.request(i))  # on the attended group, (B, N, a)
+        a = red.attend(i, self.attn, self.attn_input(x))  # on the attended group, (B, N, a)
         x = self.attn_residual(x, a.x)  # (B, N, C)
         x = red.reduce(i, x, a)
         return self._finish(red, self.mlp_residual(x))

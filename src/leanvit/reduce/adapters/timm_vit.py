@@ -22,7 +22,6 @@ from timm.models.vision_transformer import Block as TimmBlock, VisionTransformer
 from ...errors import UnsupportedModelError
 from ...ops.schedule import BlockShape
 from ...ops.select import gather_tokens
-from ..attention import attention_forward
 from ..base import TokenReducer
 from ..types import ViTInfo
 from .base import REDUCER_ATTR, ModelAdapter, register_adapter
@@ -166,7 +165,7 @@ class ReducingBlock(_Reducing, TimmBlock):
         red = self._begin(x, attn_mask, is_causal)
         i = self._leanvit_index
         x = red.before_attn(i, x)
-        a = attention_forward(self.attn, self.norm1(x), red.request(i))
+        a = red.attend(i, self.attn, self.norm1(x))
         if a.index is not None:  # the attention computed a subset: so does the rest of the block
             x = gather_tokens(x, a.index)
         x = x + self.drop_path1(self.ls1(a.x))
