@@ -101,3 +101,16 @@ def test_truncate_before_attention_traces_once_per_block():
     run(model, image(96))
     log = get_reducer(model).trace_log
     assert [int(e["block"]) for e in log] == [0, 2] and [int(e["tokens"]) for e in log] == [34, 31]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_schedule_says_what_it_counts(method):
+    """``schedule`` counts removed tokens for removing methods and idle tokens for idling: named apart."""
+    from leanvit.experiments.compare import CompareRow, format_table
+
+    red = get_reducer(leanvit.patch(make("deit", img_size=96, depth=3), method, **_some(method)))
+    assert red.report["schedule_counts"] == red.schedule_counts == ("idle" if red.selects_subsets else "removed")
+    row = CompareRow(method=method, budget=1.0, schedule=red.schedule, gmacs=0.1, top1=50.0,
+                     schedule_counts=red.schedule_counts)
+    assert format_table([row]).splitlines()[-1].endswith(("idle " if red.schedule_counts == "idle" else "")
+                                                         + str(red.schedule))

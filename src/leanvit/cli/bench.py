@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         "keep": args.keep if args.keep is not None else opts.get("keep"),
         "options": red.options() if red is not None else {},
         "schedule": schedule,
+        "schedule_counts": red.schedule_counts if red is not None else "removed",
         "compiled": bool(args.compile),
         "amp": args.amp,
         "gmacs": macs.gmacs,
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
           f"{' ' + str(opts) if opts else ''}{' [torch.compile]' if args.compile else ''}"
           f"{f' [autocast {args.amp}]' if args.amp else ''}")
     if red is not None:
-        print(f"schedule     {schedule}  (image tokens removed per block)")
+        print(f"schedule     {schedule}  (image tokens {red.schedule_counts} per block)")
     print(f"GMACs        {macs.gmacs:.3f}  ({100 * row['macs_fraction']:.1f}% of dense {dense_macs.gmacs:.3f})")
     print(f"images/s     {tp.images_per_s:.1f}  (batch {args.batch_size}, median of {args.runs} runs)")
     print(f"latency      {lat:.2f} ms  (batch 1)")

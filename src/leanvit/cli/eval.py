@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         patch(model, args.method, **reduction_amount(args), **opts)
         red = get_reducer(model)
         red.set_stats(True)
-        extra = {"method": args.method, "schedule": red.schedule, "options": red.options(),
+        extra = {"method": args.method, "schedule": red.schedule, "schedule_counts": red.schedule_counts, "options": red.options(),
                  **{k: v for k, v in red.report.items() if isinstance(v, (int, float, str))}}
     loader = build_loader(args, model)
     res = evaluate(model, loader, device, progress=args.progress)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         extra.update(red.stats_summary())
     row = {"model": args.model, "data": args.data, "split": args.split, **extra, **res.as_dict()}
     if red is not None:
-        print(f"{args.method}: schedule {red.schedule}" + (f", {extra['achieved']:.3f} of dense MACs"
+        print(f"{args.method}: image tokens {red.schedule_counts} per block {red.schedule}" + (f", {extra['achieved']:.3f} of dense MACs"
                                                           if "achieved" in extra else "")
               + (f", {100 * extra['lost_token_fraction']:.1f}% of removed tokens lost (no kept neighbour)"
                  if "lost_token_fraction" in extra else ""))

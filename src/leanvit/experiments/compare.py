@@ -31,7 +31,7 @@ _RANDOM_OPTIONS = {("score", "random")}
 class CompareRow:
     method: str
     budget: float
-    schedule: list[int]
+    schedule: list[int]  # what it counts: ``schedule_counts`` (tokens removed after, or idle in, each block)
     gmacs: float
     top1: float
     top1_std: float = 0.0
@@ -41,6 +41,7 @@ class CompareRow:
     macs_ratio: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    schedule_counts: str = "removed"
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -146,7 +147,8 @@ def _run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequen
         macs = dense_macs if red is None else red.report.get("macs") or count_macs(variant, device=device).macs
         rows.append(CompareRow(method=method, budget=macs / dense_macs if budget is None else budget,
                                schedule=list(red.schedule) if red else [], gmacs=macs / 1e9, top1=float("nan"),
-                               macs_ratio=macs / dense_macs, options=opts))
+                               macs_ratio=macs / dense_macs, options=opts,
+                               schedule_counts=red.schedule_counts if red else "removed"))
     if loader is not None:
         reducers = [get_reducer(v) for _, _, v in variants]
         for red in reducers:
@@ -197,7 +199,8 @@ def _run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequen
 
 
 def format_table(rows: Sequence[CompareRow]) -> str:
-    """A plain-text table of the comparison (the CLI prints it; README and BENCHMARKS.md quote it)."""
+    """A plain-text table of the comparison (the CLI prints it; README and BENCHMARKS.md quote it). The schedule
+    column gives the image tokens removed per block; an idling method's (tokens idle per block) is marked ``idle``."""
     w = max([9, *(len(r.method) for r in rows)])
     head = (f"{'method':<{w}} {'budget':>6} {'GMACs':>8} {'MACs %':>7} {'top-1 %':>13} {'img/s':>8} {'speed-up':>8}"
             "  schedule")
@@ -207,5 +210,6 @@ def format_table(rows: Sequence[CompareRow]) -> str:
         ips = "-" if math.isnan(r.images_per_s) else f"{r.images_per_s:.1f}"
         gain = "-" if math.isnan(r.speedup) else f"{r.speedup:.2f}x"
         lines.append(f"{r.method:<{w}} {r.budget:>6.2f} {r.gmacs:>8.4f} {100 * r.macs_ratio:>6.1f}% {acc:>13} "
-                     f"{ips:>8} {gain:>8}  {r.schedule}")
+                     f"{ips:>8} {gain:>8}  {'' if r.schedule_counts == 'removed' else r.schedule_counts + ' '}"
+                     f"{r.schedule}")
     return "\n".join(lines)

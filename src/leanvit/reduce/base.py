@@ -84,6 +84,9 @@ class TokenReducer:
     keeps_all_tokens: ClassVar[bool] = False
     selects_subsets: ClassVar[bool] = False
     records_cut_inputs: ClassVar[bool] = False  # training forwards record ``cut_inputs`` for the token cut loss
+    # what ``schedule[i]`` counts: image tokens "removed" after block i's attention (GTP, ToMe, EViT, truncate), or
+    # image tokens "idle" in block i (IdleViT: not computed there, still present); shown with every schedule
+    schedule_counts: ClassVar[str] = "removed"
     training: bool = False  # the patched model's mode in the current forward (set at block 0)
 
     def __init__(self, info: ViTInfo, schedule: list[int], prop_attn: bool = False, theta: float = 1.0,

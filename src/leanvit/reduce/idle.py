@@ -92,6 +92,7 @@ class IdleReducer(TokenReducer):
     keeps_all_tokens = True
     selects_subsets = True
     records_cut_inputs = True
+    schedule_counts = "idle"
     _per_forward = TokenReducer._per_forward + ("_full", "_index", "_k", "cut_inputs")
 
     def __init__(self, info: ViTInfo, schedule: list[int], path: str = "auto", trace: bool = False):

@@ -100,7 +100,7 @@ class ModelAdapter:
         else:
             schedule = cls.schedule_from_r(r, info, options)
         reducer = build_reducer(cls, info, schedule, options)
-        reducer.report.update(report, schedule=schedule)
+        reducer.report.update(report, schedule=schedule, schedule_counts=cls.schedule_counts)
         self.apply(model, reducer)
         return model
 
@@ -115,7 +115,7 @@ class ModelAdapter:
         for _ in range(8):
             schedule = cls.schedule_for_budget(target, info, other, options)
             reducer = build_reducer(cls, info, schedule, options)
-            reducer.report.update(report, schedule=schedule)
+            reducer.report.update(report, schedule=schedule, schedule_counts=cls.schedule_counts)
             self.apply(model, reducer)
             if not measure:
                 return model

@@ -100,7 +100,8 @@ class PyramidAdapter(ModelAdapter):
         if options.get("trace"):
             raise ConfigError("trace= (leanvit vis) is not supported on pyramid ViTs")
         reducer = variant(idle_keep_ratios(keep, len(blocks)), _grid_sizes(model), path=options.get("path", "auto"))
-        reducer.report.update(method=cls.name, keep=keep, schedule=reducer.schedule)
+        reducer.report.update(method=cls.name, keep=keep, schedule=reducer.schedule,
+                              schedule_counts=reducer.schedule_counts)
         self.apply(model, reducer)
         return model
 
@@ -126,6 +127,7 @@ class PyramidIdleReducer(TokenReducer):
     """Per-block keep ratios of a pyramid; ``schedule`` holds the idle tokens per block at the default size."""
 
     name = "idle"
+    schedule_counts = "idle"
     display = "IdleViT"
     keeps_all_tokens = True
     _per_forward = TokenReducer._per_forward + ("cut_inputs",)
