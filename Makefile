@@ -11,8 +11,9 @@ $(VENV)/.leanvit-installed: pyproject.toml scripts/setup.sh
 
 setup: $(VENV)/.leanvit-installed
 
+# the method options are the ones chosen on the held-out split (benchmarks/results/tune_gtp.json)
 demo: setup
-	$(BIN)/leanvit compare -O gtp.alpha=1.5 -O gtp.graph=semantic --json results/compare.json --plot results/compare.png
+	$(BIN)/leanvit compare $$($(BIN)/python scripts/demo_options.py) --json results/compare.json --plot results/compare.png
 
 test: setup
 	$(BIN)/python -m pytest -q
