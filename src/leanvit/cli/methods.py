@@ -1,4 +1,5 @@
-"""``--method`` with ``--r``/``--budget``/``--keep`` and ``-O`` options, checked before any work by the registry's validators."""
+"""``--method`` with ``--r``/``--budget``/``--keep`` and ``-O`` options, checked before any work by the registry's
+validators."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +9,17 @@ import yaml
 
 from ..errors import ConfigError
 from ..reduce import METHODS, check_options
-from ..reduce.registry import check_amount, get_method
+from ..reduce.registry import AMOUNTS, check_amount, get_method
 
-def reduction_amount(args: argparse.Namespace) -> dict[str, Any]:
-    """``{"r": ...}``, ``{"budget": ...}`` or ``{"keep": ...}`` from the flags; at most one may be given."""
-    given = {k: getattr(args, k) for k in ("r", "budget", "keep") if getattr(args, k, None) is not None}
-    if len(given) > 1:
-        raise ConfigError(f"give one of --r, --budget or --keep, not {' and '.join('--' + k for k in given)}")
-    return given
+
+def reduction_amount(args: argparse.Namespace, opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"r": ...}``, ``{"budget": ...}`` or ``{"keep": ...}`` from the flags (and ``-O r=``/``budget=``/``keep=``
+    in ``opts``): the command line's one count of how much to reduce; at most one may be given."""
+    flags = [(f"--{k}", k, getattr(args, k)) for k in AMOUNTS if getattr(args, k, None) is not None]
+    flags += [(f"-O {k}", k, (opts or {})[k]) for k in AMOUNTS if k in (opts or {})]
+    if len(flags) > 1:
+        raise ConfigError(f"give one of --r, --budget or --keep, not {' and '.join(f for f, _, _ in flags)}")
+    return {k: v for _, k, v in flags}
 
 
 def check_method_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -23,7 +27,7 @@ def check_method_args(args: argparse.Namespace) -> dict[str, Any]:
 
     ``dense`` with a schedule or options is refused (it would silently evaluate the unreduced model)."""
     opts = parse_options(args.option)
-    amount = reduction_amount(args)
+    amount = reduction_amount(args, opts)
     if args.method == "dense":
         if amount or opts:
             flags = [f"--{k}" for k in amount] + (["-O"] if opts else [])
@@ -32,14 +36,10 @@ def check_method_args(args: argparse.Namespace) -> dict[str, Any]:
         return opts
     if args.method not in METHODS:
         raise ConfigError(f"unknown method '{args.method}'; choose one of dense, {', '.join(METHODS)}")
-    given = [f"--{k}" for k in amount] + [f"-O {k}" for k in ("r", "budget", "keep") if k in opts]
-    if len(given) > 1:
-        raise ConfigError(f"give one of --r, --budget or --keep, not {' and '.join(given)}")
-    if not given:
+    if not amount:
         raise ConfigError(f"--method {args.method} needs --r, --budget or --keep")
-    merged = {**opts, **amount}
-    check_amount(get_method(args.method), *(merged.get(k) for k in ("r", "budget", "keep")))
-    check_options(args.method, merged)
+    check_amount(get_method(args.method), **amount)  # type, range, and whether the method takes it
+    check_options(args.method, {**opts, **amount})
     return opts
 
 
