@@ -37,39 +37,6 @@ def _fail(model: nn.Module, why: str) -> None:
         f"pre-norm Blocks and standard Attention (DeiT, ViT/AugReg, registers, LayerScale, q/k norm).")
 
 
-def inspect_vit(model: nn.Module) -> ViTInfo:
-    """Check that ``model`` is a ViT leanvit can patch and describe it; raise UnsupportedModelError if not."""
-    if not isinstance(model, VisionTransformer):
-        _fail(model, "it is not a timm VisionTransformer")
-    if not isinstance(model.blocks, nn.Sequential) or len(model.blocks) == 0:
-        _fail(model, "model.blocks is not a non-empty nn.Sequential")
-    shapes = []
-    for i, blk in enumerate(model.blocks):
-        if type(blk) not in BLOCK_CLASSES and type(blk) not in BLOCK_CLASSES.values():
-            _fail(model, f"block {i} is a {type(blk).__name__}, not timm's pre-norm Block")
-        attn = blk.attn
-        if type(attn) is not TimmAttention:
-            _fail(model, f"block {i} uses {type(attn).__name__}, not timm's Attention")
-        for name in ("qkv", "q_norm", "k_norm", "proj", "num_heads", "scale"):
-            if not hasattr(attn, name):
-                _fail(model, f"block {i} attention has no '{name}' (unknown timm version)")
-        head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
-        # a channel-shuffle block's idle group may have an MLP of its own
-        mlps = [m for m in (blk.mlp, getattr(blk, "mlp_idle", None)) if m is not None]
-        linears = [m for mlp in mlps for m in mlp.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            _fail(model, f"block {i} MLP has no Linear layers")
-        # attention's MACs follow the channels qkv reads: all of them, or a channel-shuffle block's attended group
-        shapes.append(BlockShape(attn.qkv.in_features, attn.num_heads * head_dim,
-                                 sum(m.in_features * m.out_features for m in linears)))
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    num_prefix = int(model.num_prefix_tokens)
-    has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
-    return ViTInfo(
-        depth=len(model.blocks), dim=int(model.embed_dim), num_prefix=num_prefix, has_cls=has_cls, grid=grid,
-        num_image=grid[0] * grid[1], global_pool=str(model.global_pool), blocks=tuple(shapes))
-
-
 # the blocks leanvit can patch -> the classes they are swapped for (an adapter for a block type registers here)
 BLOCK_CLASSES: dict[type, type] = {}
 
