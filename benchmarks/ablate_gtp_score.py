@@ -21,7 +21,7 @@ import leanvit
 from leanvit.engine import evaluate
 from leanvit.ops.select import SCORES
 
-from common import reference_eval, tuned_options, write
+from common import add_threads, parse_args, reference_eval, table, tuned_options, write
 
 
 def object_patches(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -58,10 +58,9 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=None, help="default: the tuned value in results/tune_gtp.json")
     p.add_argument("--graph", default=None, help="default: the tuned graph in results/tune_gtp.json")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--name", default="gtp_scores")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     tuned = tuned_options().get("gtp", {})
     alpha = args.alpha if args.alpha is not None else tuned.get("alpha", 0.1)
     graph = args.graph or tuned.get("graph", "mixed")
@@ -83,10 +82,9 @@ def main() -> None:
     md = [f"Model `{name}`, held-out split ({len(loader.dataset)} images), dense top-1 {dense:.2f}%; GTP with "
           f"alpha={alpha}, graph={graph}; `random` uses seed 0. *Object removed*: share of the non-background "
           f"patches removed by the last block. *Lost*: share of removed tokens with no kept graph neighbour.\n",
-          "| score | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [f"{r[k][i]:.2f}" for i in range(len(args.budgets)) for k in ("top1", "object_removed", "lost")]
-        md.append(f"| {r['score']} | " + " | ".join(cells) + " |")
+          *table(["score", *cols],
+                 ([r["score"], *(f"{r[k][i]:.2f}" for i in range(len(args.budgets))
+                                 for k in ("top1", "object_removed", "lost"))] for r in rows))]
     write(args.name, {"model": name, "dense_top1": dense, "alpha": alpha, "graph": graph, "rows": rows,
                       "args": vars(args)}, "\n".join(md))
 

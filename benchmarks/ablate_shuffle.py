@@ -23,19 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import timm
-import torch
 
 from leanvit.analysis import count_macs
 from leanvit.models import SHUFFLE_ARCHS, ShuffleArch
 
-from common import write
+from common import ROOT, add_threads, fmt, parse_args, run_leanvit, table, write
 
-ROOT = Path(__file__).resolve().parents[1]
 FM_VARIANTS = [n for n, a in SHUFFLE_ARCHS.items() if a.geometry == "fm"]
 
 
@@ -47,13 +43,6 @@ def design(arch: ShuffleArch | None) -> str:
            f"grouped x{arch.mlp_ratio:g}/x{arch.idle_mlp_ratio:g}")
     return (f"C={arch.embed_dim} a={arch.attn_dim} shuffle={arch.shuffle} mlp={mlp}"
             + (" alternate" if arch.alternate else ""))
-
-
-def leanvit(*argv: str) -> None:
-    """Run ``leanvit ARGV`` in its own process (a failed run stops the ablation with its exit status)."""
-    cmd = [sys.executable, "-m", "leanvit.cli.main", *argv]
-    print("$ leanvit " + " ".join(argv), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
 
 
 def finished_epochs(run: Path) -> int:
@@ -89,18 +78,26 @@ def train_and_test(name: str, run: Path, seed: int, args: argparse.Namespace) ->
     if finished_epochs(run) < args.epochs:
         limits = [f for flag, v in (("--limit", args.limit), ("--limit-val", args.limit_val)) if v
                   for f in (flag, str(v))]
-        leanvit("train", "-c", str(args.config), "--model", name, "-o", str(run), "--resume",
-                "--epochs", str(args.epochs), "--seed", str(seed), *limits, *common)
+        run_leanvit("train", "-c", str(args.config), "--model", name, "-o", str(run), "--resume",
+                    "--epochs", str(args.epochs), "--seed", str(seed), *limits, *common)
     test = run / "test.json"
     weights = run / "model.safetensors"
     # a run's records in benchmarks/logs/ablate_shuffle/ keep its log and test.json but not its weights
     if not test.is_file() or (weights.is_file() and test.stat().st_mtime < weights.stat().st_mtime):
         limit = ["--limit", str(args.limit_test)] if args.limit_test else []
-        leanvit("eval", "--model", name, "--weights", str(weights), "--split", "test", "--json", str(test),
-                *limit, *common)
+        run_leanvit("eval", "--model", name, "--weights", str(weights), "--split", "test", "--json", str(test),
+                    *limit, *common)
     log = json.loads((run / "log.json").read_text())
     return {"val_top1": log[-1].get("val_top1"), "test_top1": json.loads(test.read_text())["top1"],
             "epochs": log[-1]["epoch"]}
+
+
+def _cells(r: dict) -> list:
+    """A table row: design, cost, accuracy (mean ± std over seeds), against the partner."""
+    test = f"{r['test_top1']:.2f}" + (f" ± {r['test_std']:.2f}" if r["test_std"] is not None else "")
+    test += " (shipped)" if any(x.get("shipped") for x in r["runs"]) else ""
+    return [r["axis"], r["model"], r["design"], f"{r['macs'] / 1e9:.4f}", f"{r['params'] / 1e6:.3f}",
+            f"{100 * r['macs_vs_partner']:.1f}%", fmt(r["val_top1"], ".2f", "-"), test, f"{r['test_vs_partner']:+.2f}"]
 
 
 def main() -> None:
@@ -119,11 +116,10 @@ def main() -> None:
     p.add_argument("--partner-seeds", type=int, nargs="+", default=None,
                    help="seeds of the vanilla partners (default: --seeds). On the full recipe the reference "
                         "student's seed 0 is the shipped model, not trained again")
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablate_shuffle", help="parent of the run folders")
     p.add_argument("--name", default="ablate_shuffle", help="results/<name>.md and .json")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
 
     partners = list(dict.fromkeys(SHUFFLE_ARCHS[v].partner for v in args.variants))
     schedule = f"e{args.epochs}" + "".join(f"_{k}{v}" for k, v in (("l", args.limit), ("v", args.limit_val)) if v)
@@ -153,14 +149,8 @@ def main() -> None:
           f"{args.epochs} epochs ({data}), seeds {', '.join(map(str, args.seeds))} (mean ± std where several); "
           f"top-1 of the last epoch's weights (val: held-out split, test: {args.limit_test or 'all 10,000'} test "
           f"images). MACs per image at 28x28.\n",
-          "| axis | model | design | GMACs | params (M) | MACs vs partner | val top-1 % | test top-1 % | "
-          "test vs partner |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        val = f"{r['val_top1']:.2f}" if r["val_top1"] is not None else "-"
-        test = f"{r['test_top1']:.2f}" + (f" ± {r['test_std']:.2f}" if r["test_std"] is not None else "")
-        test += " (shipped)" if any(x.get("shipped") for x in r["runs"]) else ""
-        md.append(f"| {r['axis']} | {r['model']} | {r['design']} | {r['macs'] / 1e9:.4f} | {r['params'] / 1e6:.3f} | "
-                  f"{100 * r['macs_vs_partner']:.1f}% | {val} | {test} | {r['test_vs_partner']:+.2f} |")
+          *table(["axis", "model", "design", "GMACs", "params (M)", "MACs vs partner", "val top-1 %", "test top-1 %",
+                  "test vs partner"], map(_cells, rows))]
     write(args.name, {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, "\n".join(md))
 
 

@@ -8,28 +8,24 @@ method's defaults. Writes results/compare_fmnist.{json,md} and docs/compare_fmni
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import torch
 
 from leanvit.analysis import threads_phrase
 from leanvit.experiments.compare import format_table, run_comparison
 from leanvit.vis import plot_pareto
 
-from common import reference_eval, tuned_options, write
+from common import ROOT, add_threads, parse_args, reference_eval, tuned_options, write
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = ROOT / "docs"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.74, 0.6, 0.5])
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--name", default="compare_fmnist")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     name, model, loader = reference_eval(args.model, "test")
     options = tuned_options()
     gtp = {k: v for k, v in options.get("gtp", {}).items() if k != "score"}

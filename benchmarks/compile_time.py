@@ -22,7 +22,7 @@ from pathlib import Path
 
 from leanvit.analysis import threads_phrase
 
-from common import write
+from common import add_threads, ideal_truncation, parse_args, table, write
 
 METHODS = {"dense": None, "ideal (truncate)": ("truncate", {}), "gtp": ("gtp", {}),
            "gtp (cls score)": ("gtp", {"score": "cls"}), "tome": ("tome", {}), "evit": ("evit", {}),
@@ -41,7 +41,6 @@ def child(args: argparse.Namespace) -> None:
 
     import leanvit
 
-    torch.set_num_threads(args.threads)
     ind_config.cpp_wrapper = args.cpp_wrapper
     # pay inductor's import and first-use cost outside the measurement
     torch.compile(lambda t: torch.relu(t) + 1, fullgraph=True)(torch.randn(8))
@@ -59,6 +58,8 @@ def child(args: argparse.Namespace) -> None:
         method, opts = METHODS[label]
         if method == "idle":
             model = leanvit.patch(dense, "idle", budget=args.budget, **opts)
+        elif method == "truncate":
+            model = ideal_truncation(dense, gtp)
         else:
             model = leanvit.patch(dense, method, r=sched, **opts)
     x = torch.randn(args.batch_size, 3, 224, 224)
@@ -87,6 +88,18 @@ def child(args: argparse.Namespace) -> None:
                       "kernels": metrics.generated_kernel_count, "phases": phases}))
 
 
+def _cells(r: dict, rows: list[dict]) -> list:
+    """A table row: times, their ratios to the dense model's, dynamo's breakdown of the cold time, counts."""
+    dense = next(d for d in rows if d["model"] == r["model"] and d["method"] == "dense")
+    ph = r["phases"]
+    codegen = ph.get("GraphLowering.compile_to_module,", 0) - ph.get("PyCodeCache.load_by_key_path,", 0) + \
+        ph.get("GraphLowering.run,", 0)
+    return [r["model"], r["method"], f"{r['compile_s']:.1f}", f"{r['compile_s'] / dense['compile_s']:.2f}",
+            f"{r['warm_compile_s']:.1f}", f"{r['warm_compile_s'] / dense['warm_compile_s']:.2f}",
+            f"{ph.get('PyCodeCache.load_by_key_path,', 0):.1f}", f"{codegen:.1f}",
+            f"{ph.get('bytecode_tracing,', 0):.1f}", r["graphs"], r["kernels"]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["deit_small_patch16_224"])
@@ -94,14 +107,14 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=None, help="truncate the timm model to this many blocks")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--budget", type=float, default=0.74)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--cpp-wrapper", action="store_true",
                    help="inductor's cpp_wrapper mode: the whole graph and its kernels in one C++ module")
     p.add_argument("--name", default="compile_time")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = parse_args(p)
     if args.child:
         child(args)
         return
@@ -132,17 +145,8 @@ def main() -> None:
           "*Compile* = compile call plus first forward; *ratio* = over the dense model's; *C++*, *codegen*, "
           "*trace*: dynamo's breakdown of the cold time (compiling the generated kernels, inductor's lowering, "
           "scheduling and code generation, dynamo's bytecode tracing).\n",
-          "| model | method | cold s | ratio | warm s | ratio | C++ s | codegen s | trace s | graphs | kernels |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        dense = next(d for d in rows if d["model"] == r["model"] and d["method"] == "dense")
-        ph = r["phases"]
-        codegen = ph.get("GraphLowering.compile_to_module,", 0) - ph.get("PyCodeCache.load_by_key_path,", 0) + \
-            ph.get("GraphLowering.run,", 0)
-        md.append(f"| {r['model']} | {r['method']} | {r['compile_s']:.1f} | {r['compile_s'] / dense['compile_s']:.2f} "
-                  f"| {r['warm_compile_s']:.1f} | {r['warm_compile_s'] / dense['warm_compile_s']:.2f} "
-                  f"| {ph.get('PyCodeCache.load_by_key_path,', 0):.1f} | {codegen:.1f} "
-                  f"| {ph.get('bytecode_tracing,', 0):.1f} | {r['graphs']} | {r['kernels']} |")
+          *table(["model", "method", "cold s", "ratio", "warm s", "ratio", "C++ s", "codegen s", "trace s", "graphs",
+                  "kernels"], (_cells(r, rows) for r in rows))]
     write(args.name, {"rows": rows, "args": vars(args)}, "\n".join(md))
 
 

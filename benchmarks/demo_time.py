@@ -8,21 +8,21 @@ the evaluation phase had to do: the MACs of every variant summed over the 10,000
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
 import time
-from pathlib import Path
 
-from common import write
+from common import ROOT, table, write
 
-ROOT = Path(__file__).resolve().parents[1]
 # fp32 peak of the 2-core VM used for this project: 2 cores x 2.6 GHz x 32 FLOP per cycle (two 256-bit FMA pipes,
 # AMD Zen 4 as `lscpu` reports: avx512 with avx512_bf16); an estimate from the data sheet, not a measurement
 PEAK_GFLOPS = 2 * 2.6 * 32
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     t0 = time.perf_counter()
     proc = subprocess.run(["make", "-s", "demo"], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -43,8 +43,7 @@ def main() -> None:
             "top1": {f"{r['method']}@{r['budget']:.2f}": r["top1"] for r in rows}}
     md = [f"`make demo` (`leanvit compare` on the shipped teacher, {len(rows)} variants, {images:,} test images, "
           f"output to a pipe): **{wall / 60:.1f} min** wall, {len(lines)} lines of output.", "",
-          "| phase | seconds |", "|---|---|"]
-    md += [f"| {p} | {s:.1f} |" for p, s in phases.items()]
+          *table(["phase", "seconds"], ([p, f"{s:.1f}"] for p, s in phases.items()))]
     md += ["", f"The evaluation phase computes {gmacs:.3f} GMACs per image over all variants, {tflop:.1f} TFLOP for "
            f"the test set: {data['eval_gflops_achieved']:.0f} GFLOP/s achieved. At this CPU's fp32 peak (about "
            f"{PEAK_GFLOPS:.0f} GFLOP/s: 2 cores x 2.6 GHz x 32 FLOP per cycle) the same arithmetic would still take "

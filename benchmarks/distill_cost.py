@@ -30,7 +30,7 @@ from leanvit.engine.losses import cosine_distance
 from leanvit.engine.teacher import TeacherCache, batch_key
 from leanvit.engine import CrossEntropyTerm, StepContext
 
-from common import write
+from common import add_threads, parse_args, table, write
 
 
 def _median_ms(fns: dict, runs: int, warmup: int) -> dict[str, float]:
@@ -53,12 +53,11 @@ def main() -> None:
     p.add_argument("--teacher", default="leanvit_vit_fm_teacher")
     p.add_argument("--projectors", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--name", default="distill_cost")
     p.add_argument("--note", default="", help="a sentence on the machine's state, added to the caption")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     torch.manual_seed(0)
 
     student = leanvit.create_model(args.student).train()
@@ -115,9 +114,9 @@ def main() -> None:
           f"({sum(p.numel() for p in term.parameters()):,} parameters), batch {b}, "
           f"{threads_phrase(args.threads)}; median of {args.runs} interleaved runs. MACs: forward + backward = "
           f"3 x forward for trained parts. {args.note}\n",
-          "| part | ms | share of the step (time) | GMACs | share of the step (MACs) |", "|---|---|---|---|---|"]
-    md += [f"| {r['part']} | {r['ms']:.2f} | {100 * r['time_share']:.3f}% | {r['gmacs']:.3f} | "
-           f"{100 * r['macs_share']:.3f}% |" for r in rows]
+          *table(["part", "ms", "share of the step (time)", "GMACs", "share of the step (MACs)"],
+                 ([r["part"], f"{r['ms']:.2f}", f"{100 * r['time_share']:.3f}%", f"{r['gmacs']:.3f}",
+                   f"{100 * r['macs_share']:.3f}%"] for r in rows))]
     write(args.name, {"rows": rows, "args": vars(args)}, "\n".join(md))
 
 

@@ -29,13 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from common import write
+from common import ROOT, add_threads, parse_args, run_leanvit, table, write
 
-ROOT = Path(__file__).resolve().parents[1]
 STUDENT = "leanvit_vit_fm_student"
 TEACHER = "leanvit_vit_fm_teacher"
 CNN_TEACHER = "leanvit_resnet_fm_teacher"
@@ -58,12 +55,6 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 # what a finished run keeps when its weights are not kept (benchmarks/logs/distill_fmnist/): the table reads these
 # (analyze_best.json only where the best validation epoch is not the last one)
 RECORDS = ("log.json", "analyze.json", "analyze_best.json")
-
-
-def _leanvit(*argv: str) -> None:
-    cmd = [sys.executable, "-m", "leanvit.cli.main", *argv]
-    print("$ leanvit " + " ".join(argv), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
 
 
 def schedule_suffix(args: argparse.Namespace) -> str:
@@ -110,9 +101,9 @@ def train(variant: str, seed: int, args: argparse.Namespace) -> None:
     limits = (["--limit", str(args.limit)] if args.limit else []) + (
         ["--limit-val", str(args.eval_limit)] if args.eval_limit else [])
     epochs = ["--epochs", str(args.epochs)] if args.epochs else []
-    _leanvit("distill", "-c", str(ROOT / "configs" / "fmnist_student.yaml"), *teacher_args, *options,
-             "--seed", str(seed), "--threads", str(args.threads), "--no-progress", *limits, *epochs,
-             "-o", str(out), "--resume")
+    run_leanvit("distill", "-c", str(ROOT / "configs" / "fmnist_student.yaml"), *teacher_args, *options,
+                "--seed", str(seed), "--threads", str(args.threads), "--no-progress", *limits, *epochs,
+                "-o", str(out), "--resume")
 
 
 def analyse(variant: str, seed: int, args: argparse.Namespace) -> dict | None:
@@ -134,8 +125,8 @@ def analyse(variant: str, seed: int, args: argparse.Namespace) -> dict | None:
         del weights["analyze_best.json"]
     for name, w in weights.items():
         if not (out / name).is_file() or (Path(w).is_file() and (out / name).stat().st_mtime < Path(w).stat().st_mtime):
-            _leanvit("analyze", "-m", STUDENT, "--weights", w, "--teacher", teacher, "--threads", str(args.threads),
-                     "--no-progress", *_eval_limits(args), "--json", str(out / name))
+            run_leanvit("analyze", "-m", STUDENT, "--weights", w, "--teacher", teacher, "--threads",
+                        str(args.threads), "--no-progress", *_eval_limits(args), "--json", str(out / name))
     last = json.loads((out / "analyze.json").read_text())
     # the shipped student's best validation epoch is its last (checked here), so both columns are its weights
     best = json.loads((out / "analyze_best.json").read_text()) if "analyze_best.json" in weights else None
@@ -152,8 +143,8 @@ def teacher_row(name: str, args: argparse.Namespace) -> dict:
     out = Path(args.runs) / f"teacher_{name}{limit}.json"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        _leanvit("analyze", "-m", name, "--threads", str(args.threads), "--no-progress", *_eval_limits(args),
-                 "--json", str(out))
+        run_leanvit("analyze", "-m", name, "--threads", str(args.threads), "--no-progress", *_eval_limits(args),
+                    "--json", str(out))
     res = json.loads(out.read_text())
     return {"model": name, "top1": res["top1"], "ece": res["ece"], "gap": res.get("gap")}
 
@@ -162,6 +153,14 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _variant_cells(v: str, rs: list[dict]) -> list[str]:
+    """A variant's table row over its runs (mean ± std over seeds)."""
+    seeds = ", ".join(f"{r['seed']}{' (shipped)' if r['shipped'] else ''}" for r in rs)
+    return [v, f"`{rs[0]['teacher']}`", f"`{rs[0]['options']}`", seeds, _mean_std([r["test_top1_last"] for r in rs]),
+            _mean_std([r["test_top1_best"] for r in rs]), _mean_std([100 * r["ece"] for r in rs]),
+            _mean_std([r["gap"] for r in rs]), _mean_std([r["cka"] for r in rs], 3)]
 
 
 def main() -> None:
@@ -175,16 +174,13 @@ def main() -> None:
                    help="validation, test and train-gap images (a quick check; default: all)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="training images whose top-1 gives the train-test gap (default: all 55,000)")
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--teacher-cache", default=None,
                    help="folder of the teachers' outputs shared by the runs (default: RUNS/teacher_cache; 'none' "
                         "runs the teacher in every step)")
     p.add_argument("--name", default=None, help="results/NAME.{md,json} (default: distill_fmnist + the schedule)")
-    args = p.parse_args()
+    args = parse_args(p)  # sets the runs' thread count here too, which the results' header reports
     args.teacher_cache = args.teacher_cache or str(Path(args.runs) / "teacher_cache")
-    import torch
-
-    torch.set_num_threads(args.threads)  # the runs' thread count, which the results' header reports
     for v in args.variants:
         for s in args.seeds:
             train(v, s, args)
@@ -201,19 +197,13 @@ def main() -> None:
           f"and of the epoch with the best validation top-1; ECE (15 bins), train-test gap (train top-1 minus test "
           f"top-1) and linear CKA of the pre-logits features to the row's teacher (the ViT teacher for `none`), all "
           f"of the last epoch.\n",
-          "| teacher | test top-1 | ECE % | gap (points) |", "|---|---|---|---|"]
-    md += [f"| `{t['model']}` | {t['top1']:.2f} | {100 * t['ece']:.2f} | {t['gap']:.2f} |" for t in teachers]
-    md += ["", "| variant | teacher | options | seeds | test top-1 last | test top-1 best-val epoch | ECE % "
-               "| gap (points) | CKA |", "|---|---|---|---|---|---|---|---|---|"]
-    for v in VARIANTS:
-        rs = [r for r in rows if r["variant"] == v]
-        if not rs:
-            continue
-        seeds = ", ".join(f"{r['seed']}{' (shipped)' if r['shipped'] else ''}" for r in rs)
-        md.append(f"| {v} | `{rs[0]['teacher']}` | `{rs[0]['options']}` | {seeds} "
-                  f"| {_mean_std([r['test_top1_last'] for r in rs])} | {_mean_std([r['test_top1_best'] for r in rs])} "
-                  f"| {_mean_std([100 * r['ece'] for r in rs])} | {_mean_std([r['gap'] for r in rs])} "
-                  f"| {_mean_std([r['cka'] for r in rs], 3)} |")
+          *table(["teacher", "test top-1", "ECE %", "gap (points)"],
+                 ([f"`{t['model']}`", f"{t['top1']:.2f}", f"{100 * t['ece']:.2f}", f"{t['gap']:.2f}"]
+                  for t in teachers)),
+          "",
+          *table(["variant", "teacher", "options", "seeds", "test top-1 last", "test top-1 best-val epoch", "ECE %",
+                  "gap (points)", "CKA"],
+                 (_variant_cells(v, rs) for v in VARIANTS if (rs := [r for r in rows if r["variant"] == v])))]
     write(args.name or f"distill_fmnist{schedule_suffix(args)}", {"rows": rows, "teachers": teachers,
                                                                   "args": vars(args)}, "\n".join(md))
 

@@ -32,7 +32,7 @@ from leanvit.ops.graph import GRAPHS
 from leanvit.experiments.compare import CompareRow, run_comparison
 from leanvit.reduce.gtp import ORPHANS
 
-from common import reference_eval, tuned_options, write
+from common import add_threads, median_and_best, parse_args, reference_eval, table, tuned_options, write
 
 TEACHER, STUDENT = "leanvit_vit_fm_teacher", "leanvit_vit_fm_student"
 RULES = tuple(o for o in ORPHANS if o != "drop")  # the rules that lose no removed token
@@ -93,8 +93,7 @@ def speed(args: argparse.Namespace, published: dict, chosen: dict) -> list[dict]
     macs = {k: count_macs(m).macs for k, m in models.items()}
     reps = compare_throughput(models, batch_size=args.speed_batch, warmup=2, runs=args.speed_runs,
                               rounds=args.speed_rounds, reports=True)
-    med = {k: r.images_per_s for k, r in reps.items()}
-    best = {k: args.speed_batch / min(r.times_s) for k, r in reps.items()}
+    med, best = median_and_best(reps, args.speed_batch)
     rows = []
     for k, m in models.items():
         red = leanvit.get_reducer(m)
@@ -111,13 +110,22 @@ def _pct(x: float | None) -> str:
 
 
 def _test_table(rows: list[CompareRow]) -> list[str]:
-    md = ["| method | budget | GMACs | MACs % | top-1 % | lost % | img/s | speed-up | schedule |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r.method} | {r.budget:.2f} | {r.gmacs:.4f} | {100 * r.macs_ratio:.1f} | {r.top1:.2f} "
-                  f"| {_pct(r.extra.get('lost_token_fraction'))} | {r.images_per_s:.1f} | {r.speedup:.2f}x "
-                  f"| {r.schedule} |")
-    return md
+    return table(["method", "budget", "GMACs", "MACs %", "top-1 %", "lost %", "img/s", "speed-up", "schedule"],
+                 ([r.method, f"{r.budget:.2f}", f"{r.gmacs:.4f}", f"{100 * r.macs_ratio:.1f}", f"{r.top1:.2f}",
+                   _pct(r.extra.get("lost_token_fraction")), f"{r.images_per_s:.1f}", f"{r.speedup:.2f}x",
+                   r.schedule] for r in rows))
+
+
+def _tuning_rows(reference: dict, trials: list[dict], budgets: int) -> list[list]:
+    """The tuning table's rows: dense and GTP as published, then every trial; top-1 by budget, mean, lost %."""
+    shown = [("dense", reference["dense"]), ("gtp (published)", reference["gtp"]),
+             *((", ".join(f"{k}={v}" for k, v in t["options"].items()), t) for t in trials)]
+    rows = []
+    for label, t in shown:
+        lost = " / ".join(_pct(x) or "-" for x in t["lost"])
+        top1 = t["top1"] * budgets if len(t["top1"]) == 1 else t["top1"]  # dense: one row, every budget
+        rows.append([label, *(f"{a:.2f}" for a in top1), f"{t['mean']:.2f}", lost])
+    return rows
 
 
 def targets(test: dict[str, list[CompareRow]], speed_rows: list[dict]) -> list[str]:
@@ -150,7 +158,7 @@ def main() -> None:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.74, 0.6, 0.5])
     p.add_argument("--orphans", nargs="+", default=list(RULES), choices=RULES)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.7, 1.0, 1.5, 2.0, 3.0])
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--limit", type=int, default=None, help="images per split (a quick check; not for results)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per round for the test-set rows (0: no timing)")
     p.add_argument("--speed-model", default="deit_small_patch16_224")
@@ -159,8 +167,7 @@ def main() -> None:
     p.add_argument("--speed-runs", type=int, default=3)
     p.add_argument("--speed-rounds", type=int, default=3)
     p.add_argument("--name", default="gtp_nolost")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     options = tuned_options()
     published = options.get("gtp", {})
 
@@ -179,17 +186,11 @@ def main() -> None:
                                     bench_runs=args.runs, progress=False)
     speed_rows = speed(args, published, chosen)
 
-    head = " | ".join(f"@{b:g}" for b in args.budgets)
     md = [(f"Held-out split (val, {len(val.dataset)} images) of `{tune_name}`; top-1 % by budget, then the mean, "
            "then the lost share (% of removed tokens whose features reached no kept token) by budget. GTP as "
            f"published ({published or 'defaults'}) for reference. Chosen by the best mean: `{chosen}`.\n"),
-          f"| setting | {head} | mean | lost % by budget |", "|---|" + "---|" * (len(args.budgets) + 2)]
-    shown = [("dense", reference["dense"]), ("gtp (published)", reference["gtp"]),
-             *((", ".join(f"{k}={v}" for k, v in t["options"].items()), t) for t in trials)]
-    for label, t in shown:
-        lost = " / ".join(_pct(x) or "-" for x in t["lost"])
-        top1 = t["top1"] * len(args.budgets) if len(t["top1"]) == 1 else t["top1"]  # dense: one row, every budget
-        md.append(f"| {label} | " + " | ".join(f"{a:.2f}" for a in top1) + f" | {t['mean']:.2f} | {lost} |")
+          *table(["setting", *(f"@{b:g}" for b in args.budgets), "mean", "lost % by budget"],
+                 _tuning_rows(reference, trials, len(args.budgets)))]
     for name, rows in test.items():
         md += ["", (f"Test set ({images[name]} images), `{name}`; `gtp-nolost` = {options['gtp-nolost']}; "
                     f"throughput at batch 32, {threads_phrase(args.threads)}, one interleaved run.\n"),
@@ -197,12 +198,11 @@ def main() -> None:
     md += ["", (f"Speed, `{args.speed_model}`, batch {args.speed_batch}, budget {args.speed_budget}, "
                 f"{threads_phrase(args.threads)}, {args.speed_rounds} interleaved rounds of {args.speed_runs} runs; "
                 "`vs gtp` is images/s over GTP's (as published, its tuned options).\n"),
-           ("| method | GMACs | MACs % | img/s (median) | speed-up | vs gtp | img/s (best run) | vs gtp (best run) "
-            "| schedule |"), "|---|---|---|---|---|---|---|---|---|"]
-    for r in speed_rows:
-        md.append(f"| {r['method']} | {r['gmacs']:.2f} | {100 * r['macs_ratio']:.1f} | {r['images_per_s']:.1f} "
-                  f"| {r['speedup']:.3f} | {r['vs_gtp']:.3f} | {r['images_per_s_best']:.1f} "
-                  f"| {r['vs_gtp_best']:.3f} | {r['schedule']} |")
+           *table(["method", "GMACs", "MACs %", "img/s (median)", "speed-up", "vs gtp", "img/s (best run)",
+                   "vs gtp (best run)", "schedule"],
+                  ([r["method"], f"{r['gmacs']:.2f}", f"{100 * r['macs_ratio']:.1f}", f"{r['images_per_s']:.1f}",
+                    f"{r['speedup']:.3f}", f"{r['vs_gtp']:.3f}", f"{r['images_per_s_best']:.1f}",
+                    f"{r['vs_gtp_best']:.3f}", r["schedule"]] for r in speed_rows))]
     md += ["", "Targets (issue 13):", *targets(test, speed_rows)]
     write(args.name, {"tuning": {"model": tune_name, "split": "val", "published": published, "reference": reference,
                                  "trials": trials, "chosen": chosen},

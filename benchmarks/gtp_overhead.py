@@ -22,7 +22,7 @@ import leanvit
 from leanvit.analysis import threads_phrase
 from leanvit.analysis.macs import default_input_size
 
-from common import write
+from common import add_threads, ideal_truncation, parse_args, table, write
 
 LABELS = ("leanvit.gtp.graph", "leanvit.attn.score", "leanvit.gtp.select", "leanvit.gtp.propagate",
           "leanvit.attn.explicit")
@@ -46,18 +46,17 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "leanvit_vit_fm_teacher"])
     p.add_argument("--budget", type=float, default=0.74)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--graph", default="mixed", help="GTP graph (the paper's recommended one by default)")
     p.add_argument("--name", default="gtp_overhead")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     rows = []
     for name in args.models:
         dense = timm.create_model(name, pretrained=False).eval()
         x = torch.randn(args.batch_size, *default_input_size(dense))
         gtp = leanvit.patch(copy.deepcopy(dense), "gtp", budget=args.budget, graph=args.graph)
-        ideal = leanvit.patch(copy.deepcopy(dense), "truncate", r=leanvit.get_reducer(gtp).schedule)
+        ideal = ideal_truncation(dense, gtp)
         t_gtp, regions = profile_model(gtp, x, args.reps)
         t_ideal, _ = profile_model(ideal, x, args.reps)
         row = {"model": name, "batch": args.batch_size, "gtp_ms": t_gtp, "ideal_ms": t_ideal,
@@ -71,13 +70,12 @@ def main() -> None:
           f"{args.budget}, batch {args.batch_size}, {threads_phrase(args.threads)}. "
           "*GTP's own work* = graph + score + select + propagate; *gap to ideal* = (GTP time - ideal truncation "
           "time) / GTP time, which also contains the extra cost of explicit attention over SDPA.\n",
-          "| model | GTP ms | ideal ms | graph ms | score ms | select ms | propagate ms | GTP's own work | explicit "
-          "attention (whole region, incl. score) | gap to ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['model']} | {r['gtp_ms']:.1f} | {r['ideal_ms']:.1f} | {r['graph_ms']:.2f} | "
-                  f"{r['score_ms']:.2f} | {r['select_ms']:.2f} | {r['propagate_ms']:.2f} | "
-                  f"{100 * r['own_share']:.1f}% | "
-                  f"{100 * r['attn_explicit_share']:.1f}% | {100 * r['gap_share']:.1f}% |")
+          *table(["model", "GTP ms", "ideal ms", "graph ms", "score ms", "select ms", "propagate ms", "GTP's own work",
+                  "explicit attention (whole region, incl. score)", "gap to ideal"],
+                 ([r["model"], f"{r['gtp_ms']:.1f}", f"{r['ideal_ms']:.1f}", f"{r['graph_ms']:.2f}",
+                   f"{r['score_ms']:.2f}", f"{r['select_ms']:.2f}", f"{r['propagate_ms']:.2f}",
+                   f"{100 * r['own_share']:.1f}%", f"{100 * r['attn_explicit_share']:.1f}%",
+                   f"{100 * r['gap_share']:.1f}%"] for r in rows))]
     write(args.name, {"rows": rows, "args": vars(args)}, "\n".join(md))
 
 

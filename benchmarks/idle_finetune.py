@@ -16,13 +16,10 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from common import write
+from common import ROOT, add_threads, parse_args, run_leanvit, table, write
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "leanvit_vit_fm_teacher"
 TRAIN_IMAGES = 55_000  # Fashion-MNIST's training split in leanvit (60,000 less the 5,000 validation images)
 # variant -> (method, keep); seeds per variant from --seeds (keep 0.5: the issue asks for two)
@@ -30,16 +27,11 @@ VARIANTS = {"idle-0.7": ("idle", 0.7), "idle-0.5": ("idle", 0.5), "evit-0.5": ("
 SEEDS = {"idle-0.7": 1, "idle-0.5": 2, "evit-0.7": 1, "evit-0.5": 2}
 
 
-def _leanvit(*argv: str) -> None:
-    print("$ leanvit " + " ".join(argv), flush=True)
-    subprocess.run([sys.executable, "-m", "leanvit.cli.main", *argv], cwd=ROOT, check=True)
-
-
 def _eval(out: Path, args: argparse.Namespace, *argv: str) -> dict:
     if not out.is_file():
         limit = ["--limit", str(args.limit)] if args.limit else []
-        _leanvit("eval", "-m", MODEL, *argv, "--threads", str(args.threads), "--no-progress", *limit,
-                 "--json", str(out))
+        run_leanvit("eval", "-m", MODEL, *argv, "--threads", str(args.threads), "--no-progress", *limit,
+                    "--json", str(out))
     return json.loads(out.read_text())
 
 
@@ -67,9 +59,9 @@ def _finetune(v: str, seed: int, runs: Path, decay: float, args: argparse.Namesp
     if (out / "model.safetensors").is_file():  # finished
         return
     limits = ["--limit", str(args.limit), "--limit-val", str(args.limit)] if args.limit else []
-    _leanvit("finetune", MODEL, "--method", method, "--keep", str(keep), "--epochs", str(args.epochs),
-             "--seed", str(seed), "--batch-size", str(args.batch_size), "--ema-decay", f"{decay:.6f}",
-             "--threads", str(args.threads), "--no-progress", *limits, "-o", str(out), "--resume")
+    run_leanvit("finetune", MODEL, "--method", method, "--keep", str(keep), "--epochs", str(args.epochs),
+                "--seed", str(seed), "--batch-size", str(args.batch_size), "--ema-decay", f"{decay:.6f}",
+                "--threads", str(args.threads), "--no-progress", *limits, "-o", str(out), "--resume")
 
 
 def main() -> None:
@@ -77,12 +69,12 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (default: 1)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--limit", type=int, default=None, help="images per split (a quick check)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "idle_finetune"))
     p.add_argument("--eval-only", action="store_true", help="evaluate finished runs; train nothing")
     p.add_argument("--name", default="idle_finetune")
-    args = p.parse_args()
+    args = parse_args(p)
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -119,13 +111,10 @@ def main() -> None:
     dense = rows[0]["top1"]
     for r in rows:
         r["vs_dense"] = r["top1"] - dense
-    lines = ["| variant | fine-tuned | test top-1 (%) | vs dense | seeds | share of dense MACs |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        spread = f" ± {r['top1_std']:.2f}" if r.get("top1_std") else ""
-        ach = f"{r.get('macs_share', 1.0):.3f}"
-        lines.append(f"| {r['variant']} | {r['finetuned']} | {r['top1']:.2f}{spread} | {r['vs_dense']:+.2f} | "
-                     f"{r.get('seeds', 1)} | {ach} |")
+    lines = table(["variant", "fine-tuned", "test top-1 (%)", "vs dense", "seeds", "share of dense MACs"],
+                  ([r["variant"], r["finetuned"],
+                    f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if r.get("top1_std") else ""),
+                    f"{r['vs_dense']:+.2f}", r.get("seeds", 1), f"{r.get('macs_share', 1.0):.3f}"] for r in rows))
     write(args.name, {"rows": rows, "epochs": args.epochs, "ema_decay": decay}, "\n".join(lines) + "\n\n" + (
         f"{MODEL} on the Fashion-MNIST test split ({args.limit or 10000} images). Fine-tuning: `leanvit finetune` "
         f"(IdleViT's recipe: self-distillation from the frozen dense model, cls token and position embedding frozen, "

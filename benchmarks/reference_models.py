@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from torch.utils.data import DataLoader
 
 import leanvit
@@ -15,17 +14,16 @@ from leanvit.data import build_dataset
 from leanvit.engine import evaluate
 from leanvit.zoo import has_weights
 
-from common import write
+from common import add_threads, parse_args, table, write
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=leanvit.list_models())
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--name", default="reference_models")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     models = {n: leanvit.create_model(n, pretrained=True).eval() for n in args.models if has_weights(n)}
     if not models:
         raise SystemExit("no reference model has shipped weights yet")
@@ -39,11 +37,9 @@ def main() -> None:
                      "images_per_s": speed[name], "latency_ms_b1": measure_latency(model, runs=20)})
     md = [f"Fashion-MNIST test set (10,000 images); throughput at batch {args.batch_size} (median of 3 interleaved "
           f"rounds x 10 runs), batch-1 latency median of 20 runs; {threads_phrase(args.threads)}.\n",
-          "| model | top-1 % | top-5 % | GMACs | params (M) | images/s | batch-1 latency (ms) |",
-          "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['model']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['gmacs']:.4f} | {r['params_m']:.2f} | "
-                  f"{r['images_per_s']:.0f} | {r['latency_ms_b1']:.2f} |")
+          *table(["model", "top-1 %", "top-5 %", "GMACs", "params (M)", "images/s", "batch-1 latency (ms)"],
+                 ([r["model"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['gmacs']:.4f}", f"{r['params_m']:.2f}",
+                   f"{r['images_per_s']:.0f}", f"{r['latency_ms_b1']:.2f}"] for r in rows))]
     write(args.name, {"rows": rows, "args": vars(args)}, "\n".join(md))
 
 

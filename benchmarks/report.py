@@ -4,10 +4,9 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import RESULTS, ROOT
 
 SECTIONS = [
     ("reference_models", "Reference models (Fashion-MNIST)",
@@ -79,11 +78,17 @@ SECTIONS = [
      "(stated in the table). Script: `benchmarks/distill_fmnist.py --epochs 3 --limit 20000 --train-limit 10000`."),
     ("distill_cost", "Distillation: cost of the projectors in a training step",
      "Script: `benchmarks/distill_cost.py`."),
+    ("design_measurements", "Design measurements behind code defaults",
+     "Figures that once lived in docstrings and comments, where they explained a default; the code keeps the "
+     "reason and points here. Each was measured on the project's 2-core AMD EPYC host (torch 2.14.1) on the date "
+     "given; values that depend on the host are marked so. Written by hand from the measurements named in each "
+     "row."),
     ("findings", "What the figures say (and what they do not yet)", ""),
 ]
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     parts = ["# Benchmarks\n",
              "Every figure here is written by a script in `benchmarks/` (each section names its command, machine and "
              "date); `python benchmarks/report.py` rebuilds this file from `benchmarks/results/`. Speed figures on "

@@ -24,14 +24,14 @@ import leanvit
 from leanvit.analysis import compare_throughput, count_macs, threads_phrase
 from leanvit.analysis.macs import default_input_size
 
-from common import write
+from common import add_threads, fmt, ideal_truncation, median_and_best, parse_args, share_of_ideal, table, write
 
 
 def _efficiency(speed: dict[str, float], k: str) -> float | None:
-    ideal_gain = speed["ideal (truncate)"] / speed["dense"] - 1
-    if k == "dense" or ideal_gain <= 0:
+    """The share of the ideal row's gain that row ``k`` keeps (None for the dense row)."""
+    if k == "dense":
         return None
-    return (speed[k] / speed["dense"] - 1) / ideal_gain
+    return share_of_ideal(speed[k] / speed["dense"], speed["ideal (truncate)"] / speed["dense"])
 
 
 def main() -> None:
@@ -39,20 +39,19 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "deit_base_patch16_224"])
     p.add_argument("--budget", type=float, default=0.74)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models (all rows)")
     p.add_argument("--name", default="speed_deit")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     rows = []
     for name in args.models:
         dense = timm.create_model(name, pretrained=False).eval()
         models = {"dense": dense}
         gtp = leanvit.patch(copy.deepcopy(dense), "gtp", budget=args.budget)
         sched = leanvit.get_reducer(gtp).report["schedule"]
-        models["ideal (truncate)"] = leanvit.patch(copy.deepcopy(dense), "truncate", r=sched)
+        models["ideal (truncate)"] = ideal_truncation(dense, gtp)
         models["gtp"] = gtp
         models["gtp (cls score)"] = leanvit.patch(copy.deepcopy(dense), "gtp", r=sched, score="cls")
         models["tome"] = leanvit.patch(copy.deepcopy(dense), "tome", budget=args.budget)
@@ -73,10 +72,7 @@ def main() -> None:
             runs = args.runs if bs > 1 else args.runs * 10  # batch 1 is short and noisy: time more runs
             reps = compare_throughput(timed, input_size=default_input_size(dense), batch_size=bs, warmup=2,
                                       runs=runs, rounds=args.rounds, reports=True)
-            # two statistics of the same runs: the median, and the best run (on a shared machine interference
-            # only ever adds time, so the best run is the least disturbed one)
-            med = {k: r.images_per_s for k, r in reps.items()}
-            best = {k: bs / min(r.times_s) for k, r in reps.items()}
+            med, best = median_and_best(reps, bs)
             for k, m in models.items():
                 red = leanvit.get_reducer(m)
                 rows.append({"model": name, "batch": bs, "method": k, "gmacs": macs[k] / 1e9,
@@ -89,15 +85,11 @@ def main() -> None:
           f"{args.rounds} interleaved rounds of {args.runs} runs (x10 at batch 1). *Efficiency* = (speed-up - 1) / "
           "(ideal speed-up - 1): the share of the ideal truncation's gain that a method keeps; from the median "
           "run and from the best run of each model.\n",
-          "| model | batch | method | GMACs | MACs % | img/s (median) | speed-up | efficiency | speed-up (best run) "
-          "| efficiency (best run) | schedule |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        eff = "" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
-        eff_b = "" if r["efficiency_best"] is None else f"{r['efficiency_best']:.2f}"
-        md.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['gmacs']:.2f} | {100 * r['macs_ratio']:.1f} "
-                  f"| {r['images_per_s']:.1f} | {r['speedup']:.3f} | {eff} | {r['speedup_best']:.3f} | {eff_b} "
-                  f"| {r['schedule']} |")
+          *table(["model", "batch", "method", "GMACs", "MACs %", "img/s (median)", "speed-up", "efficiency",
+                  "speed-up (best run)", "efficiency (best run)", "schedule"],
+                 ([r["model"], r["batch"], r["method"], f"{r['gmacs']:.2f}", f"{100 * r['macs_ratio']:.1f}",
+                   f"{r['images_per_s']:.1f}", f"{r['speedup']:.3f}", fmt(r["efficiency"]), f"{r['speedup_best']:.3f}",
+                   fmt(r["efficiency_best"]), r["schedule"]] for r in rows))]
     write(args.name, {"rows": rows, "args": vars(args)}, "\n".join(md))
 
 

@@ -23,7 +23,7 @@ import torch
 import leanvit
 from leanvit.analysis import compare_throughput
 
-from common import write
+from common import table, write
 
 # (timm model, batch, r): the settings of the issue's table
 SETTINGS = [("deit_small_patch16_224", 256, 8), ("deit_small_patch16_224", 256, 13),
@@ -71,6 +71,16 @@ def run_setting(name: str, batch: int, r: int, args: argparse.Namespace, compile
     return row
 
 
+def _cells(row: dict, labels: list[str]) -> list[str]:
+    """A table row: the setting, each method's speed-up over dense, the compile times of the compiled rows."""
+    short = row["model"].replace("_patch16_224", "").replace("deit_small", "DeiT-S").replace(
+        "deit_base", "DeiT-B").replace("vit_large", "ViT-L/16").replace("deit_tiny", "DeiT-Ti")
+    comp = (f"{row['dense_compile_s']:.0f} / {row['gtp_compile_s']:.0f} / {row['tome_compile_s']:.0f}"
+            if row["compiled"] else "")
+    return [f"{short}, {row['batch']}, r={row['r']}", "yes" if row["compiled"] else "no",
+            *(f"{row[f'{k}_speedup']:.3f}" for k in labels), comp]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -93,15 +103,8 @@ def main() -> None:
     md = [f"{card}, torch {torch.__version__}, timm {timm.__version__}, {'fp16 autocast' if args.amp else 'fp32'}, "
           f"eval, random weights; {args.rounds} interleaved rounds of {args.runs} forwards, median. Speed-up over "
           f"the dense model at the same batch (and the same compilation).\n",
-          "| model, batch, r | compiled | " + " | ".join(labels) + " | compile s (dense / gtp / tome) |",
-          "|---|---|" + "---|" * len(labels) + "---|"]
-    for row in rows:
-        short = row["model"].replace("_patch16_224", "").replace("deit_small", "DeiT-S").replace(
-            "deit_base", "DeiT-B").replace("vit_large", "ViT-L/16").replace("deit_tiny", "DeiT-Ti")
-        comp = (f"{row['dense_compile_s']:.0f} / {row['gtp_compile_s']:.0f} / {row['tome_compile_s']:.0f}"
-                if row["compiled"] else "")
-        md.append(f"| {short}, {row['batch']}, r={row['r']} | {'yes' if row['compiled'] else 'no'} | "
-                  + " | ".join(f"{row[f'{k}_speedup']:.3f}" for k in labels) + f" | {comp} |")
+          *table(["model, batch, r", "compiled", *labels, "compile s (dense / gtp / tome)"],
+                 (_cells(row, labels) for row in rows))]
     write(args.name, {"card": card, "rows": rows, "args": vars(args)}, "\n".join(md))
 
 

@@ -5,8 +5,9 @@ model; for each keep rate, IdleViT and EViT and each one's zero-overhead ideal, 
 block on the same token counts with nothing computed to choose them (IdleViT's blocks compute their selected
 tokens in attention and MLP alike: truncation before the attention, ``point="attn"``; EViT removes tokens after a
 block's attention: truncation there). Reported: GMACs, images/s at batch 32, batch-1 latency, the speed-up over
-dense, and each method's speed-up as a fraction of its ideal's (targets: IdleViT at least as fast as EViT at
-equal keep, and at least 0.9 of its ideal at batch 32).
+dense, and the share of its ideal's gain that each method keeps, ``(speed-up - 1) / (ideal speed-up - 1)``
+(``common.share_of_ideal``; targets: IdleViT at least as fast as EViT at equal keep, and at least 0.9 of its ideal
+at batch 32).
 
     python benchmarks/speed_idle.py --threads 2
 """
@@ -21,7 +22,7 @@ import torch
 import leanvit
 from leanvit.analysis import compare_throughput, count_macs, threads_phrase
 
-from common import write
+from common import add_threads, fmt, ideal_truncation, parse_args, share_of_ideal, table, write
 
 
 def variants(model_name: str, keeps: list[float]) -> dict[str, torch.nn.Module]:
@@ -29,14 +30,10 @@ def variants(model_name: str, keeps: list[float]) -> dict[str, torch.nn.Module]:
     out = {"dense": dense}
     for keep in keeps:
         idle = leanvit.patch(copy.deepcopy(dense), "idle", keep=keep)
-        n = idle.patch_embed.num_patches
-        computed = [n - s for s in leanvit.get_reducer(idle).schedule]
-        drops = [a - b for a, b in zip([n] + computed[:-1], computed)]
-        out[f"ideal-idle-{keep}"] = leanvit.patch(copy.deepcopy(dense), "truncate", r=drops, point="attn")
+        out[f"ideal-idle-{keep}"] = ideal_truncation(dense, idle)  # idling's token counts: truncation before attn
         out[f"idle-{keep}"] = idle
         evit = leanvit.patch(copy.deepcopy(dense), "evit", keep=keep)
-        out[f"ideal-evit-{keep}"] = leanvit.patch(copy.deepcopy(dense), "truncate",
-                                                  r=leanvit.get_reducer(evit).schedule)
+        out[f"ideal-evit-{keep}"] = ideal_truncation(dense, evit)
         out[f"evit-{keep}"] = evit
     return out
 
@@ -46,14 +43,13 @@ def main() -> None:
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=4, help="timed runs per model and round at --batch-size")
     p.add_argument("--latency-runs", type=int, default=20, help="timed runs per model and round at batch 1")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--name", default="speed_idle")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     models = variants(args.model, args.keeps)
     gmacs = {name: count_macs(m).gmacs for name, m in models.items()}
     batch = compare_throughput(models, batch_size=args.batch_size, warmup=args.warmup, runs=args.runs,
@@ -71,19 +67,18 @@ def main() -> None:
     for r in rows:
         if r["variant"].startswith(("idle-", "evit-")):
             ideal = by["ideal-" + r["variant"]]
-            r["of_ideal"] = r["speedup"] / ideal["speedup"]
-            r["latency_of_ideal"] = r["latency_speedup"] / ideal["latency_speedup"]
+            r["of_ideal"] = share_of_ideal(r["speedup"], ideal["speedup"])
+            r["latency_of_ideal"] = share_of_ideal(r["latency_speedup"], ideal["latency_speedup"])
     md = [f"{args.model}, random weights, {threads_phrase(args.threads)}, eval, fp32; "
           f"batch {args.batch_size}: median of {args.rounds} interleaved rounds x {args.runs} runs; "
           f"batch 1: median of {args.rounds} x {args.latency_runs} runs. Speed-up over dense; "
-          "'of ideal' = speed-up / the ideal truncation's.\n",
-          f"| variant | GMACs | images/s b{args.batch_size} | speed-up | of ideal | b1 latency ms | b1 speed-up | "
-          f"b1 of ideal |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        of = f"{r['of_ideal']:.3f}" if "of_ideal" in r else ""
-        lof = f"{r['latency_of_ideal']:.3f}" if "latency_of_ideal" in r else ""
-        md.append(f"| {r['variant']} | {r['gmacs']:.3f} | {r['images_per_s']:.1f} | {r['speedup']:.3f} | {of} | "
-                  f"{r['latency_ms']:.1f} | {r['latency_speedup']:.3f} | {lof} |")
+          "'of ideal' = (speed-up - 1) / (the ideal truncation's speed-up - 1): the share of its ideal's gain that "
+          "a method keeps.\n",
+          *table(["variant", "GMACs", f"images/s b{args.batch_size}", "speed-up", "of ideal", "b1 latency ms",
+                  "b1 speed-up", "b1 of ideal"],
+                 ([r["variant"], f"{r['gmacs']:.3f}", f"{r['images_per_s']:.1f}", f"{r['speedup']:.3f}",
+                   fmt(r.get("of_ideal"), ".3f"), f"{r['latency_ms']:.1f}", f"{r['latency_speedup']:.3f}",
+                   fmt(r.get("latency_of_ideal"), ".3f")] for r in rows))]
     for keep in args.keeps:
         i, e = by[f"idle-{keep}"], by[f"evit-{keep}"]
         md.append(f"\nkeep {keep}: IdleViT / EViT throughput {i['images_per_s'] / e['images_per_s']:.3f} at batch "

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 
 import timm
-import torch
 
 from leanvit.analysis import compare_throughput, count_macs, threads_phrase
 from leanvit.models import SHUFFLE_ARCHS
 
-from common import write
+from common import add_threads, median_and_best, parse_args, table, write
 
 DEFAULT_MODELS = ["leanvit_shuffle_fm_student", "leanvit_shuffle_fm_mlp_grouped", "leanvit_shuffle_nano_patch16_224",
                   "leanvit_shuffle_tiny_patch16_224", "leanvit_shuffle_tiny_grouped_patch16_224"]
@@ -30,8 +29,9 @@ def time_pair(shuffle: str, partner: str, batch_size: int, args: argparse.Namesp
     runs = args.runs if batch_size > 1 else args.latency_runs
     reports = compare_throughput(models, batch_size=batch_size, warmup=args.warmup, runs=runs, rounds=args.rounds,
                                  reports=True)
-    return {name: {"images_per_s": r.images_per_s, "best_images_per_s": batch_size / min(r.times_s),
-                   "latency_ms": r.latency_ms} for name, r in reports.items()}
+    median, best = median_and_best(reports, batch_size)
+    return {name: {"images_per_s": median[name], "best_images_per_s": best[name], "latency_ms": r.latency_ms}
+            for name, r in reports.items()}
 
 
 def main() -> None:
@@ -39,14 +39,13 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(SHUFFLE_ARCHS), metavar="NAME",
                    help="channel-shuffle models, each timed against its partner (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=10, help="timed runs per model and round at --batch-size")
     p.add_argument("--latency-runs", type=int, default=50, help="timed runs per model and round at batch 1")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--name", default="speed_shuffle")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     rows = []
     for name in args.models:
         partner = SHUFFLE_ARCHS[name].partner
@@ -66,14 +65,12 @@ def main() -> None:
     md = [f"{threads_phrase(args.threads)}; batch {args.batch_size}: median (and best) of "
           f"{args.rounds} interleaved rounds x {args.runs} runs; batch 1: median of {args.rounds} x "
           f"{args.latency_runs} runs. Speed = shuffle / partner images/s (latency: partner / shuffle).\n",
-          f"| model | partner | GMACs (shuffle / partner) | images/s b{args.batch_size} (shuffle / partner) | speed "
-          f"(median) | speed (best run) | b1 latency ms (shuffle / partner) | b1 speed |",
-          "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['model']} | {r['partner']} | {r['shuffle_gmacs']:.4f} / {r['partner_gmacs']:.4f} | "
-                  f"{r['shuffle_images_per_s']:.0f} / {r['partner_images_per_s']:.0f} | {r['speed_ratio']:.3f} | "
-                  f"{r['best_speed_ratio']:.3f} | {r['shuffle_latency_ms']:.2f} / {r['partner_latency_ms']:.2f} | "
-                  f"{r['latency_speed_ratio']:.3f} |")
+          *table(["model", "partner", "GMACs (shuffle / partner)", f"images/s b{args.batch_size} (shuffle / partner)",
+                  "speed (median)", "speed (best run)", "b1 latency ms (shuffle / partner)", "b1 speed"],
+                 ([r["model"], r["partner"], f"{r['shuffle_gmacs']:.4f} / {r['partner_gmacs']:.4f}",
+                   f"{r['shuffle_images_per_s']:.0f} / {r['partner_images_per_s']:.0f}", f"{r['speed_ratio']:.3f}",
+                   f"{r['best_speed_ratio']:.3f}", f"{r['shuffle_latency_ms']:.2f} / {r['partner_latency_ms']:.2f}",
+                   f"{r['latency_speed_ratio']:.3f}"] for r in rows))]
     write(args.name, {"rows": rows, "args": vars(args)}, "\n".join(md))
 
 

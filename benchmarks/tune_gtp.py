@@ -15,12 +15,10 @@ import argparse
 import copy
 import statistics
 
-import torch
-
 import leanvit
 from leanvit.engine import evaluate
 
-from common import reference_eval, write
+from common import add_threads, parse_args, reference_eval, table, write
 
 
 def score(model, method, budgets, loader, **opts) -> list[float]:
@@ -36,11 +34,10 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.74, 0.6, 0.5])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 2.0, 3.0])
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--name", default="tune_gtp")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(p)
     name, model, loader = reference_eval(args.model, "val", args.limit)
     dense = evaluate(model, loader, progress=False).top1
     results = []
@@ -71,11 +68,9 @@ def main() -> None:
               for m in ("gtp", "evit", "tome")}
     md = [f"Model `{name}`, held-out split (val, {len(loader.dataset)} images), dense top-1 {dense:.2f}%. "
           f"Top-1 % at budgets {', '.join(str(b) for b in args.budgets)}; the best mean is chosen.\n",
-          "| method | options | " + " | ".join(f"top-1 @{b}" for b in args.budgets) + " | mean |",
-          "|---|---|" + "---|" * (len(args.budgets) + 1)]
-    for r in results:
-        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
-        md.append(f"| {r['method']} | {opts} | " + " | ".join(f"{a:.2f}" for a in r["top1"]) + f" | {r['mean']:.2f} |")
+          *table(["method", "options", *(f"top-1 @{b}" for b in args.budgets), "mean"],
+                 ([r["method"], ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults",
+                   *(f"{a:.2f}" for a in r["top1"]), f"{r['mean']:.2f}"] for r in results))]
     md.append("\nChosen: " + "; ".join(f"{m}: {o or 'defaults'}" for m, o in chosen.items()))
     write(args.name, {"model": name, "dense_top1": dense, "results": results, "chosen": chosen,
                       "args": vars(args)}, "\n".join(md))
