@@ -71,13 +71,15 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, offset: int = 0) -> torch.
     """``x[b, offset + idx[b]]`` for ``x (B, N, C)`` or ``(B, N)`` and ``idx (B, K)``.
 
     Rows are copied with one ``index_select`` on the flattened batch, several times faster on CPU than
-    ``gather`` with an index expanded over channels.
+    ``gather`` with an index expanded over channels. The result is viewed with ``K`` from ``idx`` rather than -1,
+    which an empty batch (B = 0) leaves undetermined.
     """
     B, N = x.shape[:2]
+    K = idx.shape[1]
     flat = (idx + (offset + torch.arange(B, device=idx.device) * N)[:, None]).reshape(-1)
     if x.dim() == 2:
-        return x.reshape(B * N).index_select(0, flat).view(B, -1)
-    return x.reshape(B * N, x.shape[-1]).index_select(0, flat).view(B, -1, x.shape[-1])
+        return x.reshape(B * N).index_select(0, flat).view(B, K)
+    return x.reshape(B * N, x.shape[-1]).index_select(0, flat).view(B, K, x.shape[-1])
 
 
 def sparsify_attention(attn: torch.Tensor, theta: float) -> torch.Tensor:

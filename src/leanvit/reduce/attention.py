@@ -221,7 +221,7 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     B = q.shape[0]
     step = _slice_step(q) if sliced else B
     outs, scores = [], []
-    for s in range(0, B, step):
+    for s in range(0, max(B, 1), max(step, 1)):  # an empty batch is one empty slice: empty outputs, not no outputs
         sl = slice(s, s + step)
         probs = _attention_probs(q[sl], k[sl], None if bias is None else bias[sl], scale)
         if theta < 1.0:

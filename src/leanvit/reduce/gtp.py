@@ -177,9 +177,10 @@ class GTPReducer(TokenReducer):
                                          spatial=self._spatial_on(x.device))
             N0 = self.graph.shape[1]
             # the graph read as a flat vector, and the flat offset of each image's first row in it: a graph shared
-            # by the batch (spatial: batch stride 0) is read in place, every image from the same rows
+            # by the batch (spatial: batch stride 0) is read in place, every image from the same rows (``[:1]``,
+            # not ``[0]``: an empty batch has no image 0, and then reads nothing)
             shared = self.graph.stride(0) == 0
-            self._graph_flat = (self.graph[0] if shared else self.graph).reshape(-1)
+            self._graph_flat = (self.graph[:1] if shared else self.graph).reshape(-1)
             self._batch = torch.arange(B, device=x.device)[:, None]  # (B, 1)
             self._graph_rows = torch.zeros_like(self._batch) if shared else self._batch * (N0 * N0)
             # original position of every current image token: the graph restricted to the kept tokens is
@@ -188,7 +189,7 @@ class GTPReducer(TokenReducer):
             self._prefix_rows = torch.arange(P, device=x.device).expand(B, P)  # (B, P)
             if self.orphans == "nearest":
                 # each token's strongest edge, the weight of its fallback edge should it become an orphan
-                self._edge = self.graph[0].amax(-1).expand(B, -1) if shared else self.graph.amax(-1)  # (B, N0)
+                self._edge = self.graph[:1].amax(-1).expand(B, -1) if shared else self.graph.amax(-1)  # (B, N0)
 
     def _spatial_on(self, device: torch.device) -> torch.Tensor | None:
         """The grid's 0/1 adjacency on ``device``, built once (never inside a compiled forward)."""
@@ -250,6 +251,7 @@ class GTPReducer(TokenReducer):
         # Written for few kernel launches: this runs in every block, and at batch 1 launch overhead is the cost.
         B, N, C = x.shape
         N0 = self.graph.shape[1]
+        K, r = kept.shape[1], removed.shape[1]  # views take these sizes, not -1, which an empty batch leaves open
         base = self._batch * N  # row offset of each image in the flattened (B * N, C) tokens
         rows_keep = (torch.cat([self._prefix_rows, kept + P], dim=1) + base).view(-1)  # prefix + kept tokens
         rows_rm = (removed + (P + base)).view(-1)
@@ -258,8 +260,8 @@ class GTPReducer(TokenReducer):
         w = self._graph_flat.take(torch.add(self._graph_rows, kept_orig, alpha=N0).unsqueeze(-1)
                                   + removed_orig.unsqueeze(1))
         xf = x.reshape(B * N, C)
-        out = xf.index_select(0, rows_keep).view(B, -1, C)  # (B, P + K, C)
-        x_rm = xf.index_select(0, rows_rm).view(B, -1, C)  # (B, r, C)
+        out = xf.index_select(0, rows_keep).view(B, P + K, C)
+        x_rm = xf.index_select(0, rows_rm).view(B, r, C)
         fallback = orphan = None
         if self.orphans != "drop":
             # merge: a 0/1 assignment of each orphan to its kept token; nearest: edges weighted like the graph's
@@ -270,8 +272,8 @@ class GTPReducer(TokenReducer):
         out[:, P:].baddbmm_(w, x_rm, alpha=self.alpha)
         if self.prop_attn or self.orphans == "merge":
             sf = self._sizes_or_ones(x).reshape(B * N, 1)
-            size = sf.index_select(0, rows_keep).view(B, -1, 1)  # (B, P + K, 1)
-            s_rm = sf.index_select(0, rows_rm).view(B, -1, 1)  # (B, r, 1)
+            size = sf.index_select(0, rows_keep).view(B, P + K, 1)
+            s_rm = sf.index_select(0, rows_rm).view(B, r, 1)
             if self.prop_attn:
                 size[:, P:].baddbmm_(w, s_rm, alpha=self.alpha)
             if self.orphans == "merge":
@@ -281,7 +283,7 @@ class GTPReducer(TokenReducer):
                 out[:, P:].mul_(s_kept).baddbmm_(fallback, s_rm * x_rm).div_(merged)
                 s_kept.copy_(merged)
             if self.prop_attn:
-                self._size = size.view(B, -1)
+                self._size = size.view(B, P + K)
         self.index = kept_orig
         if self.stats or self.trace:
             edges = w + fallback if self.orphans == "merge" else w  # (B, K, r) every edge a removed token took

@@ -203,7 +203,10 @@ class IdleReducer(TokenReducer):
         state = torch.where(computed, torch.where(prev == IDLE, REACTIVATED, KEPT).to(prev.dtype),
                             torch.full_like(prev, IDLE))
         self._state = state
-        self.trace_log.append({"block": torch.tensor(i), "tokens": torch.tensor(int(computed[0].sum())),
+        # every image computes the same number of tokens, the schedule's: read from it, not from image 0's row,
+        # which an empty batch does not have (and which would cost a device sync)
+        tokens = torch.tensor(self.info.num_image - self.schedule[i])
+        self.trace_log.append({"block": torch.tensor(i), "tokens": tokens,
                                "source": self.source.clone(), "state": state.clone()})
 
     def options(self) -> dict[str, Any]:

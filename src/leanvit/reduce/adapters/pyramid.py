@@ -18,6 +18,9 @@ not. What differs from the plain-ViT case (:mod:`leanvit.reduce.idle`; this modu
   of ratios otherwise. ``budget=`` and ``r=`` are not supported on pyramids.
 * Training uses the masked path (attention and MLP outputs gated by the selection, hidden features of idle tokens
   zeroed before the convolution); the token-cut loss is not recorded (pyramid attention maps are not square).
+* An empty batch (0 images) gives an empty output, ``(0, num_classes)``: timm's PVT v2 stages and attention reshape
+  with -1, which a tensor of 0 elements cannot take, so patching also swaps each stage's class for one that runs
+  an empty batch with explicit sizes (any other batch runs timm's own stage forward).
 
 Supported: PVT v2 with spatial-reduction attention (``pvt_v2_b0`` ... ``pvt_v2_b5``). Not supported, with an error
 that says so: the linear-attention variant (``pvt_v2_b2_li``, whose pooled keys do not follow the tokens) and
@@ -38,9 +41,10 @@ from ..types import ViTInfo
 from .base import REDUCER_ATTR, ModelAdapter, register_adapter
 
 try:
-    from timm.models.pvt_v2 import Block as PvtBlock, PyramidVisionTransformerV2
+    from timm.models.pvt_v2 import Block as PvtBlock, PyramidVisionTransformerStage as PvtStage
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
 except ImportError:  # pragma: no cover - timm without PVT v2
-    PvtBlock = PyramidVisionTransformerV2 = None
+    PvtBlock = PvtStage = PyramidVisionTransformerV2 = None
 
 
 def pyramid_blocks(model: nn.Module) -> list[nn.Module]:
@@ -109,12 +113,18 @@ class PyramidAdapter(ModelAdapter):
         reducer = reducer.shared()  # patch() may hand back the calling thread's copy (get_reducer) on a failure
         model.__dict__[REDUCER_ATTR] = reducer
         model.__dict__["_leanvit_orig_class"] = type(model)
+        for stage in model.stages:
+            if type(stage) is PvtStage:
+                stage.__class__ = EmptyBatchPyramidStage
         for i, blk in enumerate(pyramid_blocks(model)):
             blk.__class__ = IdlePyramidBlock
             blk.__dict__[REDUCER_ATTR] = reducer
             blk.__dict__["_leanvit_index"] = i
 
     def remove(self, model: nn.Module) -> None:
+        for stage in model.stages:
+            if type(stage) is EmptyBatchPyramidStage:
+                stage.__class__ = PvtStage
         for blk in pyramid_blocks(model):
             blk.__class__ = PvtBlock
             blk.__dict__.pop(REDUCER_ATTR, None)
@@ -178,6 +188,8 @@ class IdlePyramidBlock(PvtBlock if PvtBlock is not None else nn.Module):
         if i == 0:
             red.training = self.training
         B, N, C = x.shape
+        if B == 0:  # nothing to compute; timm's attention (a dense block) would reshape the empty batch with -1
+            return x
         K = red.keep_count(i, N)
         if K >= N:
             return super().forward(x, feat_size)
@@ -215,9 +227,10 @@ class IdlePyramidBlock(PvtBlock if PvtBlock is not None else nn.Module):
         a = self.attn
         B, N, C = h.shape
         if a.sr is not None:
-            h = a.sr(h.permute(0, 2, 1).reshape(B, C, *feat_size)).reshape(B, C, -1).permute(0, 2, 1)
+            h = a.sr(h.permute(0, 2, 1).reshape(B, C, *feat_size)).flatten(2).permute(0, 2, 1)
             h = a.norm(h)
-        kv = a.kv(h).reshape(B, -1, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        # sizes, not -1: an empty batch leaves -1 undetermined
+        kv = a.kv(h).reshape(B, h.shape[1], 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
         return kv[0], kv[1]
 
     def _mlp(self, hidden: torch.Tensor, feat_size: list[int], top: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,6 +242,23 @@ class IdlePyramidBlock(PvtBlock if PvtBlock is not None else nn.Module):
         if top is not None:
             z = z.gather(1, top[..., None].expand(B, top.shape[1], D))
         return mlp.drop(mlp.fc2(mlp.drop(mlp.act(z))))
+
+
+class EmptyBatchPyramidStage(PvtStage if PvtStage is not None else nn.Module):
+    """PVT v2 stage that also takes an empty batch: timm's forward reshapes the tokens with -1, which 0 images leave
+    undetermined. Any other batch runs timm's forward unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0:  # static under torch.compile for a fixed shape
+            return super().forward(x)
+        if self.downsample is not None:
+            x = self.downsample(x)  # (0, H, W, C)
+        B, H, W, C = x.shape
+        x = x.reshape(B, H * W, C)
+        for blk in self.blocks:
+            x = blk(x, (H, W))
+        x = self.norm(x)
+        return x.reshape(B, H, W, x.shape[-1]).permute(0, 3, 1, 2).contiguous()
 
 
 # a method's reducer class -> its pyramid variant
