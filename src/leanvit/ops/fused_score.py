@@ -17,9 +17,9 @@ They run on CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Without Triton
 computes the same statistics a slice of the batch at a time.
 
 On CPU the explicit path of :func:`leanvit.reduce.attention.explicit` (the map computed a slice at a time,
-multiplied with V and scored while in cache) stays the default: measured on DeiT-S shapes (batch 32, 6 heads,
-197 tokens, 2 threads) it takes 53 ms per layer against 37 ms for the fused attention with its log-sum-exp plus
-about 40 ms for a score pass, because a CPU's fused attention is not much faster than a cache-blocked explicit one.
+multiplied with V and scored while in cache) stays the default: on CPU, fused attention plus a separate score pass
+costs more than one cache-blocked explicit pass, because a CPU's fused attention is not much faster than the
+explicit one (figures in BENCHMARKS.md, "Design measurements behind code defaults").
 """
 from __future__ import annotations
 

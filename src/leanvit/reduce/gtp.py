@@ -60,17 +60,17 @@ class GTPReducer(TokenReducer):
               size-weighted average, its size added whole (sizes of 1 without ``prop_attn``).
 
             Cost, per reducing block and image: ``r * K * C`` MACs for the similarity of the ``r`` removed to the
-            ``K`` kept tokens, counted in the MACs a budget is held to (at budget 0.74: 0.7% of the dense MACs of
-            the Fashion-MNIST teacher, 0.1% of DeiT-S's), ``merge`` as much again for the merge itself; about 12
-            small kernels (``merge``: 17), and for ``nearest`` one pass over the graph per forward. No host sync
+            ``K`` kept tokens, counted in the MACs a budget is held to (a fraction of a percent of the dense MACs;
+            figures in BENCHMARKS.md, "Design measurements behind code defaults"), ``merge`` as much again for the
+            merge itself; a dozen small kernels, and for ``nearest`` one pass over the graph per forward. No host sync
             and fixed shapes, so the forward still compiles as one graph. The default is ``drop``, the paper's
             rule, so that ``gtp`` stays the published method; ``benchmarks/gtp_nolost.py`` measures the others.
         score_path: how the attention scores (``mixed``, ``mixed_mean``, ``colsum``, ``diag``) are computed, to the
             same values: ``fused``, the attention on the fused kernel and the score from its own pass over the
             queries and keys, never writing the attention map (:mod:`leanvit.ops.fused_score`; Triton kernels on
             CUDA); ``explicit``, the attention map computed explicitly (a slice of the batch at a time on CPU) and
-            scored; ``auto`` (default), fused on CUDA and explicit on CPU, where it is faster (measured in that
-            module's docs). With ``theta < 1`` the map is always explicit.
+            scored; ``auto`` (default), fused on CUDA and explicit on CPU, where it is faster (see that module's
+            docs). With ``theta < 1`` the map is always explicit.
         stats: count removed tokens whose features reached no kept token (lost; with ``drop``, the orphans) in
             ``report["lost_tokens"]`` / ``report["removed_tokens"]``, summed over the forwards since the last
             :meth:`set_stats` / :meth:`reset_stats` (a few extra ops per block, so off by default; the keys are absent
