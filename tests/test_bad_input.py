@@ -63,7 +63,7 @@ def _cases(fm: str, tmp: Path) -> list[tuple[list[str], str]]:
         (["eval", "--model", "no_such_vit"], "unknown model 'no_such_vit'"),
         (["eval", *m, "--weights", str(tmp / "missing.pth")], "does not exist"),
         (["eval", *m, "--weights", str(afile)], "is not a readable torch file"),
-        (["eval", *m, *data, "--num-classes", "5"], "10 classes but the model's head has 5"),
+        (["eval", *m, *data, "--num-classes", "5"], "would be untrained"),
         (["eval", *m, "--data", "bogus", "--no-progress"], "unknown data source"),
         (["eval", *m, "--data", f"fmnist:{tmp / 'nofmnist'}", "--no-progress"], "apt-get install -y"),
         (["eval", *m, "--data", f"imagefolder:{tmp / 'noimages'}", "--no-progress"], "does not exist"),

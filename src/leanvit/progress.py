@@ -49,25 +49,33 @@ class _LineProgress:
     def set_postfix(self, **kwargs: Any) -> None:
         self.postfix = " ".join(f"{k}={v}" for k, v in kwargs.items())
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """The phase's last line: ``done in ...``, or ``stopped at N/TOTAL after ...`` when it did not finish (an
+        exception or an interrupt left it), so that an interrupted run never reads as complete."""
         if not self._closed:
             self._closed = True
             elapsed = time.perf_counter() - self._t0
-            self._print(f"done in {elapsed:.1f} s" + (f" {self.postfix}" if self.postfix else ""))
+            if finished:
+                what = f"done in {elapsed:.1f} s"
+            else:
+                what = f"stopped at {self.n}" + (f"/{self.total}" if self.total else "") + f" after {elapsed:.1f} s"
+            self._print(what + (f" {self.postfix}" if self.postfix else ""))
 
     def __iter__(self) -> Iterator:
+        finished = False
         try:
             for item in self.iterable:
                 yield item
                 self.update()
-        finally:
-            self.close()
+            finished = True
+        finally:  # also when the loop body raised or stopped early (the generator is closed)
+            self.close(finished)
 
     def __enter__(self) -> "_LineProgress":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(finished=exc_type is None)
 
 
 class _Silent(_LineProgress):

@@ -52,9 +52,9 @@ def add_reduction_args(p: argparse.ArgumentParser, method: bool = True) -> None:
     """``--method`` (choices and help from the registry ``leanvit.reduce.METHODS``), ``--r``, ``--budget``,
     ``--keep`` and ``-O`` for the verbs that patch one method."""
     if method:
-        p.add_argument("--method", default="dense", metavar="METHOD",
-                       help=f"token reduction, one of dense, {', '.join(METHODS)} (default: %(default)s): "
-                            f"{method_help()}")
+        p.add_argument("--method", default=None, metavar="METHOD",
+                       help=f"token reduction, one of dense, {', '.join(METHODS)} (default: the model as it comes; "
+                            f"dense: unpatched): {method_help()}")
     p.add_argument("--r", type=nonneg_int, default=None, help="tokens removed per block")
     p.add_argument("--budget", type=fraction, default=None, help="fraction of dense MACs to keep, e.g. 0.74")
     keeps = "; ".join(f"{m}: {cls.keep_help}" for m, cls in METHODS.items() if "keep" in cls.amounts)

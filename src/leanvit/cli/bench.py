@@ -5,6 +5,10 @@ leanvit reference models load their shipped weights when present. Timings depend
 compare methods within one run of the Python API (``leanvit.analysis.compare_throughput``) on a shared machine.
 ``--compile`` times the model after ``torch.compile`` (compilation happens in the untimed warm-up): at batch 1 on
 CPU it removes most of the per-op overhead a token reducer's bookkeeping adds.
+
+Which patch runs follows eval's rule: ``--method dense`` is the unpatched model, no ``--method`` the model as it
+comes (the patch its ``--weights`` records, else the one it is created with), and "% of dense" is always relative
+to the unpatched model's MACs.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import datetime
 
 from ..analysis.machine import machine_info
 from .arguments import add_model_args, add_reduction_args, add_runtime_args
-from .build import build_model_from_args, check_model_name, resolve_device, setup_runtime
-from .methods import check_method_args, reduction_amount
+from .build import (adapt_run_record, build_model_from_args, check_method, check_model_name, resolve_device,
+                    settle_patch, setup_runtime)
+from .methods import reduction_amount
 from .outputs import check_output_file
 from .parsing import add_config_arg, nonneg_int, positive_int
 from ..io import write_json
@@ -23,12 +28,14 @@ from ..io import write_json
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure a model's GMACs, throughput and latency", description=__doc__)
     add_config_arg(p)
+    p.adapt_config = adapt_run_record  # a training run's config.yaml: its model, head and data (cli/build.py)
     add_model_args(p)
     p.add_argument("--pretrained", dest="pretrained", action="store_true",
                    help="load pretrained weights (default: only for leanvit_* models with shipped weights)")
     # None = decide from the model name in run(); --no-pretrained / --pretrained force it
     p.set_defaults(pretrained=None)
     add_reduction_args(p)
+    p.set_defaults(method=None)  # no --method: the model as it comes (eval's rule, see the module docstring)
     p.add_argument("--compile", action="store_true", help="time the model after torch.compile (fullgraph)")
     p.add_argument("--amp", choices=("fp16", "bf16"), default=None,
                    help="time under torch.autocast in this dtype (default: full precision)")
@@ -43,15 +50,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import copy
+
     import torch
 
+    from .. import get_reducer, unpatch
     from ..analysis import count_macs, measure_latency, measure_throughput
     from ..analysis.macs import default_input_size
     from ..zoo import has_weights
 
     # everything the user typed is checked before the model is built
     check_model_name(args)
-    opts = check_method_args(args)
+    opts = check_method(args)
     check_output_file(args.json, "--json")
     if args.model is None:
         from .arguments import DEFAULT_MODEL
@@ -61,17 +71,14 @@ def run(args: argparse.Namespace) -> int:
         args.pretrained = args.model.startswith("leanvit_") and has_weights(args.model)
     device = resolve_device(args)
     setup_runtime(args)
-    model = build_model_from_args(args).to(device).eval()
-    dense_macs = count_macs(model, device=device)
-    red = None
-    if args.method != "dense":
-        from .. import get_reducer, patch
-
-        patch(model, args.method, **reduction_amount(args), **opts)
-        red = get_reducer(model)
-        macs = count_macs(model, device=device)
-    else:
-        macs = dense_macs
+    model = build_model_from_args(args).eval()
+    source = settle_patch(args, model, opts)
+    model = model.to(device)
+    red = get_reducer(model)
+    # "% of dense" is of the unpatched model, also for a model that comes patched
+    dense_macs = count_macs(unpatch(copy.deepcopy(model)) if red is not None else model, device=device)
+    macs = count_macs(model, device=device) if red is not None else dense_macs
+    method = red.name if red is not None else "dense"
     size = default_input_size(model)
     timed = torch.compile(model, fullgraph=True) if args.compile else model
     tp = measure_throughput(timed, size, batch_size=args.batch_size, warmup=args.warmup, runs=args.runs,
@@ -80,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
     schedule = list(red.schedule) if red is not None else []
     row = {
         "model": args.model,
-        "method": args.method,
-        "r": args.r,
-        "budget": args.budget,
-        "keep": args.keep if args.keep is not None else opts.get("keep"),
+        "method": method,
+        "patch_source": source,
+        "r": args.r if args.r is not None else opts.get("r"),
+        "budget": red.report.get("budget") if red is not None else None,
+        "keep": red.report.get("keep") if red is not None else None,
         "options": red.options() if red is not None else {},
         "schedule": schedule,
         "schedule_counts": red.schedule_counts if red is not None else "removed",
@@ -104,8 +112,11 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(device),
     }
     amount = ", ".join(f"{k}={v}" for k, v in reduction_amount(args).items())
+    if source in ("model", "weights"):
+        amount = ", ".join([*(f"{k}={row[k]}" for k in ("keep", "budget") if row[k] is not None),
+                            "as the model comes" if source == "model" else "as --weights records"])
     print(f"model        {args.model}")
-    print(f"method       {args.method}{f' ({amount})' if amount else ''}"
+    print(f"method       {method}{f' ({amount})' if amount else ''}"
           f"{' ' + str(opts) if opts else ''}{' [torch.compile]' if args.compile else ''}"
           f"{f' [autocast {args.amp}]' if args.amp else ''}")
     if red is not None:

@@ -1,16 +1,22 @@
 """``leanvit compare``: dense vs GTP vs ToMe vs EViT at equal MACs budgets; table, JSON and Pareto plot.
 
 Defaults run the README's main job: the shipped reference teacher on the Fashion-MNIST test set.
+
+A cell a method cannot run (a budget it cannot reach on this model, a model it refuses) is a row with ``-`` figures
+and why (``"error"`` in the JSON, left out of the plot); the other cells run. ``dense`` is always the unpatched model;
+a model that comes patched (created so, or patched as its ``--weights`` file records) adds a row ``METHOD-shipped``.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import platform
 
 from ..errors import ConfigError
 from .arguments import add_data_args, add_model_args, add_runtime_args, EVAL_BATCH_SIZE
-from .build import build_loader, build_model_from_args, check_model_name, resolve_device, setup_runtime
+from .build import (adapt_run_record, as_shipped, build_loader, build_model_from_args, check_model_name, note,
+                    resolve_device, setup_runtime, shipped_phrase)
 from .methods import parse_options
 from .outputs import check_output_file
 from .parsing import add_config_arg, fraction, nonneg_int, positive_int
@@ -38,6 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="compare token-reduction methods at equal MACs budgets", description=__doc__)
     add_config_arg(p)
+    p.adapt_config = adapt_run_record  # a training run's config.yaml: its model, head and data (cli/build.py)
     add_model_args(p)
     add_data_args(p, split="test", batch_size=EVAL_BATCH_SIZE)
     p.add_argument("--methods", type=_names, default=["dense", "gtp", "tome", "evit"],
@@ -90,7 +97,14 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.plot, "--plot", plot=True)
     device = resolve_device(args)
     setup_runtime(args)
-    model = build_model_from_args(args).to(device).eval()
+    model = build_model_from_args(args, evaluated=not args.no_accuracy).eval()
+    shipped = as_shipped(args, model)
+    if shipped is not None:
+        from .. import get_reducer
+
+        note(f"{shipped_phrase(args, shipped)}; it runs as row {get_reducer(model).name}-shipped, and dense runs it "
+             f"unpatched")
+    model = model.to(device)
     loader = None if args.no_accuracy else build_loader(args, model)
     rows = run_comparison(model, loader, args.methods, args.budgets, options, seeds=args.seeds,
                           bench_batch=args.bench_batch, bench_runs=args.bench_runs, device=device,
@@ -99,15 +113,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model} on {args.data} ({args.split}, {n} images), {device}, {threads_phrase()}, "
           f"throughput at batch {args.bench_batch}")
     print(format_table(rows))
+    skipped = [r for r in rows if r.error is not None]
+    if skipped:
+        # a label with its own schedule (keep or r) has no budget (NaN)
+        cells = ", ".join(r.method if math.isnan(r.budget) else f"{r.method}@{r.budget:g}" for r in skipped)
+        print(f"{len(skipped)} of {len(rows)} cells not run: {cells}")
     meta = {"model": args.model, "data": args.data, "split": args.split, "images": n, "device": str(device),
             "threads": torch.get_num_threads(), "bench_batch": args.bench_batch, "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            # the patch the model comes with (its row is METHOD-shipped): "weights" or "model", in a few words
+            "patch_source": shipped[0] if shipped else None, "shipped_patch": shipped[1] if shipped else None}
     dicts = [{**r.as_dict(), "model": args.model} for r in rows]
     if args.json:
         write_json(args.json, {"meta": meta, "rows": dicts})
         print(f"rows written to {args.json}")
     if args.plot:
-        plot_pareto(dicts, args.plot, title=f"{args.model} on {args.data} {args.split}")
+        ran = [d for d in dicts if d.get("error") is None]  # a cell that did not run has no point
+        plot_pareto(ran, args.plot, title=f"{args.model} on {args.data} {args.split}")
         print(f"plot written to {args.plot}")
     return 0

@@ -130,6 +130,9 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
     sub = _subparser(parser, args.command)
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    adapt = getattr(sub, "adapt_config", None)  # the verb's reading of a file written for another verb (a run record)
+    if adapt is not None:
+        values = adapt(path, values, set(actions))
     unknown = sorted(k for k in values if k not in actions and k != "command")
     if unknown:
         raise ConfigError(f"config file {path} has unknown keys: {', '.join(unknown)}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..progress import track
 from ..reduce import METHODS, get_reducer, patch, unpatch
 from ..reduce.registry import own_schedule, resolve_method
@@ -42,6 +43,7 @@ class CompareRow:
     options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     schedule_counts: str = "removed"
+    error: str | None = None  # why this cell did not run (its figures are NaN, null in JSON); None when it ran
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -68,15 +70,30 @@ def _pass_generator(seed: int, device: torch.device, loader: DataLoader) -> torc
     return gen
 
 
-def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[float],
-                   method_options: dict[str, dict[str, Any]] | None = None,
-                   progress: bool = False) -> list[tuple[str, float | None, nn.Module]]:
-    """Deep copies of ``model``, one per (method, budget), patched; ``dense`` appears once at budget 1.0. A model
-    that comes patched (e.g. ``leanvit_vit_fm_teacher_idle70``) adds its own patch as a row ``METHOD-shipped``;
-    ``dense`` is then its weights unpatched.
+def budget_refusal(error: Exception, budget: float | None) -> str:
+    """The message of a method's refusal of a cell, naming the budget as the caller gave it.
 
-    A name in ``methods`` may be a label whose options carry ``method`` (see :func:`resolve_method`); a label with
-    its own schedule (``keep`` or ``r``) gives one variant with budget None."""
+    A method that solves its schedule for a budget aims below it by its own work (GTP's graph, ToMe's matching),
+    and the solver's error names that internal target (``budget 0.39194238467078485 cannot be reached``), a number
+    the user never typed: it is replaced by ``budget``."""
+    text = str(error)
+    if budget is None:
+        return text
+    return re.sub(r"^budget [0-9][0-9.eE+-]*(?= cannot be reached)", f"budget {budget}", text, count=1)
+
+
+@dataclass
+class _Cell:
+    """One (method, budget) of a comparison: its patched copy, or why it cannot run on this model."""
+
+    label: str
+    budget: float | None
+    model: nn.Module | None
+    error: str | None = None
+
+
+def _build_cells(model: nn.Module, methods: Sequence[str], budgets: Sequence[float],
+                 method_options: dict[str, dict[str, Any]] | None, progress: bool, keep_going: bool) -> list[_Cell]:
     resolved = {m: resolve_method(m, method_options) for m in methods if m != "dense"}
     jobs = [(m, b) for m, (_, opts) in resolved.items() for b in ([None] if own_schedule(opts) else budgets)]
     out = []
@@ -86,16 +103,41 @@ def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[f
         # without any patch, and every other method replaces the patch on a copy
         dense = unpatch(copy.deepcopy(model))
         if "dense" in methods:
-            out.append(("dense", 1.0, dense))
-        out.append((f"{shipped.name}-shipped", None, model))
+            out.append(_Cell("dense", 1.0, dense))
+        out.append(_Cell(f"{shipped.name}-shipped", None, model))
     elif "dense" in methods:
-        out.append(("dense", 1.0, model))
+        out.append(_Cell("dense", 1.0, model))
     for m, b in track(jobs, desc="solving schedules", enabled=progress):
         method, opts = resolved[m]
         variant = copy.deepcopy(model)
-        patch(variant, method, **({} if b is None else {"budget": b}), **opts)
-        out.append((m, b, variant))
+        try:
+            patch(variant, method, **({} if b is None else {"budget": b}), **opts)
+        except (ConfigError, UnsupportedModelError) as e:
+            why = budget_refusal(e, b)
+            if not keep_going:
+                raise type(e)(f"{m}: {why}") from None
+            out.append(_Cell(m, b, None, why))
+            continue
+        out.append(_Cell(m, b, variant))
     return out
+
+
+def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[float],
+                   method_options: dict[str, dict[str, Any]] | None = None,
+                   progress: bool = False) -> list[tuple[str, float | None, nn.Module]]:
+    """Deep copies of ``model``, one per (method, budget), patched; ``dense`` appears once at budget 1.0. A model
+    that comes patched (e.g. ``leanvit_vit_fm_teacher_idle70``) adds its own patch as a row ``METHOD-shipped``;
+    ``dense`` is then its weights unpatched.
+
+    A name in ``methods`` may be a label whose options carry ``method`` (see :func:`resolve_method`); a label with
+    its own schedule (``keep`` or ``r``) gives one variant with budget None.
+
+    Raises:
+        ConfigError, UnsupportedModelError: a (method, budget) that cannot be built, named with the budget as given
+            (:func:`run_comparison` reports such a cell as a row with ``error`` instead and runs the rest).
+    """
+    cells = _build_cells(model, methods, budgets, method_options, progress, keep_going=False)
+    return [(c.label, c.budget, c.model) for c in cells]
 
 
 def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequence[str], budgets: Sequence[float],
@@ -103,6 +145,9 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
                    bench_batch: int = 32, bench_runs: int = 3, device: str | torch.device = "cpu",
                    progress: bool = True, compile: bool = False, amp: str | None = None) -> list[CompareRow]:
     """Evaluate and time every (method, budget) on ``loader``; returns one row each (dense first).
+
+    A cell that cannot run on this model (a budget the method cannot reach, a method that refuses the model) is a
+    row with ``error`` (why, naming the budget as given) and NaN figures; the other cells run as usual.
 
     Phases, each with its progress output: solving the schedules, one evaluation pass over the data for every
     variant whose selection is deterministic (:func:`leanvit.engine.evaluate.evaluate_many`), one pass per seed for
@@ -138,26 +183,33 @@ def _run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequen
 
     method_options = method_options or {}
     model = model.to(device).eval()
-    variants = build_variants(model, methods, budgets, method_options, progress=progress)
+    cells = _build_cells(model, methods, budgets, method_options, progress, keep_going=True)
     dense_macs = count_macs(unpatch(copy.deepcopy(model)) if get_reducer(model) else model, device=device).macs
     rows: list[CompareRow] = []
-    for method, budget, variant in variants:
-        red = get_reducer(variant)
+    for cell in cells:
+        if cell.model is None:  # a cell the method cannot run: a row that says why, no figures
+            nan = float("nan")
+            rows.append(CompareRow(method=cell.label, budget=nan if cell.budget is None else cell.budget,
+                                   schedule=[], gmacs=nan, top1=nan, seeds=0, macs_ratio=nan, error=cell.error))
+            continue
+        red = get_reducer(cell.model)
         opts = red.options() if red is not None else {}
-        macs = dense_macs if red is None else red.report.get("macs") or count_macs(variant, device=device).macs
-        rows.append(CompareRow(method=method, budget=macs / dense_macs if budget is None else budget,
+        macs = dense_macs if red is None else red.report.get("macs") or count_macs(cell.model, device=device).macs
+        rows.append(CompareRow(method=cell.label, budget=macs / dense_macs if cell.budget is None else cell.budget,
                                schedule=list(red.schedule) if red else [], gmacs=macs / 1e9, top1=float("nan"),
                                macs_ratio=macs / dense_macs, options=opts,
                                schedule_counts=red.schedule_counts if red else "removed"))
-    if loader is not None:
-        reducers = [get_reducer(v) for _, _, v in variants]
-        for red in reducers:
+    # the cells that run, by their row's index
+    variants = {i: (cell.label, cell.budget, cell.model) for i, cell in enumerate(cells) if cell.model is not None}
+    if loader is not None and variants:
+        reducers = {i: get_reducer(v) for i, (_, _, v) in variants.items()}
+        for red in reducers.values():
             if red is not None:
                 red.set_stats(True)
-        fixed = {i: v for i, (_, _, v) in enumerate(variants) if not _is_random(rows[i].options)}
+        fixed = {i: v for i, (_, _, v) in variants.items() if not _is_random(rows[i].options)}
         results = evaluate_many({str(i): v for i, v in fixed.items()}, loader, device, progress=progress,
                                 desc=f"evaluating {len(fixed)} variants") if fixed else {}
-        for i, (method, budget, variant) in enumerate(variants):
+        for i, (method, budget, variant) in variants.items():
             row = rows[i]
             if i in fixed:
                 accs = [results[str(i)].top1]
@@ -183,29 +235,36 @@ def _run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequen
                 summary = reducers[i].stats_summary()
                 if "lost_token_fraction" in summary:
                     row.extra["lost_token_fraction"] = summary["lost_token_fraction"]
-        for red in reducers:
+        for red in reducers.values():
             if red is not None:
                 red.set_stats(False)  # timed without the bookkeeping
-    if bench_runs > 0:
-        named = {f"{m}@{b}": torch.compile(v, fullgraph=True) if compile else v for m, b, v in variants}
-        speed = compare_throughput(named, batch_size=bench_batch, runs=bench_runs, device=device,
+    if bench_runs > 0 and variants:
+        named = {i: (f"{m}@{b}", torch.compile(v, fullgraph=True) if compile else v)
+                 for i, (m, b, v) in variants.items()}
+        speed = compare_throughput(dict(named.values()), batch_size=bench_batch, runs=bench_runs, device=device,
                                    progress=progress, amp=amp)
         base = speed.get("dense@1.0")
-        for row, key in zip(rows, named):
-            row.images_per_s = speed[key]
+        for i, (key, _) in named.items():
+            rows[i].images_per_s = speed[key]
             if base:
-                row.speedup = speed[key] / base
+                rows[i].speedup = speed[key] / base
     return rows
 
 
 def format_table(rows: Sequence[CompareRow]) -> str:
     """A plain-text table of the comparison (the CLI prints it; README and BENCHMARKS.md quote it). The schedule
-    column gives the image tokens removed per block; an idling method's (tokens idle per block) is marked ``idle``."""
+    column gives the image tokens removed per block; an idling method's (tokens idle per block) is marked ``idle``.
+    A cell that did not run (``error``) has ``-`` for its figures and ``not run: WHY`` in the schedule column."""
     w = max([9, *(len(r.method) for r in rows)])
     head = (f"{'method':<{w}} {'budget':>6} {'GMACs':>8} {'MACs %':>7} {'top-1 %':>13} {'img/s':>8} {'speed-up':>8}"
             "  schedule")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r.error is not None:  # a cell that did not run: no figures, and why
+            budget = "-" if math.isnan(r.budget) else f"{r.budget:.2f}"
+            lines.append(f"{r.method:<{w}} {budget:>6} {'-':>8} {'-':>7} {'-':>13} {'-':>8} {'-':>8}  "
+                         f"not run: {r.error}")
+            continue
         acc = f"{r.top1:.2f}" + (f" ± {r.top1_std:.2f}" if r.seeds > 1 else "")
         ips = "-" if math.isnan(r.images_per_s) else f"{r.images_per_s:.1f}"
         gain = "-" if math.isnan(r.speedup) else f"{r.speedup:.2f}x"
