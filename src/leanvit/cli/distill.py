@@ -7,6 +7,11 @@ the student), so ``-c configs/fmnist_student.yaml`` trains the reference student
         -o runs/pefd --resume
 
 Projectors are saved in OUTPUT/last.pt with the optimiser; OUTPUT/model.safetensors holds the student alone.
+
+The method and every setting of its loss (--distill-weight, --ce-weight, --kd-temperature, --projectors,
+--no-projector-relu, the teacher and its weights) are part of the run: --resume with another value is refused.
+A teacher's pretrained weights are loaded offline (leanvit's models) or given with --teacher-weights FILE; a timm
+teacher's hub weights are downloaded only with --download.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .arguments import add_model_args, add_runtime_args
 from .parsing import add_config_arg
-from .train import add_train_options, run_training
+from .train import add_train_options, check_teacher, create_teacher, run_training
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,15 +65,19 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             "relu": args.projector_relu}
 
 
+# the config.yaml key (and flag) of each method option, to name it when a resume is refused
+_OPTION_KEYS = {"weight": "distill_weight", "temperature": "kd_temperature", "projectors": "projectors",
+                "relu": "projector_relu"}
+
+
 def run(args: argparse.Namespace) -> int:
     from ..distill import check_options
-    from ..models.factory import check_model_name
 
-    # the method, its options and the teacher's name are checked before any model or data is loaded (the student,
-    # data and output by run_training)
-    check_options(args.method, args.teacher is not None, args.ce_weight, **_options(args))
+    # the method, its options and the teacher (name, weights) are checked before any model or data is loaded (the
+    # student, data and output by run_training)
+    ce_weight, resolved = check_options(args.method, args.teacher is not None, args.ce_weight, **_options(args))
     if args.teacher is not None:
-        check_model_name(args.teacher)
+        check_teacher(args)
     if args.teacher_cache is not None:
         from ..errors import ConfigError
         from .outputs import check_output_dir
@@ -78,17 +87,20 @@ def run(args: argparse.Namespace) -> int:
         # the cache is first written at the first checkpoint or epoch end: a folder that cannot be created or
         # written must be refused now, not after that work
         check_output_dir(args.teacher_cache, "--teacher-cache")
-    return run_training(args, _losses, run_info={"teacher": args.teacher, "method": args.method})
+    # the loss, resolved (a method's default stands for itself), is part of the run's identity: a resume with
+    # another value is refused, naming it
+    loss = {"ce_weight": ce_weight, **{_OPTION_KEYS.get(k, k): v for k, v in resolved.items()},
+            "teacher_weights": args.teacher_weights}
+    return run_training(args, _losses, run_info={"teacher": args.teacher, "method": args.method, "loss": loss})
 
 
 def _losses(args: argparse.Namespace, model: nn.Module) -> tuple[list[LossTerm], nn.Module | None, float]:
     from ..distill import build_terms
     from ..engine import init_distributed
-    from ..models import create_model
 
     teacher = None
     if args.teacher:
-        teacher = create_model(args.teacher, pretrained=args.teacher_weights is None, weights=args.teacher_weights)
+        teacher = create_teacher(args, model)  # refused in one line if it cannot read the student's input
     d = build_terms(args.method, model, teacher, args.ce_weight, **_options(args))
     if init_distributed(args.device).is_main:
         n_proj = sum(p.numel() for t in d.terms for p in t.parameters())

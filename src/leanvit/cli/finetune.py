@@ -7,7 +7,13 @@ MODEL starts from its pretrained (zoo) weights, or from ``--weights FILE``, and 
 of it is the teacher of self-distillation (KL on the logits + MSE of L2-normalised pre-logits features); a method
 whose reducer records ``cut_inputs`` (``idle``) adds the token cut loss. The cls token and the position embedding
 are frozen and an EMA of the weights is kept (OUTPUT/model_ema.safetensors). OUTPUT/config.yaml records the patch
-(``patch: {method, keep | budget | r, options}``), and resuming with another patch is refused.
+(``patch: {method, keep | budget | r, options}``), and resuming with another patch, other loss weights, other
+frozen parameters or other starting weights (the teacher's) is refused.
+
+A model that is created patched (``leanvit_vit_fm_teacher_idle70`` and the other fine-tuned zoo models) is
+fine-tuned from its weights with its patch replaced by METHOD, and its teacher is the same weights unpatched (the
+dense model): the run says so. A timm model's pretrained weights are downloaded from the hub only with --download
+(or give them with --weights FILE).
 
 Every option of ``leanvit train`` works here (``-c config.yaml``, ``--resume``, torchrun); its defaults are the
 recipe's (authors' code: github.com/Ackesnal/IdleViT, main.py and the README's training command):
@@ -125,12 +131,16 @@ def _patch_and_terms(args: argparse.Namespace, model: nn.Module, options: dict[s
     (config.yaml) and ``info`` (the checkpoint's run information), and build the recipe's loss terms."""
     import copy
 
-    from .. import get_reducer, patch
+    from .. import get_reducer, patch, unpatch
     from ..engine import init_distributed
     from ..engine.losses import TokenCutTerm
     from ..finetune import finetune_terms
 
     teacher = copy.deepcopy(model)
+    created = get_reducer(teacher)
+    if created is not None:
+        # a model created patched (a fine-tuned zoo model): its dense self is the teacher, not its patched self
+        unpatch(teacher)
     # the amount may come as --keep or as -O keep=... (check_method_args allows one of them)
     amount = {**reduction_amount(args), **{k: v for k, v in options.items() if k in ("r", "budget", "keep")}}
     patch(model, args.method, **reduction_amount(args), **options)
@@ -138,7 +148,17 @@ def _patch_and_terms(args: argparse.Namespace, model: nn.Module, options: dict[s
     args.patch = info["patch"] = record
     terms = finetune_terms(model, token_cut_weight=args.token_cut_weight, logits_weight=args.sd_logits_weight,
                            features_weight=args.sd_features_weight)
+    # the loss and the teacher's weights (the starting weights) are part of the run's identity: a resume with other
+    # values is refused, naming the setting (the patch is compared as run_info["patch"])
+    info["loss"] = {"sd_logits_weight": args.sd_logits_weight, "sd_features_weight": args.sd_features_weight,
+                    "weights": args.weights}
+    if any(isinstance(t, TokenCutTerm) for t in terms):
+        info["loss"]["token_cut_weight"] = args.token_cut_weight
     if init_distributed(args.device).is_main:
+        if created is not None:
+            was = ", ".join(f"{k}={created.report[k]}" for k in ("r", "budget", "keep") if k in created.report)
+            print(f"finetune: {args.model} is created patched ({created.name}{', ' if was else ''}{was}); its "
+                  f"teacher is the same weights unpatched (dense), and {args.method} replaces its patch")
         parts = ", ".join(f"{t.name} {t.weight:g}" for t in terms)
         if args.token_cut_weight > 0 and not any(isinstance(t, TokenCutTerm) for t in terms):
             parts += f" (no token cut: {args.method} idles no tokens)"

@@ -1,5 +1,7 @@
 """``leanvit vis``: for one image, per block, what each method did to every token: kept, propagated (GTP, and into
-which neighbours), merged (ToMe, EViT's fused token), removed, idle or re-activated (IdleViT), as one PNG grid."""
+which neighbours), merged (ToMe, EViT's fused token), removed, idle or re-activated (IdleViT), as one PNG grid:
+one row per method, one column per block (numbered from 1, as ``leanvit analyze`` and the README count them), and
+a legend of the colours and marks under the maps."""
 from __future__ import annotations
 
 import argparse

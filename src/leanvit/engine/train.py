@@ -350,24 +350,47 @@ class Trainer:
         self.best_top1 = float(state.get("best_top1", -1.0))
         self._partial = state.get("partial")
 
+    # the settings of TrainConfig that decide what the run optimises and along which schedule: a resume with
+    # another value would continue a run that no single setting describes (and the optimiser's and scheduler's
+    # states, loaded from the checkpoint, would quietly keep the old lr, weight decay and schedule)
+    IDENTITY = ("batch_size", "epochs", "seed", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
+                "mixup", "cutmix", "ema_decay", "clip_grad", "frozen")
+
     def resume(self, path: str | Path | None = None) -> bool:
-        """Load ``path`` (default ``output/last.pt``) if it exists; returns whether anything was loaded."""
+        """Load ``path`` (default ``output/last.pt``) if it exists; returns whether anything was loaded.
+
+        Refused (:class:`ConfigError`, one line naming the setting, the recorded value and this run's) when the
+        checkpoint's run differs from this one in its identity: ``run_info``'s model, data, split, teacher,
+        distillation method and token-reduction patch, the loss settings in ``run_info["loss"]`` and the other
+        settings in ``run_info["settings"]`` (each compared where both runs record it), the settings of
+        :attr:`IDENTITY`, and the loss terms' names and weights.
+        """
         path = Path(path) if path else self.last_path
         if not path.is_file():
             return False
         state = load_checkpoint(path)
-        saved = state.get("config", {})
-        for key in ("batch_size", "epochs", "seed"):
-            if key in saved and saved[key] != getattr(self.cfg, key):
-                raise ConfigError(f"cannot resume {path}: it was run with {key}={saved[key]}, now "
-                                  f"{key}={getattr(self.cfg, key)}; resume with the same settings")
+        again = "resume with the same settings or choose another --output"
         # what the run trains and how: the same model, data, teacher, distillation method and token-reduction
-        # patch (leanvit finetune), the same loss terms
+        # patch (leanvit finetune), the same loss settings and training set, the same loss terms
         was, now = state.get("run_info", {}), self.run_info
-        for key in ("model", "data", "teacher", "method", "patch"):
+        for key in ("model", "data", "split", "teacher", "method", "patch"):
             if key in was and key in now and was[key] != now[key]:
-                raise ConfigError(f"cannot resume {path}: it was run with {key} {was[key]}, now {now[key]}; resume "
-                                  f"with the same settings or choose another --output")
+                raise ConfigError(f"cannot resume {path}: it was run with {key} {was[key]}, now {now[key]}; {again}")
+        for group, what in (("loss", "its loss terms differ from this command's: "), ("settings", "")):
+            old, new = was.get(group) or {}, now.get(group) or {}
+            for key in old.keys() & new.keys():
+                if old[key] != new[key]:
+                    raise ConfigError(f"cannot resume {path}: {what}it was run with {key}={old[key]}, now "
+                                      f"{key}={new[key]}; {again}")
+        saved = state.get("config", {})
+
+        def plain(v: Any) -> Any:  # a sequence as a list: a tuple in this config, maybe a list once saved
+            return list(v) if isinstance(v, (tuple, list)) else v
+
+        for key in self.IDENTITY:
+            if key in saved and plain(saved[key]) != plain(getattr(self.cfg, key)):
+                raise ConfigError(f"cannot resume {path}: it was run with {key}={plain(saved[key])}, now "
+                                  f"{key}={plain(getattr(self.cfg, key))}; {again}")
         terms = self._terms_desc()
         if "terms" in state and [tuple(t) for t in state["terms"]] != terms:
             raise ConfigError(f"cannot resume {path}: its loss terms were {state['terms']}, now {terms} "
@@ -537,7 +560,8 @@ class Trainer:
     def _fit(self) -> TrainResult:
         cfg = self.cfg
         log = print if self.dist.is_main else (lambda *a, **k: None)
-        if self.epoch >= cfg.epochs:
+        trained = self.epoch < cfg.epochs
+        if not trained:
             log(f"nothing to do: {self.epoch} of {cfg.epochs} epochs already done ({self.last_path})")
         while self.epoch < cfg.epochs:
             row = {"epoch": self.epoch + 1, "step": 0}
@@ -560,7 +584,7 @@ class Trainer:
             if self.dist.is_main:
                 if "val_top1" in row and row["val_top1"] > self.best_top1:
                     self.best_top1 = row["val_top1"]
-                    save_weights(self.model, self.output / "best.safetensors")
+                    save_weights(self.model, self.output / "best.safetensors", metadata=self._weights_metadata())
                 save_checkpoint(self.state_dict(), self.last_path)
                 self._write_logs()
                 msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
@@ -568,12 +592,18 @@ class Trainer:
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(row)
             barrier(self.dist)
-        if self.dist.is_main:
-            # mappings and lists (e.g. leanvit finetune's patch) as JSON, so that an export can read them back
-            meta = {k: json.dumps(to_json_safe(v)) if isinstance(v, (dict, list)) else str(v)
-                    for k, v in self.run_info.items()}
+        # a resumed run with nothing left to do keeps the weights (and their metadata: the command that trained
+        # them) it has; they are written only when missing (a run stopped after its last checkpoint)
+        if self.dist.is_main and (trained or not (self.output / "model.safetensors").is_file()):
+            meta = self._weights_metadata()
             save_weights(self.model, self.output / "model.safetensors", metadata=meta)
             if self.ema is not None:
                 save_weights(self.ema.module, self.output / "model_ema.safetensors", metadata=meta)
         barrier(self.dist)
         return TrainResult(self.history, self.output)
+
+    def _weights_metadata(self) -> dict[str, str]:
+        """The run information written into every exported weights file (model, best, EMA): mappings and lists
+        (e.g. leanvit finetune's patch) as JSON, so that an export can read them back."""
+        return {k: json.dumps(to_json_safe(v)) if isinstance(v, (dict, list)) else str(v)
+                for k, v in self.run_info.items()}

@@ -28,9 +28,29 @@ def token_map(source: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
     return groups.reshape(h, w)
 
 
+def _legend_handles(tints: dict[int, tuple[float, float, float]], merged: tuple[float, ...]) -> list:
+    """One entry per colour or mark the maps use (the same in every figure, so that figures compare)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from ..reduce.types import IDLE, REACTIVATED, REMOVED
+
+    return [
+        Patch(facecolor=tints[REMOVED], label="removed"),
+        Patch(facecolor=merged, label="merged (a colour per token)"),
+        Patch(facecolor=tints[IDLE], label="idle"),
+        Patch(facecolor=tints[REACTIVATED], label="re-activated"),
+        Line2D([], [], color="red", marker="o", ms=4, ls="", label="propagated here"),
+        Line2D([], [], color="yellow", lw=1.5, label="graph edge"),
+        Line2D([], [], color="cyan", lw=1.5, label="fallback edge"),
+        Line2D([], [], color="black", marker="x", ms=5, mew=1.2, ls="", label="lost"),
+    ]
+
+
 def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tuple[int, int],
                     path: str | Path, title: str = "", max_arrows: int = 64) -> Path:
-    """One row per method, one column per reducing block.
+    """One row per method, one column per reducing block; blocks are numbered from 1, as in ``leanvit analyze``
+    and the README, and a legend under the maps names every colour and mark.
 
     Args:
         image: the input ``(C, H, W)`` (normalised is fine; it is rescaled for display).
@@ -56,11 +76,18 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
     ph, pw = H / h, W / w
     cols = max((len(t) for t in traces.values()), default=0) + 1
     rows = max(len(traces), 1)
-    fig = new_figure(figsize=(2.1 * cols, 2.2 * rows), dpi=110)
-    axes = fig.subplots(rows, cols, squeeze=False)
     cmap = colormaps["tab20"]
     tints = {PROPAGATED: (0.15, 0.3, 0.75), REMOVED: (0.15, 0.3, 0.75), IDLE: (0.5, 0.5, 0.5),
              REACTIVATED: (1.0, 0.55, 0.0)}
+    handles = _legend_handles(tints, cmap(4)[:3])  # a merge colour unlike the tints
+    per_row = min(len(handles), max(1, int(2.1 * cols / 1.3)))  # about 1.3 inches per legend entry at font size 7
+    legend_rows = -(-len(handles) // per_row)
+    fig = new_figure(figsize=(2.1 * cols, 2.2 * rows + 0.3 * legend_rows + 0.1), dpi=110)
+    # the maps, and under them a strip of the figure's width for the legend: an axes of its own, so that the
+    # tight layout applied when saving makes room for it
+    gs = fig.add_gridspec(rows + 1, cols, height_ratios=[2.2] * rows + [0.3 * legend_rows])
+    axes = np.array([[fig.add_subplot(gs[r, c]) for c in range(cols)] for r in range(rows)])
+    legend_ax = fig.add_subplot(gs[rows, :])
     for ri, (label, log) in enumerate(traces.items()):
         ax = axes[ri][0]
         ax.imshow(base, cmap="gray" if base.ndim == 2 else None)
@@ -106,7 +133,8 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
                         ax.plot(x0, y0, "o", color="red", ms=2.5)
                     else:
                         ax.plot(x0, y0, "x", color="black", ms=3.5, mew=1.0)
-            ax.set_title(f"block {int(entry['block'])}: {int(entry['tokens'])} tok", fontsize=8)
+            # trace records number blocks from 0 (Python's index); people count them from 1
+            ax.set_title(f"block {int(entry['block']) + 1}: {int(entry['tokens'])} tok", fontsize=8)
         for ci in range(len(log) + 1, cols):
             axes[ri][ci].axis("off")
     for ax in axes.flat:
@@ -114,4 +142,7 @@ def plot_token_maps(image: torch.Tensor, traces: dict[str, list[dict]], grid: tu
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
+    legend_ax.axis("off")
+    legend_ax.legend(handles=handles, loc="center", ncol=per_row, fontsize=7, frameon=False, handlelength=1.5,
+                     columnspacing=1.0)
     return save_figure(fig, path)
