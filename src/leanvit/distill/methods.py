@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from ..engine.losses import LogitKDTerm, LossTerm, ProjectedFeatureTerm, ProjectedLogitKDTerm
-from ..models.features import probe_widths
+from ..models.factory import check_reads_input
 from ..models.projectors import ProjectorEnsemble
 from ..errors import ConfigError
 from ..options import Option, check_options as check_schema
@@ -164,7 +164,7 @@ def build_terms(method: str, student: nn.Module, teacher: nn.Module | None = Non
     """The loss terms of ``method`` for this student / teacher pair, with projectors sized to their features.
 
     Feature widths and class counts are read by a dry forward pass of two blank images of the student's input
-    size through each model (:func:`~leanvit.distill.features.probe_widths`), which also checks that the teacher
+    size through each model (:func:`~leanvit.models.factory.check_reads_input`), which also checks that the teacher
     accepts the student's input: during training it sees the student's (augmented) images.
 
     Example::
@@ -179,18 +179,9 @@ def build_terms(method: str, student: nn.Module, teacher: nn.Module | None = Non
 
 
 def _widths(student: nn.Module, teacher: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``((student features, student classes), (teacher features, teacher classes))``."""
-    from ..analysis.macs import default_input_size
-
-    size = default_input_size(student)
-    s = probe_widths(student, size)
-    try:
-        t = probe_widths(teacher, size)
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise ConfigError(f"the teacher cannot read the student's {'x'.join(map(str, size))} input, which it sees "
-                          f"during training ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                          ) from None
-    return s, t
+    """``((student features, student classes), (teacher features, teacher classes))``: the one input check every
+    verb shares (:func:`leanvit.models.factory.check_reads_input`)."""
+    return check_reads_input(teacher, student)
 
 
 def _classes(method: str, student: nn.Module, teacher: nn.Module) -> int:
