@@ -49,3 +49,16 @@ def test_a_required_option_may_come_from_the_config(tmp_path):
 
     with pytest.raises(ConfigError, match="required"):
         parse_with_config(build_parser(), ["train"])
+
+
+def test_suite_collects_under_importlib_mode():
+    """Test modules import shared helpers from conftest only (never from each other), which works in every
+    pytest import mode; a test module importing another breaks under ``--import-mode=importlib``."""
+    import pathlib
+    import re
+
+    tests = pathlib.Path(__file__).parent
+    stems = {p.stem for p in tests.glob("test_*.py")}
+    for path in tests.glob("*.py"):
+        for name in re.findall(r"^\s*(?:from|import) (test_\w+)", path.read_text(), flags=re.M):
+            assert name not in stems, f"{path.name} imports from {name}.py: move the helper to conftest.py"
