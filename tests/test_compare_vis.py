@@ -214,7 +214,7 @@ def test_trace_states_of_every_method():
     """The trace says what happened to each patch: ToMe merges, EViT fuses (merged) or drops (removed), GTP
     propagates (and, as published, loses orphans), IdleViT idles and re-activates."""
     from leanvit.reduce.types import IDLE, KEPT, MERGED, PROPAGATED, REACTIVATED, REMOVED
-    from test_reduce import image, make
+    from conftest import image, make
 
     x = image(96, batch=1)
     found = {}
@@ -291,7 +291,7 @@ def test_compare_a_model_that_comes_patched():
     """A fine-tuned zoo model comes patched: its patch is a row of its own, dense is its weights unpatched, and the
     other methods replace the patch on copies (the model itself is left as it came)."""
     from leanvit.experiments.compare import run_comparison
-    from test_reduce import make
+    from conftest import make
 
     model = leanvit.patch(make("deit", img_size=96, depth=4), "idle", keep=0.5)
     rows = run_comparison(model, None, ["dense", "evit"], [0.7], bench_runs=0, progress=False)

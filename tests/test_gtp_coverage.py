@@ -2,7 +2,7 @@
 (``nearest``) or merged (``merge``). Exactness at r=0, the no-orphan property on a graph checked by hand, token
 sizes, batch consistency, the published default unchanged, and the trace that ``leanvit vis`` draws.
 
-Tiny models with random weights (helpers from test_reduce.py), so the file runs in seconds on one CPU thread.
+Tiny models with random weights (helpers from conftest.py), so the file runs in seconds on one CPU thread.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """IdleViT (token idling): exactness at keep 1.0, the gathered path against a reference written from the paper's
 rules, masked and gathered paths agreeing, re-selection, schedules, budgets, MACs and errors.
 
-Tiny timm models with random weights (helpers from test_reduce.py), so the file runs in seconds on one thread.
+Tiny timm models with random weights (helpers from conftest.py), so the file runs in seconds on one thread.
 """
 from __future__ import annotations
 
