@@ -270,7 +270,7 @@ def test_budget_never_returns_silently_unpatched(monkeypatch):
     import leanvit.reduce.adapters.base as adapter_base
 
     model = budget_model()
-    monkeypatch.setattr(adapter_base, "count_macs", lambda m: type("R", (), {"macs": 1_000_000})())  # a method whose work eats every saving
+    monkeypatch.setattr(adapter_base, "count_macs", lambda m, *a: type("R", (), {"macs": 1_000_000})())  # a method whose work eats every saving
     try:
         leanvit.patch(model, "gtp", budget=0.99)
     except ConfigError:

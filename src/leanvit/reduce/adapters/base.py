@@ -83,6 +83,11 @@ class ModelAdapter:
     def remove(self, model: nn.Module) -> None:
         raise NotImplementedError
 
+    def input_size(self, model: nn.Module) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` the model's MACs are counted at (None: :func:`~leanvit.analysis.macs.count_macs`' default,
+        read from a timm model's pretrained config)."""
+        return None
+
     # ------------------------------------------------------------------------------------- shared patching
     def patch(self, model: nn.Module, cls: type[TokenReducer], r: Any, budget: float | None, keep: Any,
               measure: bool, options: dict[str, Any]) -> nn.Module:
@@ -106,7 +111,8 @@ class ModelAdapter:
 
     def _patch_budget(self, model: nn.Module, cls: type[TokenReducer], info: ViTInfo, budget: float, measure: bool,
                       options: dict[str, Any], report: dict[str, Any]) -> nn.Module:
-        dense = int(count_macs(model).macs)
+        size = self.input_size(model)
+        dense = int(count_macs(model, size).macs)
         other = dense - block_macs(info.blocks, [0] * info.depth, info.num_prefix, info.num_image)
         report.update(budget=budget, dense_macs=dense)
         target = budget
@@ -119,7 +125,7 @@ class ModelAdapter:
             self.apply(model, reducer)
             if not measure:
                 return model
-            reached = int(count_macs(model).macs)
+            reached = int(count_macs(model, size).macs)
             reducer.reset_stats()  # the counting forward is not an evaluation
             reducer.report.update(macs=reached, achieved=reached / dense)
             if reached <= budget * dense or target <= 0.05:

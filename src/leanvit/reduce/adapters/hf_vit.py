@@ -1,0 +1,381 @@
+"""Hugging Face ``transformers`` ViTs: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
+``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher``, with any ``attn_implementation``
+(the patched layers compute the attention themselves, from the layers' own weights).
+
+What differs from timm (:mod:`.timm_vit`) is only the layout, handled here so that the methods stay the same:
+
+* the layers are ``model[.vit|.deit].layers`` (transformers 5) or ``...encoder.layer`` (transformers 4);
+* the attention has separate query, key and value projections (``q_proj``/``k_proj``/``v_proj``/``o_proj`` in
+  transformers 5, ``attention.attention.query``... and ``attention.output.dense`` in 4). Patching attaches to each
+  layer an :class:`AttentionView` that presents them in timm's layout (``qkv``, ``q_norm``, ``k_norm``, ``proj``,
+  ``attn_drop``, ``proj_drop``, ``num_heads``, ``scale``), which :mod:`leanvit.reduce.attention` reads. It is a
+  plain object kept in the layer's ``__dict__`` (not a submodule), so state-dict keys do not change, and it reads
+  the layer's own modules at every call, so ``.to()``, ``.train()`` and loaded weights reach it;
+* the prefix tokens are cls (ViT) or cls + distillation (DeiT); every supported head reads them only.
+
+Patching swaps each ``ViTLayer``/``DeiTLayer``'s class for a reducing subclass (made once per original class and
+reachable as an attribute of this module, so patched models pickle) whose forward is HF's:
+``x + dropout(o_proj(attn(layernorm_before(x))))`` -> reduce -> ``x + dropout(fc2(act(fc1(layernorm_after(x)))))``.
+``transformers`` is imported only when one of its models is patched.
+
+Refused while patched (:class:`~leanvit.errors.UnsupportedModelError`): attention masks and ``head_mask``;
+``output_attentions`` (the patched layers do not run HF's attention module, so its maps would be missing);
+``output_hidden_states`` with a schedule that removes tokens under transformers 5 (the layers' outputs would have
+different token counts; transformers 4 collects them outside the layers, where leanvit cannot check, and returns
+them with the reduced token counts); gradient checkpointing in training; input sizes other than the model's with a
+reducing schedule.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from inspect import signature
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import UnsupportedModelError
+from ...ops.schedule import BlockShape
+from ...ops.select import gather_tokens
+from ..base import TokenReducer
+from ..types import ViTInfo
+from .base import REDUCER_ATTR, ModelAdapter, register_adapter
+
+# model class name -> attribute holding the base model (None: the model is the base model)
+SUPPORTED = {
+    "ViTModel": None, "ViTForImageClassification": "vit",
+    "DeiTModel": None, "DeiTForImageClassification": "deit", "DeiTForImageClassificationWithTeacher": "deit",
+}
+LAYER_CLASSES = ("ViTLayer", "DeiTLayer")
+VIEW_ATTR = "_leanvit_view"
+
+
+def _fail(model: nn.Module, why: str) -> None:
+    raise UnsupportedModelError(
+        f"leanvit cannot patch {type(model).__name__}: {why}. Supported from transformers: "
+        f"{', '.join(SUPPORTED)} (CLIP, SigLIP, DINOv2 and other families are not supported yet).")
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+class _Layout:
+    """Where one HF layer keeps its pieces (transformers 5 or 4)."""
+
+    def __init__(self, layer: nn.Module):
+        att = layer.attention
+        if hasattr(att, "q_proj"):  # transformers 5: ViTAttention with q/k/v/o projections, ViTMLP
+            self.new = True
+            self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+            self.num_heads = int(att.num_attention_heads)
+            self.head_dim = int(att.head_dim)
+            self.attn_p = float(att.attention_dropout)
+            self.scale = float(att.scaling)
+            self.fc1, self.fc2 = layer.mlp.fc1, layer.mlp.fc2
+        else:  # transformers 4: attention.attention (self-attention) + attention.output, intermediate, output
+            self.new = False
+            sa = att.attention
+            self.q, self.k, self.v, self.o = sa.query, sa.key, sa.value, att.output.dense
+            self.num_heads = int(sa.num_attention_heads)
+            self.head_dim = int(sa.attention_head_size)
+            # 4.48+ keeps the probability and the scaling; earlier versions an nn.Dropout and no scaling
+            self.attn_p = float(sa.dropout_prob if hasattr(sa, "dropout_prob") else sa.dropout.p)
+            self.scale = float(getattr(sa, "scaling", self.head_dim ** -0.5))
+            self.fc1, self.fc2 = layer.intermediate.dense, layer.output.dense
+
+
+class _Dropout:
+    """Dropout of probability ``p`` that follows ``owner``'s training flag (timm's ``attn_drop`` reads ``.p``)."""
+
+    def __init__(self, owner: nn.Module, p: float):
+        self.owner, self.p = owner, p
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return F.dropout(t, self.p, self.owner.training) if self.p > 0 else t
+
+
+class _QKV:
+    """timm's fused ``qkv`` Linear from three separate projections: ``(B, N, 3 * A)`` in q, k, v order; ``weight``
+    and ``bias`` are the concatenated parameters (read by the subset attention of idling)."""
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear):
+        self.q, self.k, self.v = q, k, v
+        self.in_features = q.in_features
+        self.out_features = q.out_features + k.out_features + v.out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.q(x), self.k(x), self.v(x)), dim=-1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat((self.q.weight, self.k.weight, self.v.weight))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if self.q.bias is None:
+            return None
+        return torch.cat((self.q.bias, self.k.bias, self.v.bias))
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class AttentionView:
+    """One HF layer's attention in timm's ``Attention`` layout, for :mod:`leanvit.reduce.attention`."""
+
+    def __init__(self, layer: nn.Module):
+        lay = _Layout(layer)
+        self.layer = layer
+        self.qkv = _QKV(lay.q, lay.k, lay.v)
+        self.q_norm = self.k_norm = _identity
+        self.proj = lay.o
+        self.num_heads = lay.num_heads
+        self.head_dim = lay.head_dim
+        self.scale = lay.scale
+        self.attn_drop = _Dropout(layer, lay.attn_p)
+        # the dropout after the output projection: the layer's hidden dropout (5) or the attention output's (4)
+        self.proj_drop = layer.dropout if lay.new else layer.attention.output.dropout
+
+    @property
+    def training(self) -> bool:
+        return self.layer.training
+
+
+# ----------------------------------------------------------------------------------------------- layers
+class _ReducingHFLayer:
+    """The forward every patched HF layer runs; mixed into a subclass of the layer's own class."""
+
+    _leanvit_reducer: TokenReducer
+    _leanvit_index: int
+
+    def _begin(self, x: torch.Tensor) -> TokenReducer:
+        if self.training and getattr(self, "gradient_checkpointing", False):
+            raise UnsupportedModelError("token reduction cannot be combined with gradient checkpointing (the "
+                                        "recomputed forward would run the reducer twice)")
+        red = self._leanvit_reducer.for_thread()
+        if self._leanvit_index == 0:
+            n_img = x.shape[1] - red.info.num_prefix
+            if n_img != red.info.num_image and red.reducing:
+                raise UnsupportedModelError(
+                    f"the input gives {n_img} image tokens but the patch was set up for the model's "
+                    f"{red.info.grid[0]}x{red.info.grid[1]} grid ({red.info.num_image} tokens); token reduction "
+                    f"needs images of the model's native size (or patch with r=0)")
+            red.training = self.training
+            red.begin(x)
+        return red
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        red = self._begin(x)
+        i = self._leanvit_index
+        view: AttentionView = self.__dict__[VIEW_ATTR]
+        x = red.before_attn(i, x)
+        a = red.attend(i, view, self.layernorm_before(x))  # proj_drop applies the layer's attention dropout
+        if a.index is not None:  # the attention computed a subset: so does the rest of the layer
+            x = gather_tokens(x, a.index)
+        x = x + a.x
+        x = red.reduce(i, x, a)
+        y = self._mlp(self.layernorm_after(x))
+        x = x + (y if a.gate is None else y * a.gate)
+        x = red.after_mlp(i, x)
+        return red.end(x) if i == red.info.depth - 1 else x
+
+
+class _ReducingLayer5(_ReducingHFLayer):
+    """transformers 5: ``forward(hidden_states, attention_mask=None, **kwargs) -> Tensor``."""
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.mlp(x))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        if attention_mask is not None:
+            raise UnsupportedModelError("token reduction cannot be combined with attention masks")
+        config = self.attention.config
+        if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+            raise UnsupportedModelError("output_attentions is not supported on a token-reduced model: its layers do "
+                                        "not run the attention module whose maps transformers records")
+        if kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False)):
+            red = self._leanvit_reducer
+            if red.reducing and not red.keeps_all_tokens:
+                raise UnsupportedModelError("output_hidden_states is not supported on a token-reduced model: its "
+                                            "layers return different token counts (patch with r=0 to get them)")
+        return self._run(hidden_states)
+
+
+class _ReducingLayer4(_ReducingHFLayer):
+    """transformers 4: ``forward(hidden_states, head_mask=None, output_attentions=False) -> (Tensor,)``."""
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output.dropout(self.output.dense(self.intermediate(x)))
+
+    def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None,
+                output_attentions: bool = False, **kwargs: Any) -> tuple[torch.Tensor]:
+        if head_mask is not None:
+            raise UnsupportedModelError("token reduction cannot be combined with head_mask")
+        if output_attentions:
+            raise UnsupportedModelError("output_attentions is not supported on a token-reduced model: its layers do "
+                                        "not return attention maps")
+        return (self._run(hidden_states),)
+
+
+def _recording(module: nn.Module) -> bool:
+    """Whether transformers 4.56-4.57 has replaced ``module.forward`` by its output-recording wrapper (after the call
+    it puts back the original as a bound method of the module, which does not count).
+
+    Those versions put the original back only when the forward returns: after a forward that raised (a refusal
+    here included) the wrappers stay, and the model keeps recording (and being refused) until the next forward
+    that asks for the outputs succeeds on the unpatched model, or the wrappers are deleted from the modules'
+    ``__dict__``."""
+    f = module.__dict__.get("forward")
+    return f is not None and getattr(f, "__self__", None) is not module
+
+
+class _ReducingLayer456(_ReducingHFLayer):
+    """transformers 4.56 to 4.57: ``forward(hidden_states, head_mask=None) -> Tensor``; ``output_attentions`` and
+    ``output_hidden_states`` are collected by replacing the ``forward`` of the recorded modules' instances for the
+    call, which is how they are detected here."""
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output.dropout(self.output.dense(self.intermediate(x)))
+
+    def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        if head_mask is not None:
+            raise UnsupportedModelError("token reduction cannot be combined with head_mask")
+        if any(_recording(m) for m in self.attention.modules()):
+            raise UnsupportedModelError("output_attentions is not supported on a token-reduced model: its layers do "
+                                        "not run the attention module whose maps transformers records")
+        red = self._leanvit_reducer
+        if _recording(self) and red.reducing and not red.keeps_all_tokens:
+            raise UnsupportedModelError("output_hidden_states is not supported on a token-reduced model: its "
+                                        "layers return different token counts (patch with r=0 to get them)")
+        return self._run(hidden_states)
+
+
+_REDUCING: dict[type, type] = {}  # original layer class -> reducing subclass
+
+
+def _reducing_name(original: type) -> str:
+    return f"Reducing{original.__name__}"
+
+
+def reducing_class(original: type) -> type:
+    """The reducing subclass of an HF layer class, made once and published as an attribute of this module (so
+    that pickle finds it by name)."""
+    cls = _REDUCING.get(original)
+    if cls is None:
+        # transformers 5 layers take attention_mask; 4.56-4.57 layers a head_mask and return a tensor; earlier ones
+        # a head_mask and output_attentions and return a tuple
+        params = signature(original.forward).parameters
+        mixin = (_ReducingLayer5 if "attention_mask" in params
+                 else _ReducingLayer4 if "output_attentions" in params else _ReducingLayer456)
+        cls = type(_reducing_name(original), (mixin, original), {"__module__": __name__,
+                                                                 "__qualname__": _reducing_name(original)})
+        _REDUCING[original] = cls
+        setattr(sys.modules[__name__], cls.__name__, cls)
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    """Unpickling a patched model in a new process: make the reducing class it names (``Reducing<Layer>``)."""
+    if name.startswith("Reducing") and name[len("Reducing"):] in LAYER_CLASSES:
+        layer = name[len("Reducing"):]
+        family = "vit" if layer == "ViTLayer" else "deit"
+        mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        return reducing_class(getattr(mod, layer))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------- the adapter
+def _base_model(model: nn.Module) -> nn.Module:
+    attr = SUPPORTED.get(type(model).__name__, "")
+    if attr == "" or not type(model).__module__.startswith(("transformers.models.vit.", "transformers.models.deit.")):
+        _fail(model, "this transformers model class is not one leanvit knows")
+    return model if attr is None else getattr(model, attr)
+
+
+def hf_layers(model: nn.Module) -> nn.ModuleList:
+    base = _base_model(model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        _fail(model, "its encoder layers were not found (unknown transformers version)")
+    return layers
+
+
+def inspect_hf(model: nn.Module) -> ViTInfo:
+    """Check that ``model`` is an HF ViT/DeiT leanvit can patch and describe it."""
+    layers = hf_layers(model)
+    base = _base_model(model)
+    shapes = []
+    for i, layer in enumerate(layers):
+        original = next((c for c in type(layer).__mro__ if c.__name__ in LAYER_CLASSES
+                         and c.__module__.startswith("transformers.")), None)
+        if original is None or type(layer) not in (original, _REDUCING.get(original)):
+            _fail(model, f"layer {i} is a {type(layer).__name__}, not transformers' ViTLayer/DeiTLayer")
+        try:
+            lay = _Layout(layer)
+        except AttributeError as e:
+            _fail(model, f"layer {i} has an unknown layout ({e}; unknown transformers version)")
+        attn_dim = lay.num_heads * lay.head_dim
+        if lay.q.out_features != attn_dim:
+            _fail(model, f"layer {i} attention width {lay.q.out_features} != heads x head_dim {attn_dim}")
+        shapes.append(BlockShape(lay.q.in_features, attn_dim,
+                                 lay.fc1.in_features * lay.fc1.out_features + lay.fc2.in_features
+                                 * lay.fc2.out_features))
+    emb = base.embeddings
+    pe = emb.patch_embeddings
+    img, patch = tuple(pe.image_size), tuple(pe.patch_size)
+    grid = (int(img[0]) // int(patch[0]), int(img[1]) // int(patch[1]))
+    num_prefix = 1 + int(getattr(emb, "distillation_token", None) is not None)
+    return ViTInfo(depth=len(layers), dim=int(base.config.hidden_size), num_prefix=num_prefix, has_cls=True,
+                   grid=grid, num_image=grid[0] * grid[1], global_pool="token", blocks=tuple(shapes))
+
+
+def hf_input_size(model: nn.Module) -> tuple[int, int, int]:
+    pe = _base_model(model).embeddings.patch_embeddings
+    h, w = (int(v) for v in pe.image_size)
+    return int(pe.num_channels), h, w
+
+
+@register_adapter
+class HFViTAdapter(ModelAdapter):
+    """transformers' ViT and DeiT models (the ``hf`` extra)."""
+
+    describes = "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification[WithTeacher]"
+
+    def claims(self, model: nn.Module) -> bool:
+        # every transformers model: the ones leanvit does not know are refused by inspect() with a clear reason
+        return is_transformers_model(model)
+
+    def inspect(self, model: nn.Module) -> ViTInfo:
+        return inspect_hf(model)
+
+    def apply(self, model: nn.Module, reducer: TokenReducer) -> None:
+        reducer = reducer.shared()
+        layers = hf_layers(model)
+        inspect_hf(model)
+        model.__dict__[REDUCER_ATTR] = reducer
+        for i, layer in enumerate(layers):
+            original = next(c for c in type(layer).__mro__ if c.__name__ in LAYER_CLASSES)
+            layer.__class__ = reducing_class(original)
+            layer.__dict__[REDUCER_ATTR] = reducer
+            layer.__dict__["_leanvit_index"] = i
+            layer.__dict__[VIEW_ATTR] = AttentionView(layer)
+
+    def remove(self, model: nn.Module) -> None:
+        original = {red: orig for orig, red in _REDUCING.items()}
+        for layer in hf_layers(model):
+            layer.__class__ = original.get(type(layer), type(layer))
+            for key in (REDUCER_ATTR, "_leanvit_index", VIEW_ATTR):
+                layer.__dict__.pop(key, None)
+        del model.__dict__[REDUCER_ATTR]
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        return hf_input_size(model)  # count_macs' default reads timm's pretrained config, which HF models lack
