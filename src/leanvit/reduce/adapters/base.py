@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ...analysis.macs import count_macs
@@ -143,3 +144,21 @@ def build_reducer(cls: type[TokenReducer], info: ViTInfo, schedule: list[int], o
                   ) -> TokenReducer:
     cls.check_schedule(schedule, info, options)
     return cls(info, schedule, **options)
+
+
+def block_reducer(block: nn.Module, x: torch.Tensor) -> TokenReducer:
+    """The reducer a patched block runs with, in every adapter: the calling thread's (every block, not just block
+    0: the state of this forward is the calling thread's, see :class:`TokenReducer`), started at block 0 on the
+    tokens ``x`` ``(B, N, C)``. A reducing schedule was solved for the model's native token count (its MACs hold only
+    there), so another count is refused; a schedule that removes nothing is size-agnostic."""
+    red = block._leanvit_reducer.for_thread()
+    if block._leanvit_index == 0:
+        n_img = x.shape[1] - red.info.num_prefix
+        if n_img != red.info.num_image and red.reducing:
+            raise UnsupportedModelError(
+                f"the input gives {n_img} image tokens but the patch was set up for the model's "
+                f"{red.info.grid[0]}x{red.info.grid[1]} grid ({red.info.num_image} tokens); token reduction "
+                f"needs images of the model's native size (or patch with r=0)")
+        red.training = block.training
+        red.begin(x)
+    return red

@@ -41,7 +41,7 @@ from ...ops.schedule import BlockShape
 from ...ops.select import gather_tokens
 from ..base import TokenReducer
 from ..types import ViTInfo
-from .base import REDUCER_ATTR, ModelAdapter, register_adapter
+from .base import REDUCER_ATTR, ModelAdapter, block_reducer, register_adapter
 
 # model class name -> attribute holding the base model (None: the model is the base model)
 SUPPORTED = {
@@ -157,17 +157,7 @@ class _ReducingHFLayer:
         if self.training and getattr(self, "gradient_checkpointing", False):
             raise UnsupportedModelError("token reduction cannot be combined with gradient checkpointing (the "
                                         "recomputed forward would run the reducer twice)")
-        red = self._leanvit_reducer.for_thread()
-        if self._leanvit_index == 0:
-            n_img = x.shape[1] - red.info.num_prefix
-            if n_img != red.info.num_image and red.reducing:
-                raise UnsupportedModelError(
-                    f"the input gives {n_img} image tokens but the patch was set up for the model's "
-                    f"{red.info.grid[0]}x{red.info.grid[1]} grid ({red.info.num_image} tokens); token reduction "
-                    f"needs images of the model's native size (or patch with r=0)")
-            red.training = self.training
-            red.begin(x)
-        return red
+        return block_reducer(self, x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         red = self._begin(x)

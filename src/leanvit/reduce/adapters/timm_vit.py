@@ -12,7 +12,7 @@ instead of running a silently different forward.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from ...ops.schedule import BlockShape
 from ...ops.select import gather_tokens
 from ..base import TokenReducer
 from ..types import ViTInfo
-from .base import REDUCER_ATTR, ModelAdapter, register_adapter
+from .base import REDUCER_ATTR, ModelAdapter, block_reducer, register_adapter
 
 try:  # DeiT's distilled ViT (cls + dist token) is a VisionTransformer subclass with its own head
     from timm.models.deit import VisionTransformerDistilled
@@ -103,20 +103,7 @@ class _Reducing:
     def _begin(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> TokenReducer:
         if attn_mask is not None or is_causal:
             raise UnsupportedModelError("token reduction cannot be combined with attention masks")
-        # every block, not just block 0: the state of this forward is the calling thread's (TokenReducer docs)
-        red = self._leanvit_reducer.for_thread()
-        if self._leanvit_index == 0:
-            n_img = x.shape[1] - red.info.num_prefix
-            # a schedule that removes nothing is size-agnostic, so a dynamic_img_size model keeps taking any size;
-            # a reducing schedule was solved for the native token count and its MACs hold only there
-            if n_img != red.info.num_image and red.reducing:
-                raise UnsupportedModelError(
-                    f"the input gives {n_img} image tokens but the patch was set up for the model's "
-                    f"{red.info.grid[0]}x{red.info.grid[1]} grid ({red.info.num_image} tokens); token reduction "
-                    f"needs images of the model's native size (or patch with r=0)")
-            red.training = self.training
-            red.begin(x)
-        return red
+        return block_reducer(self, x)
 
     def _finish(self, red: TokenReducer, x: torch.Tensor) -> torch.Tensor:
         i = self._leanvit_index
