@@ -299,3 +299,228 @@ def test_train_mode_dropout_and_gradients(method):
     assert not torch.equal(drop(pixel_values=x).logits, drop(pixel_values=x).logits)
     drop.eval()
     torch.testing.assert_close(out(drop, x), out(drop, x), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ CLIP's vision tower
+from timm.layers import QuickGELU  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection)
+
+CLIP_SIZE = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 intermediate_size=128)
+CLIP_TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+CLIPS = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
+
+
+def make_clip(name: str, impl: str = "sdpa", seed: int = 0, **cfg) -> nn.Module:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(**{**CLIP_SIZE, **cfg})
+    if name == "CLIPModel":
+        cls, config = CLIPModel, CLIPConfig(text_config=CLIPTextConfig(**CLIP_TEXT).to_dict(),
+                                            vision_config=vision.to_dict(), projection_dim=16)
+    else:
+        cls, config = {"CLIPVisionModel": CLIPVisionModel,
+                       "CLIPVisionModelWithProjection": CLIPVisionModelWithProjection}[name], vision
+        if name == "CLIPVisionModelWithProjection":
+            config.projection_dim = 16
+    model = cls._from_config(config, attn_implementation=impl).eval()
+    with torch.no_grad():  # larger embeddings, so that the tokens differ clearly
+        for n, p in model.named_parameters():
+            if "vision_model.embeddings" in n or n.startswith("embeddings"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def clip_out(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the image embedding or pooled output, the vision tower's last hidden state)."""
+    with torch.no_grad():
+        if isinstance(model, CLIPModel):
+            o = model.get_image_features(pixel_values=x)
+            return (o.pooler_output if hasattr(o, "pooler_output") else o), model.vision_model(
+                pixel_values=x).last_hidden_state
+        o = model(pixel_values=x)
+        return (o.image_embeds if hasattr(o, "image_embeds") else o.pooler_output), o.last_hidden_state
+
+
+def clip_layers(model: nn.Module) -> nn.ModuleList:
+    return getattr(model, "vision_model", model).encoder.layers
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", CLIPS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_clip_zero_reduction_is_the_unpatched_model(method, name, impl):
+    model = make_clip(name, impl)
+    x = image()
+    ref = clip_out(model, x)
+    leanvit.patch(model, method, **zero(method))
+    assert is_patched(model)
+    assert type(clip_layers(model)[0]).__name__ == "ReducingCLIPEncoderLayer"
+    torch.testing.assert_close(clip_out(model, x), ref, atol=1e-5, rtol=1e-5)
+    leanvit.patch(model, method, **some(method))  # and a reducing patch runs
+    y, h = clip_out(model, x)
+    assert y.shape == ref[0].shape and torch.isfinite(y).all()
+    assert h.shape[1] < 65 or method == "idle"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_clip_unpatch_restores_exactly_and_pickles(method):
+    model = make_clip("CLIPModel")
+    x = image()
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+    ref = clip_out(model, x)
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=ids).pooler_output
+    classes = [type(m) for m in model.modules()]
+    keys = list(model.state_dict())
+    leanvit.patch(model, method, **some(method))
+    assert list(model.state_dict()) == keys
+    assert all(type(m).__name__ == "CLIPEncoderLayer" for m in model.text_model.encoder.layers)  # text untouched
+    reduced = clip_out(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_text_features(input_ids=ids).pooler_output, text, atol=0, rtol=0)
+        logits = model(input_ids=ids, pixel_values=x).logits_per_image  # the full forward, image side reduced
+    assert logits.shape == (2, 2)
+    clone = pickle.loads(pickle.dumps(model))
+    assert get_reducer(clone).schedule == get_reducer(model).schedule
+    torch.testing.assert_close(clip_out(clone, x), reduced)
+    leanvit.unpatch(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert not any(k.startswith("_leanvit") for m in model.modules() for k in m.__dict__)
+    torch.testing.assert_close(clip_out(model, x), ref, atol=0, rtol=0)
+
+
+def test_clip_unpickles_in_a_fresh_process(tmp_path):
+    model = make_clip("CLIPVisionModelWithProjection")
+    leanvit.patch(model, "tome", r=2)
+    x = image()
+    path = tmp_path / "m.pt"
+    torch.save({"model": model, "x": x, "y": clip_out(model, x)[0]}, path)
+    code = ("import torch, leanvit; d = torch.load(%r, weights_only=False); m = d['model'];"
+            "y = m(pixel_values=d['x']).image_embeds; assert torch.allclose(y, d['y'], atol=1e-6);"
+            "assert type(m.vision_model.encoder.layers[0]).__name__ == 'ReducingCLIPEncoderLayer'" % str(path))
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_clip_patch_the_model_or_its_vision_tower():
+    x = image()
+    whole, tower = make_clip("CLIPModel"), make_clip("CLIPModel")
+    leanvit.patch(whole, "gtp", r=2)
+    leanvit.patch(tower.vision_model, "gtp", r=2)
+    assert is_patched(whole) and not is_patched(whole.vision_model) and not is_patched(tower)
+    torch.testing.assert_close(clip_out(whole, x), clip_out(tower, x), atol=0, rtol=0)
+    # one or the other: the layers of a tower patched through one object cannot be patched through the other
+    with pytest.raises(UnsupportedModelError, match="already patched"):
+        leanvit.patch(whole.vision_model, "tome", r=2)
+    with pytest.raises(UnsupportedModelError, match="already patched"):
+        leanvit.patch(tower, "tome", r=2)
+    leanvit.unpatch(tower.vision_model)
+    leanvit.patch(tower, "tome", r=2)  # now it can
+    # budget=: a fraction of the vision tower's MACs, the same schedule either way
+    leanvit.patch(whole, "gtp", budget=0.7)
+    vision = make_clip("CLIPVisionModel")
+    leanvit.patch(vision, "gtp", budget=0.7)
+    a, b = get_reducer(whole).report, get_reducer(vision).report
+    assert a["schedule"] == b["schedule"] and a["macs"] == b["macs"] and a["achieved"] <= 0.7
+    assert not is_patched(whole.vision_model)
+    clip_out(whole, x)
+
+
+def test_clip_refuses_what_would_be_wrong():
+    x = image()
+    model = make_clip("CLIPVisionModel", "eager")
+    leanvit.patch(model, "evit", r=2)
+    with pytest.raises(UnsupportedModelError, match="output_attentions"):
+        model(pixel_values=x, output_attentions=True)
+    with pytest.raises(UnsupportedModelError, match="output_hidden_states"):
+        model(pixel_values=x, output_hidden_states=True)
+    h = torch.randn(2, 65, 64)
+    with pytest.raises(UnsupportedModelError, match="attention mask"):
+        model.encoder.layers[0](h, torch.zeros(2, 1, 65, 65))
+    with pytest.raises(UnsupportedModelError, match="attention mask"):
+        model.encoder.layers[0](h, None, causal_attention_mask=torch.zeros(2, 1, 65, 65))
+    with pytest.raises(UnsupportedModelError, match="native size"):
+        model(pixel_values=torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)
+    with pytest.raises(UnsupportedModelError, match="CLIPTextModel"):
+        leanvit.patch(make_clip("CLIPModel").text_model, "tome", r=2)
+    # a schedule that removes nothing keeps every token: hidden states are the unpatched model's
+    ref = make_clip("CLIPVisionModel", "eager")
+    leanvit.patch(model, "evit", r=0)
+    with torch.no_grad():
+        a = model(pixel_values=x, output_hidden_states=True).hidden_states
+        b = ref(pixel_values=x, output_hidden_states=True).hidden_states
+    assert len(a) == len(b)
+    for s, t in zip(a, b):
+        torch.testing.assert_close(s, t, atol=1e-5, rtol=1e-5)
+
+
+def clip_to_timm(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """A CLIP vision state dict (``CLIPVisionModel``'s names, with or without ``vision_model.``; a ``CLIPModel``'s
+    text tower and projections are dropped) in the names of timm's ``VisionTransformer`` with ``pre_norm=True``
+    (``norm_pre`` = ``pre_layrnorm``, ``norm`` = ``post_layernorm``), ``class_token=True``, ``num_classes=0``."""
+    sd = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v for k, v in state.items()}
+    t = {"cls_token": sd["embeddings.class_embedding"].reshape(1, 1, -1),
+         "pos_embed": sd["embeddings.position_embedding.weight"].unsqueeze(0),
+         "patch_embed.proj.weight": sd["embeddings.patch_embedding.weight"]}  # CLIP's patch embedding has no bias
+    for ours, theirs in (("norm_pre", "pre_layrnorm"), ("norm", "post_layernorm")):
+        for w in ("weight", "bias"):
+            t[f"{ours}.{w}"] = sd[f"{theirs}.{w}"]
+    names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
+             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for i in range(depth):
+        p = f"encoder.layers.{i}."
+        for w in ("weight", "bias"):
+            for ours, theirs in names.items():
+                t[f"blocks.{i}.{ours}.{w}"] = sd[f"{p}{theirs}.{w}"]
+            t[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([sd[f"{p}self_attn.{n}_proj.{w}"] for n in "qkv"])
+    return t
+
+
+def make_timm_clip(act: str, eps: float) -> nn.Module:
+    """timm's ``vit_base_patch16_clip_224`` arguments at CLIP_SIZE."""
+    return VisionTransformer(
+        img_size=CLIP_SIZE["image_size"], patch_size=CLIP_SIZE["patch_size"], embed_dim=CLIP_SIZE["hidden_size"],
+        depth=CLIP_SIZE["num_hidden_layers"], num_heads=CLIP_SIZE["num_attention_heads"],
+        mlp_ratio=CLIP_SIZE["intermediate_size"] / CLIP_SIZE["hidden_size"], qkv_bias=True, pre_norm=True,
+        act_layer=QuickGELU if act == "quick_gelu" else nn.GELU, norm_layer=partial(nn.LayerNorm, eps=eps),
+        class_token=True, global_pool="token", fc_norm=False, num_classes=0).eval()
+
+
+def clip_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all tokens after the final norm, the pooled cls token): timm's ``forward_features`` and
+    ``forward_head(pre_logits=True)``; CLIP's ``post_layernorm(last_hidden_state)`` and ``pooler_output``."""
+    with torch.no_grad():
+        if isinstance(model, VisionTransformer):
+            f = model.forward_features(x)
+            return f, model.forward_head(f, pre_logits=True)
+        tower = model.vision_model
+        o = tower(pixel_values=x)
+        return tower.post_layernorm(o.last_hidden_state), o.pooler_output
+
+
+CLIP_AMOUNTS = [("gtp", {"r": 2}), ("tome", {"r": 2}), ("evit", {"r": 2}), ("idle", {"keep": 0.7})]
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("method,amount", CLIP_AMOUNTS, ids=[m for m, _ in CLIP_AMOUNTS])
+def test_clip_same_weights_same_output_as_timm(method, amount, impl, act):
+    hf = make_clip("CLIPModel", impl, hidden_act=act).double()
+    eps = hf.config.vision_config.layer_norm_eps
+    tm = make_timm_clip(act, eps)
+    tm.load_state_dict(clip_to_timm(hf.state_dict(), CLIP_SIZE["num_hidden_layers"]))  # strict: every key mapped
+    tm = tm.double()
+    x = image().double()
+    torch.testing.assert_close(clip_features(hf, x), clip_features(tm, x), atol=1e-5, rtol=1e-5)  # dense
+    leanvit.patch(hf, method, **amount)
+    leanvit.patch(tm, method, **amount)
+    assert get_reducer(hf).schedule == get_reducer(tm).schedule
+    assert any(get_reducer(hf).schedule)
+    a, b = clip_features(hf, x), clip_features(tm, x)
+    assert a[0].shape == b[0].shape and (a[0].shape[1] < 65 or method == "idle")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and the image embedding is the projection of that pooled output
+        emb = hf.get_image_features(pixel_values=x)
+        emb = emb.pooler_output if hasattr(emb, "pooler_output") else emb
+    torch.testing.assert_close(emb, hf.visual_projection(b[1]), atol=1e-5, rtol=1e-5)

@@ -1,20 +1,35 @@
 """Hugging Face ``transformers`` ViTs: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
-``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher``, with any ``attn_implementation``
-(the patched layers compute the attention themselves, from the layers' own weights).
+``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher``, and CLIP's vision tower:
+``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` and ``CLIPModel``, with any ``attn_implementation`` (the
+patched layers compute the attention themselves, from the layers' own weights).
+
+CLIP: patching a ``CLIPModel`` patches its vision tower only (``clip.vision_model.encoder.layers``; the text tower's
+layers are left alone) and attaches the reducer to the ``CLIPModel``, so ``get_image_features`` and
+``forward`` (image side) reduce tokens and ``leanvit.unpatch(clip)`` undoes it. Patching ``clip.vision_model``
+(a ``CLIPVisionModel``) instead works as well, with the reducer attached to it; ``get_image_features`` then reduces
+too. Patch one or the other: patching a model whose layers are already patched through another model object
+(the ``CLIPModel`` and its ``vision_model``, a ``ViTForImageClassification`` and its ``vit``) is refused. With
+``budget=`` the MACs of a ``CLIPModel`` are those of its vision tower (``CLIPVisionModel``) at its image size.
+A CLIP layer is ``x + out_proj(attn(layer_norm1(x)))`` -> reduce -> ``x + fc2(act(fc1(layer_norm2(x))))`` (no
+hidden dropout); ``pre_layrnorm`` before the layers and ``post_layernorm`` on the cls token after them are not
+touched. ``CLIPForImageClassification`` (which averages the patch tokens) is not supported. CLIP layers refuse
+non-None ``attention_mask``/``causal_attention_mask`` (the vision tower passes none). Tested with transformers 5;
+the transformers 4 CLIP layer signature (``causal_attention_mask``, ``output_attentions``) is handled but untested.
 
 What differs from timm (:mod:`.timm_vit`) is only the layout, handled here so that the methods stay the same:
 
-* the layers are ``model[.vit|.deit].layers`` (transformers 5) or ``...encoder.layer`` (transformers 4);
+* the layers are ``model[.vit|.deit].layers`` (transformers 5) or ``...encoder.layer`` (transformers 4); CLIP's
+  ``[model.vision_model.]encoder.layers``;
 * the attention has separate query, key and value projections (``q_proj``/``k_proj``/``v_proj``/``o_proj`` in
   transformers 5, ``attention.attention.query``... and ``attention.output.dense`` in 4). Patching attaches to each
   layer an :class:`AttentionView` that presents them in timm's layout (``qkv``, ``q_norm``, ``k_norm``, ``proj``,
   ``attn_drop``, ``proj_drop``, ``num_heads``, ``scale``), which :mod:`leanvit.reduce.attention` reads. It is a
   plain object kept in the layer's ``__dict__`` (not a submodule), so state-dict keys do not change, and it reads
   the layer's own modules at every call, so ``.to()``, ``.train()`` and loaded weights reach it;
-* the prefix tokens are cls (ViT) or cls + distillation (DeiT); every supported head reads them only.
+* the prefix tokens are cls (ViT, CLIP) or cls + distillation (DeiT); every supported head reads them only.
 
-Patching swaps each ``ViTLayer``/``DeiTLayer``'s class for a reducing subclass (made once per original class and
-reachable as an attribute of this module, so patched models pickle) whose forward is HF's:
+Patching swaps each ``ViTLayer``/``DeiTLayer``/``CLIPEncoderLayer``'s class for a reducing subclass (made once per
+original class and reachable as an attribute of this module, so patched models pickle) whose forward is HF's:
 ``x + dropout(o_proj(attn(layernorm_before(x))))`` -> reduce -> ``x + dropout(fc2(act(fc1(layernorm_after(x)))))``.
 ``transformers`` is imported only when one of its models is patched.
 
@@ -47,15 +62,17 @@ from .base import REDUCER_ATTR, ModelAdapter, block_reducer, register_adapter
 SUPPORTED = {
     "ViTModel": None, "ViTForImageClassification": "vit",
     "DeiTModel": None, "DeiTForImageClassification": "deit", "DeiTForImageClassificationWithTeacher": "deit",
+    "CLIPVisionModel": None, "CLIPVisionModelWithProjection": "vision_model", "CLIPModel": "vision_model",
 }
-LAYER_CLASSES = ("ViTLayer", "DeiTLayer")
+LAYER_CLASSES = ("ViTLayer", "DeiTLayer", "CLIPEncoderLayer")
+FAMILIES = {"ViTLayer": "vit", "DeiTLayer": "deit", "CLIPEncoderLayer": "clip"}  # layer class -> transformers module
 VIEW_ATTR = "_leanvit_view"
 
 
 def _fail(model: nn.Module, why: str) -> None:
     raise UnsupportedModelError(
         f"leanvit cannot patch {type(model).__name__}: {why}. Supported from transformers: "
-        f"{', '.join(SUPPORTED)} (CLIP, SigLIP, DINOv2 and other families are not supported yet).")
+        f"{', '.join(SUPPORTED)} (SigLIP, DINOv2 and other families are not supported yet).")
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -67,6 +84,17 @@ class _Layout:
     """Where one HF layer keeps its pieces (transformers 5 or 4)."""
 
     def __init__(self, layer: nn.Module):
+        self.clip = hasattr(layer, "self_attn")
+        if self.clip:  # CLIPEncoderLayer: self_attn (q/k/v/out_proj, scale, dropout probability), mlp (fc1, fc2)
+            att = layer.self_attn
+            self.new = True
+            self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.out_proj
+            self.num_heads = int(att.num_heads)
+            self.head_dim = int(att.head_dim)
+            self.attn_p = float(att.dropout)
+            self.scale = float(att.scale)
+            self.fc1, self.fc2 = layer.mlp.fc1, layer.mlp.fc2
+            return
         att = layer.attention
         if hasattr(att, "q_proj"):  # transformers 5: ViTAttention with q/k/v/o projections, ViTMLP
             self.new = True
@@ -138,8 +166,9 @@ class AttentionView:
         self.head_dim = lay.head_dim
         self.scale = lay.scale
         self.attn_drop = _Dropout(layer, lay.attn_p)
-        # the dropout after the output projection: the layer's hidden dropout (5) or the attention output's (4)
-        self.proj_drop = layer.dropout if lay.new else layer.attention.output.dropout
+        # the dropout after the output projection: the layer's hidden dropout (5) or the attention output's (4);
+        # CLIP has none
+        self.proj_drop = (_identity if lay.clip else layer.dropout if lay.new else layer.attention.output.dropout)
 
     @property
     def training(self) -> bool:
@@ -153,6 +182,23 @@ class _ReducingHFLayer:
     _leanvit_reducer: TokenReducer
     _leanvit_index: int
 
+    def _norm1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layernorm_before(x)
+
+    def _norm2(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layernorm_after(x)
+
+    def _refuse_outputs(self, config: Any, kwargs: dict[str, Any]) -> None:
+        """transformers 5: refuse output_attentions, and output_hidden_states where token counts change."""
+        if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+            raise UnsupportedModelError("output_attentions is not supported on a token-reduced model: its layers do "
+                                        "not run the attention module whose maps transformers records")
+        if kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False)):
+            red = self._leanvit_reducer
+            if red.reducing and not red.keeps_all_tokens:
+                raise UnsupportedModelError("output_hidden_states is not supported on a token-reduced model: its "
+                                            "layers return different token counts (patch with r=0 to get them)")
+
     def _begin(self, x: torch.Tensor) -> TokenReducer:
         if self.training and getattr(self, "gradient_checkpointing", False):
             raise UnsupportedModelError("token reduction cannot be combined with gradient checkpointing (the "
@@ -164,12 +210,12 @@ class _ReducingHFLayer:
         i = self._leanvit_index
         view: AttentionView = self.__dict__[VIEW_ATTR]
         x = red.before_attn(i, x)
-        a = red.attend(i, view, self.layernorm_before(x))  # proj_drop applies the layer's attention dropout
+        a = red.attend(i, view, self._norm1(x))  # proj_drop applies the layer's attention dropout
         if a.index is not None:  # the attention computed a subset: so does the rest of the layer
             x = gather_tokens(x, a.index)
         x = x + a.x
         x = red.reduce(i, x, a)
-        y = self._mlp(self.layernorm_after(x))
+        y = self._mlp(self._norm2(x))
         x = x + (y if a.gate is None else y * a.gate)
         x = red.after_mlp(i, x)
         return red.end(x) if i == red.info.depth - 1 else x
@@ -185,16 +231,51 @@ class _ReducingLayer5(_ReducingHFLayer):
                 **kwargs: Any) -> torch.Tensor:
         if attention_mask is not None:
             raise UnsupportedModelError("token reduction cannot be combined with attention masks")
-        config = self.attention.config
-        if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
-            raise UnsupportedModelError("output_attentions is not supported on a token-reduced model: its layers do "
-                                        "not run the attention module whose maps transformers records")
-        if kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False)):
-            red = self._leanvit_reducer
-            if red.reducing and not red.keeps_all_tokens:
-                raise UnsupportedModelError("output_hidden_states is not supported on a token-reduced model: its "
-                                            "layers return different token counts (patch with r=0 to get them)")
+        self._refuse_outputs(self.attention.config, kwargs)
         return self._run(hidden_states)
+
+
+class _ReducingCLIPLayer(_ReducingHFLayer):
+    """CLIP's ``CLIPEncoderLayer``: ``layer_norm1``/``layer_norm2``, an MLP without dropout."""
+
+    def _norm1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm1(x)
+
+    def _norm2(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm2(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+    @staticmethod
+    def _refuse_masks(attention_mask: torch.Tensor | None, causal_attention_mask: torch.Tensor | None) -> None:
+        if attention_mask is not None or causal_attention_mask is not None:
+            raise UnsupportedModelError("token reduction cannot be combined with attention masks (CLIP's vision "
+                                        "tower passes none)")
+
+
+class _ReducingCLIPLayer5(_ReducingCLIPLayer):
+    """transformers 5: ``forward(hidden_states, attention_mask, **kwargs) -> Tensor``."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        self._refuse_masks(attention_mask, kwargs.get("causal_attention_mask"))
+        self._refuse_outputs(self.self_attn.config, kwargs)
+        return self._run(hidden_states)
+
+
+class _ReducingCLIPLayer4(_ReducingCLIPLayer):
+    """transformers 4: ``forward(hidden_states, attention_mask, causal_attention_mask, output_attentions=False)
+    -> (Tensor,)`` (hidden states are collected outside the layers, as for ViT under 4)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                causal_attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
+                **kwargs: Any) -> tuple[torch.Tensor]:
+        self._refuse_masks(attention_mask, causal_attention_mask)
+        if output_attentions:
+            raise UnsupportedModelError("output_attentions is not supported on a token-reduced model: its layers do "
+                                        "not return attention maps")
+        return (self._run(hidden_states),)
 
 
 class _ReducingLayer4(_ReducingHFLayer):
@@ -262,8 +343,14 @@ def reducing_class(original: type) -> type:
         # transformers 5 layers take attention_mask; 4.56-4.57 layers a head_mask and return a tensor; earlier ones
         # a head_mask and output_attentions and return a tuple
         params = signature(original.forward).parameters
-        mixin = (_ReducingLayer5 if "attention_mask" in params
-                 else _ReducingLayer4 if "output_attentions" in params else _ReducingLayer456)
+        if original.__name__ == "CLIPEncoderLayer":  # 4: a causal mask and output_attentions; 5: neither
+            old = "causal_attention_mask" in params
+            if old and "output_attentions" not in params:
+                raise UnsupportedModelError("leanvit does not know this transformers version's CLIPEncoderLayer")
+            mixin = _ReducingCLIPLayer4 if old else _ReducingCLIPLayer5
+        else:
+            mixin = (_ReducingLayer5 if "attention_mask" in params
+                     else _ReducingLayer4 if "output_attentions" in params else _ReducingLayer456)
         cls = type(_reducing_name(original), (mixin, original), {"__module__": __name__,
                                                                  "__qualname__": _reducing_name(original)})
         _REDUCING[original] = cls
@@ -275,7 +362,7 @@ def __getattr__(name: str) -> type:
     """Unpickling a patched model in a new process: make the reducing class it names (``Reducing<Layer>``)."""
     if name.startswith("Reducing") and name[len("Reducing"):] in LAYER_CLASSES:
         layer = name[len("Reducing"):]
-        family = "vit" if layer == "ViTLayer" else "deit"
+        family = FAMILIES[layer]
         mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         return reducing_class(getattr(mod, layer))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -284,7 +371,8 @@ def __getattr__(name: str) -> type:
 # ----------------------------------------------------------------------------------------------- the adapter
 def _base_model(model: nn.Module) -> nn.Module:
     attr = SUPPORTED.get(type(model).__name__, "")
-    if attr == "" or not type(model).__module__.startswith(("transformers.models.vit.", "transformers.models.deit.")):
+    if attr == "" or not type(model).__module__.startswith(("transformers.models.vit.", "transformers.models.deit.",
+                                                            "transformers.models.clip.")):
         _fail(model, "this transformers model class is not one leanvit knows")
     return model if attr is None else getattr(model, attr)
 
@@ -292,8 +380,9 @@ def _base_model(model: nn.Module) -> nn.Module:
 def hf_layers(model: nn.Module) -> nn.ModuleList:
     base = _base_model(model)
     layers = getattr(base, "layers", None)
-    if layers is None:
-        layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if layers is None:  # transformers 4 ViT/DeiT: encoder.layer; CLIP: encoder.layers
+        enc = getattr(base, "encoder", None)
+        layers = getattr(enc, "layer", None) or getattr(enc, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         _fail(model, "its encoder layers were not found (unknown transformers version)")
     return layers
@@ -308,7 +397,8 @@ def inspect_hf(model: nn.Module) -> ViTInfo:
         original = next((c for c in type(layer).__mro__ if c.__name__ in LAYER_CLASSES
                          and c.__module__.startswith("transformers.")), None)
         if original is None or type(layer) not in (original, _REDUCING.get(original)):
-            _fail(model, f"layer {i} is a {type(layer).__name__}, not transformers' ViTLayer/DeiTLayer")
+            _fail(model, f"layer {i} is a {type(layer).__name__}, not transformers' ViTLayer/DeiTLayer/"
+                         f"CLIPEncoderLayer")
         try:
             lay = _Layout(layer)
         except AttributeError as e:
@@ -320,17 +410,25 @@ def inspect_hf(model: nn.Module) -> ViTInfo:
                                  lay.fc1.in_features * lay.fc1.out_features + lay.fc2.in_features
                                  * lay.fc2.out_features))
     emb = base.embeddings
-    pe = emb.patch_embeddings
-    img, patch = tuple(pe.image_size), tuple(pe.patch_size)
-    grid = (int(img[0]) // int(patch[0]), int(img[1]) // int(patch[1]))
-    num_prefix = 1 + int(getattr(emb, "distillation_token", None) is not None)
+    _, h, w = hf_input_size(model)
+    patch = _pair(emb.patch_size if hasattr(emb, "patch_embedding") else emb.patch_embeddings.patch_size)
+    grid = (h // patch[0], w // patch[1])
+    num_prefix = 1 + int(getattr(emb, "distillation_token", None) is not None)  # cls (+ distillation)
     return ViTInfo(depth=len(layers), dim=int(base.config.hidden_size), num_prefix=num_prefix, has_cls=True,
                    grid=grid, num_image=grid[0] * grid[1], global_pool="token", blocks=tuple(shapes))
 
 
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 def hf_input_size(model: nn.Module) -> tuple[int, int, int]:
-    pe = _base_model(model).embeddings.patch_embeddings
-    h, w = (int(v) for v in pe.image_size)
+    emb = _base_model(model).embeddings
+    if hasattr(emb, "patch_embedding"):  # CLIP: a Conv2d and the config's (square) image size
+        h, w = _pair(emb.image_size)
+        return int(emb.patch_embedding.in_channels), h, w
+    pe = emb.patch_embeddings
+    h, w = _pair(pe.image_size)
     return int(pe.num_channels), h, w
 
 
@@ -338,7 +436,8 @@ def hf_input_size(model: nn.Module) -> tuple[int, int, int]:
 class HFViTAdapter(ModelAdapter):
     """transformers' ViT and DeiT models (the ``hf`` extra)."""
 
-    describes = "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification[WithTeacher]"
+    describes = ("transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification"
+                 "[WithTeacher], CLIPVisionModel[WithProjection], CLIPModel (its vision tower)")
 
     def claims(self, model: nn.Module) -> bool:
         # every transformers model: the ones leanvit does not know are refused by inspect() with a clear reason
@@ -351,6 +450,9 @@ class HFViTAdapter(ModelAdapter):
         reducer = reducer.shared()
         layers = hf_layers(model)
         inspect_hf(model)
+        if any(type(layer) in _REDUCING.values() for layer in layers):
+            _fail(model, "its layers are already patched through another model object (a CLIPModel and its "
+                         "vision_model, a classifier and its base model): unpatch that one first")
         model.__dict__[REDUCER_ATTR] = reducer
         for i, layer in enumerate(layers):
             original = next(c for c in type(layer).__mro__ if c.__name__ in LAYER_CLASSES)
@@ -366,6 +468,16 @@ class HFViTAdapter(ModelAdapter):
             for key in (REDUCER_ATTR, "_leanvit_index", VIEW_ATTR):
                 layer.__dict__.pop(key, None)
         del model.__dict__[REDUCER_ATTR]
+
+    def _patch_budget(self, model: nn.Module, cls: type[TokenReducer], info: ViTInfo, budget: float, measure: bool,
+                      options: dict[str, Any], report: dict[str, Any]) -> nn.Module:
+        if type(model).__name__ != "CLIPModel":
+            return super()._patch_budget(model, cls, info, budget, measure, options, report)
+        # CLIPModel(x) takes input_ids first: solve and measure on the vision tower, then attach to the CLIPModel
+        tower = model.vision_model
+        super()._patch_budget(tower, cls, info, budget, measure, options, report)
+        model.__dict__[REDUCER_ATTR] = tower.__dict__.pop(REDUCER_ATTR)
+        return model
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         return hf_input_size(model)  # count_macs' default reads timm's pretrained config, which HF models lack
