@@ -110,17 +110,34 @@ def test_unpatch_restores_exactly_and_pickles(method):
     torch.testing.assert_close(out(model, x), ref, atol=0, rtol=0)
 
 
+def unpickles_in_a_fresh_process(tmp_path, model, x, y, output: str, layer: str, layer_class: str) -> None:
+    """A patched model saved whole loads in a new interpreter (which has imported only leanvit) and gives ``y``."""
+    path = tmp_path / "m.pt"
+    torch.save({"model": model, "x": x, "y": y}, path)
+    code = (f"import torch, leanvit; d = torch.load({str(path)!r}, weights_only=False); m = d['model'];"
+            f"y = m(pixel_values=d['x']).{output}; assert torch.allclose(y, d['y'], atol=1e-6);"
+            f"assert type({layer}).__name__ == {layer_class!r}")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def hidden_states_at_zero_reduction(model: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
+    """A schedule that removes nothing keeps every token: ``output_hidden_states`` gives the unpatched model's."""
+    leanvit.patch(model, "evit", r=0)
+    with torch.no_grad():
+        a = model(pixel_values=x, output_hidden_states=True).hidden_states
+        b = ref(pixel_values=x, output_hidden_states=True).hidden_states
+    assert len(a) == len(b)
+    for s, t in zip(a, b):
+        torch.testing.assert_close(s, t, atol=1e-5, rtol=1e-5)
+
+
 def test_unpickles_in_a_fresh_process(tmp_path):
     model = make_hf("ViTForImageClassification")
     leanvit.patch(model, "tome", r=2)
     x = image()
-    path = tmp_path / "m.pt"
-    torch.save({"model": model, "x": x, "y": out(model, x)}, path)
-    code = ("import torch, leanvit; d = torch.load(%r, weights_only=False); m = d['model'];"
-            "y = m(pixel_values=d['x']).logits; assert torch.allclose(y, d['y'], atol=1e-6);"
-            "assert type(m.vit.layers[0]).__name__ == 'ReducingViTLayer'" % str(path))
-    code = code.replace("m.vit.layers[0]", "(m.vit.layers if hasattr(m.vit, 'layers') else m.vit.encoder.layer)[0]")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    unpickles_in_a_fresh_process(tmp_path, model, x, out(model, x), "logits",
+                                 "(m.vit.layers if hasattr(m.vit, 'layers') else m.vit.encoder.layer)[0]",
+                                 "ReducingViTLayer")
 
 
 def test_claims_only_transformers_models_and_refuses_unknown_ones():
@@ -167,15 +184,7 @@ def test_refuses_what_would_be_wrong():
     leanvit.patch(model, "evit", r=2)
     with pytest.raises(UnsupportedModelError, match="native size"):
         model(pixel_values=torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)
-    # a schedule that removes nothing keeps every token: hidden states are the unpatched model's
-    ref = make_hf("ViTForImageClassification", "eager")
-    leanvit.patch(model, "evit", r=0)
-    with torch.no_grad():
-        a = model(pixel_values=x, output_hidden_states=True).hidden_states
-        b = ref(pixel_values=x, output_hidden_states=True).hidden_states
-    assert len(a) == len(b)
-    for s, t in zip(a, b):
-        torch.testing.assert_close(s, t, atol=1e-5, rtol=1e-5)
+    hidden_states_at_zero_reduction(model, make_hf("ViTForImageClassification", "eager"), x)
 
 
 def test_budget_is_measured_on_the_models_own_input_size():
@@ -395,12 +404,8 @@ def test_clip_unpickles_in_a_fresh_process(tmp_path):
     model = make_clip("CLIPVisionModelWithProjection")
     leanvit.patch(model, "tome", r=2)
     x = image()
-    path = tmp_path / "m.pt"
-    torch.save({"model": model, "x": x, "y": clip_out(model, x)[0]}, path)
-    code = ("import torch, leanvit; d = torch.load(%r, weights_only=False); m = d['model'];"
-            "y = m(pixel_values=d['x']).image_embeds; assert torch.allclose(y, d['y'], atol=1e-6);"
-            "assert type(m.vision_model.encoder.layers[0]).__name__ == 'ReducingCLIPEncoderLayer'" % str(path))
-    subprocess.run([sys.executable, "-c", code], check=True)
+    unpickles_in_a_fresh_process(tmp_path, model, x, clip_out(model, x)[0], "image_embeds",
+                                 "m.vision_model.encoder.layers[0]", "ReducingCLIPEncoderLayer")
 
 
 def test_clip_patch_the_model_or_its_vision_tower():
@@ -444,15 +449,7 @@ def test_clip_refuses_what_would_be_wrong():
         model(pixel_values=torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)
     with pytest.raises(UnsupportedModelError, match="CLIPTextModel"):
         leanvit.patch(make_clip("CLIPModel").text_model, "tome", r=2)
-    # a schedule that removes nothing keeps every token: hidden states are the unpatched model's
-    ref = make_clip("CLIPVisionModel", "eager")
-    leanvit.patch(model, "evit", r=0)
-    with torch.no_grad():
-        a = model(pixel_values=x, output_hidden_states=True).hidden_states
-        b = ref(pixel_values=x, output_hidden_states=True).hidden_states
-    assert len(a) == len(b)
-    for s, t in zip(a, b):
-        torch.testing.assert_close(s, t, atol=1e-5, rtol=1e-5)
+    hidden_states_at_zero_reduction(model, make_clip("CLIPVisionModel", "eager"), x)
 
 
 def clip_to_timm(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
