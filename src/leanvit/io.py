@@ -150,6 +150,25 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def read_record(path: str | os.PathLike, key: str) -> Any:
+    """A record a weights file carries beside its tensors, or None: the JSON under ``key`` in a safetensors file's
+    metadata (what :func:`save_weights` writes), or ``run_info[key]`` of a leanvit checkpoint; read without
+    running code, like the weights themselves."""
+    path = Path(path)
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(key)
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise CheckpointError(f"weights file {path} records a {key} that is not JSON: {raw!r}") from None
+    obj = _torch_load(path, "weights file")
+    info = obj.get("run_info") if isinstance(obj, dict) else None
+    return info.get(key) if isinstance(info, dict) else None
+
+
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
               strict: bool = True) -> None:
     """``model.load_state_dict`` with one readable error that names missing, unexpected and mis-shaped keys."""

@@ -3,17 +3,16 @@ and compare for which token-reduction patch runs; run records (a training run's 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from ..errors import ConfigError, DataError, UnsupportedModelError
 from torch.utils.data import DataLoader
 
 from ..data import build_dataset
+from ..errors import CheckpointError, ConfigError, DataError, UnsupportedModelError
+from ..io import read_record
 from ..models import create_model
 from ..models.factory import check_model_name as check
 from .arguments import DEFAULT_MODEL
@@ -144,25 +143,10 @@ def weights_patch(path: str | Path) -> dict[str, Any] | None:
     loaded, so the file is known to be readable."""
     from ..reduce.registry import AMOUNTS
 
-    record: Any = None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("patch")
-        try:
-            record = json.loads(raw) if raw else None
-        except ValueError:
-            raise ConfigError(f"weights file {path} records a patch that is not JSON: {raw!r}") from None
-    except ConfigError:
-        raise
-    except Exception:  # not safetensors: a torch checkpoint, read without running code (and mapped, not copied)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            obj = None
-        if isinstance(obj, dict) and isinstance(obj.get("run_info"), dict):
-            record = obj["run_info"].get("patch")
+        record = read_record(path, "patch")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     if record is None:
         return None
     if not (isinstance(record, dict) and isinstance(record.get("method"), str)
@@ -173,14 +157,9 @@ def weights_patch(path: str | Path) -> dict[str, Any] | None:
 
 
 def _patch(model, method: str, amounts: dict[str, Any], options: dict[str, Any]) -> None:
-    """``leanvit.patch``, its refusal naming the budget as given (not the solver's internal target)."""
     from .. import patch
-    from ..experiments.compare import budget_refusal
 
-    try:
-        patch(model, method, **amounts, **options)
-    except ConfigError as e:
-        raise ConfigError(budget_refusal(e, amounts.get("budget"))) from None
+    patch(model, method, **amounts, **options)
 
 
 def as_shipped(args: argparse.Namespace, model) -> tuple[str, str] | None:

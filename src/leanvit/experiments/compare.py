@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..progress import track
-from ..reduce import METHODS, get_reducer, patch, unpatch
+from ..reduce import get_reducer, patch, unpatch
 from ..reduce.registry import own_schedule, resolve_method
 
 # options whose results vary with the RNG (selection by random score): evaluated over several seeds
@@ -70,18 +69,6 @@ def _pass_generator(seed: int, device: torch.device, loader: DataLoader) -> torc
     return gen
 
 
-def budget_refusal(error: Exception, budget: float | None) -> str:
-    """The message of a method's refusal of a cell, naming the budget as the caller gave it.
-
-    A method that solves its schedule for a budget aims below it by its own work (GTP's graph, ToMe's matching),
-    and the solver's error names that internal target (``budget 0.39194238467078485 cannot be reached``), a number
-    the user never typed: it is replaced by ``budget``."""
-    text = str(error)
-    if budget is None:
-        return text
-    return re.sub(r"^budget [0-9][0-9.eE+-]*(?= cannot be reached)", f"budget {budget}", text, count=1)
-
-
 @dataclass
 class _Cell:
     """One (method, budget) of a comparison: its patched copy, or why it cannot run on this model."""
@@ -113,7 +100,7 @@ def _build_cells(model: nn.Module, methods: Sequence[str], budgets: Sequence[flo
         try:
             patch(variant, method, **({} if b is None else {"budget": b}), **opts)
         except (ConfigError, UnsupportedModelError) as e:
-            why = budget_refusal(e, b)
+            why = str(e)
             if not keep_going:
                 raise type(e)(f"{m}: {why}") from None
             out.append(_Cell(m, b, None, why))

@@ -79,6 +79,13 @@ def heads(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor | None = Non
     return Heads(attn, x, q, k, v, size_bias, bias)
 
 
+def _norm(attn: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """The attention's own output norm (timm's ``norm``, Identity unless ``scale_norm``); a layout without one
+    (an adapter's view) has none. No module is built per call: this runs in every block of every forward."""
+    norm = getattr(attn, "norm", None)
+    return out if norm is None else norm(out)
+
+
 def fused(h: Heads, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(scale q k^T + bias [+ mask]) v`` by ``scaled_dot_product_attention``, ``(B, H, N, Dh)``."""
     attn_mask = h.bias if mask is None else (mask if h.bias is None else mask + h.bias)
@@ -128,7 +135,7 @@ def output(h: Heads, out: torch.Tensor, keep: torch.Tensor | None = None) -> tor
     attn = h.attn
     B, H, N, Dh = out.shape
     out = out.transpose(1, 2).reshape(B, N, H * Dh)
-    out = getattr(attn, "norm", nn.Identity())(out)
+    out = _norm(attn, out)
     gate_layer = getattr(attn, "gate", None)
     if gate_layer is not None:
         out = out * gate_layer(h.x).sigmoid()
@@ -203,7 +210,7 @@ def subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], to
     out = F.scaled_dot_product_attention(q, ks, v, attn_mask=bias,
                                          dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(B, M, A)
-    out = getattr(attn, "norm", nn.Identity())(out)
+    out = _norm(attn, out)
     gate_layer = getattr(attn, "gate", None)
     if gate_layer is not None:
         out = out * gate_layer(xs).sigmoid()

@@ -131,7 +131,7 @@ class IdleReducer(TokenReducer):
             else:
                 hi = mid - 1
         if cls._macs(lo / 1000, info) + other_macs > target * dense:
-            raise ConfigError(f"budget {target:.3f} cannot be reached by idling tokens (the dense blocks and the "
+            raise ConfigError(f"budget {target:g} cannot be reached by idling tokens (the dense blocks and the "
                               f"keys of idle tokens cost more); use a larger budget")
         return idle_schedule(lo / 1000, info.depth, info.num_image)
 

@@ -120,7 +120,14 @@ class ModelAdapter:
         # the schedule is solved from token counts; the method's own work (graph, matching, propagation) costs
         # MACs too, so tighten the target until the measured MACs of the patched model fit the budget
         for _ in range(8):
-            schedule = cls.schedule_for_budget(target, info, other, options)
+            try:
+                schedule = cls.schedule_for_budget(target, info, other, options)
+            except ConfigError:
+                if target == budget:
+                    raise
+                # a target tightened for the method's own work failed: name the budget the caller gave
+                raise ConfigError(f"budget {budget} cannot be reached by removing tokens once the work of "
+                                  f"'{cls.name}' itself is counted; use a larger budget") from None
             reducer = build_reducer(cls, info, schedule, options)
             reducer.report.update(report, schedule=schedule, schedule_counts=cls.schedule_counts)
             self.apply(model, reducer)
