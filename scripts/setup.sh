@@ -19,7 +19,7 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
     $PIP install -q torch torchvision
   fi
 fi
-$PIP install -q -e ".[test,hf]"
+$PIP install -q -e ".[test,hf,clip,onnx]"
 
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${LEANVIT_FMNIST:-}" ]; then
   if command -v apt-get >/dev/null 2>&1; then
