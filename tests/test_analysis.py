@@ -238,3 +238,23 @@ def test_machine_summary_names_thread_count(threads, words):
         assert machine_summary().endswith(f", {words}")
     finally:
         torch.set_num_threads(before)
+
+
+def test_macs_count_multihead_attention_on_its_fast_path_too():
+    """nn.MultiheadAttention in eval mode without gradients runs one fused op the counter has no formula for."""
+    from leanvit.analysis.macs import count_macs
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 32, 8, 8)
+            self.attn = nn.MultiheadAttention(32, 2, batch_first=True)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 16, 32)
+            return self.attn(t, t, t)[0]
+
+    n, d = 16, 32
+    expected = n * 3 * 8 * 8 * d + n * d * 3 * d + 2 * n * n * d + n * d * d  # embed, in_proj, q k^T and a v, out
+    assert count_macs(Tower(), (3, 32, 32)).macs == expected
+    assert torch.backends.mha.get_fastpath_enabled()  # the setting is given back

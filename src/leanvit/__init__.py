@@ -7,9 +7,10 @@ from __future__ import annotations
 from . import models  # noqa: F401  (registers leanvit_* models in timm)
 from .errors import CheckpointError, ConfigError, DataError, LeanvitError, TrainingError, UnsupportedModelError
 from .models import create_model, list_models
-from .reduce import get_reducer, list_methods, patch, unpatch
+from .reduce import Recipe, get_reducer, list_methods, patch, read_recipe, restore_tokens, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "LeanvitError", "TrainingError", "UnsupportedModelError",
-           "create_model", "get_reducer", "list_methods", "list_models", "patch", "unpatch", "__version__"]
+           "Recipe", "create_model", "get_reducer", "list_methods", "list_models", "patch", "read_recipe",
+           "restore_tokens", "unpatch", "__version__"]

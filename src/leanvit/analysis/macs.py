@@ -181,15 +181,24 @@ def count_macs(
     # no_grad (the latent query of timm's attention-pool head, global_pool="map") requires grad but has no grad_fn,
     # which breaks that tracking (torch 2.14). Counting needs no gradients, so parameters are frozen meanwhile.
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # nn.MultiheadAttention (open_clip, SigLIP's pooling head) takes its fused "fast path" in eval mode without
+    # gradients, one aten op the counter has no formula for, so its attention would count as zero: counted on the
+    # ordinary path, which computes the same attention from linear layers and matmuls
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
     try:
         for p in trainable:
             p.requires_grad_(False)
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
         counter = FlopCounterMode(display=False, custom_mapping=_sdpa_mapping())
         with torch.no_grad(), counter:
             run_checked(model, x)
     finally:
         for p in trainable:
             p.requires_grad_(True)
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     flops = counter.get_flop_counts().get("Global", {})
     by_op = {str(op): int(round(n / 2 / batch_size)) for op, n in flops.items() if n}

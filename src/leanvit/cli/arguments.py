@@ -19,13 +19,25 @@ DEFAULT_MODEL = "leanvit_vit_fm_teacher"
 def add_model_args(p: argparse.ArgumentParser, model: str | None = None) -> None:
     p.add_argument("--model", "-m", default=model,
                    help=f"timm or leanvit model name (default: {DEFAULT_MODEL}, the shipped reference teacher; "
-                        "`leanvit list-models`)")
+                        "`leanvit list-models`); in eval, bench, compare and vis also hf:PATH (a transformers "
+                        "save_pretrained folder or hub name) or open_clip:ARCH with --weights FILE")
     p.add_argument("--weights", default=None,
                    help="weights to load: safetensors, leanvit checkpoint or torch state dict (read without "
-                        "running code: files that need pickled objects are refused)")
+                        "running code: files that need pickled objects are refused); for open_clip:ARCH the whole "
+                        "CLIP model's")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="do not load the model's pretrained / shipped weights")
     p.add_argument("--num-classes", type=positive_int, default=None, help="override the classifier size")
+    if p.prog.split()[-1] in RECIPE_VERBS:
+        p.add_argument("--recipe", default=None, metavar="FILE",
+                       help="patch the model with a recipe `leanvit tune` wrote (its method, per-block schedule and "
+                            "options, exactly); the model defaults to the recipe's, and a recipe made for a model of "
+                            "another depth, grid or prefix tokens is refused")
+
+
+# the verbs that run a model as it comes and so take --recipe (cli/build.py applies it when it builds the model);
+# the training verbs and tune make their own patch, and vis patches each of its --methods
+RECIPE_VERBS = ("eval", "bench", "compare")
 
 
 def add_data_args(p: argparse.ArgumentParser, split: str = "test", batch_size: int = 256) -> None:

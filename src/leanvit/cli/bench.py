@@ -1,7 +1,8 @@
 """``leanvit bench``: GMACs, throughput and batch-1 latency of a model, dense or patched with a token-reduction method.
 
 Weights do not change the cost, so timm models are built without pretrained weights (nothing is downloaded);
-leanvit reference models load their shipped weights when present. Timings depend on the machine and its load:
+leanvit reference models load their shipped weights when present, ``hf:PATH`` its folder's and ``open_clip:ARCH``
+its ``--weights`` (random weights without). Timings depend on the machine and its load:
 compare methods within one run of the Python API (``leanvit.analysis.compare_throughput``) on a shared machine.
 ``--compile`` times the model after ``torch.compile`` (compilation happens in the untimed warm-up): at batch 1 on
 CPU it removes most of the per-op overhead a token reducer's bookkeeping adds.
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import get_reducer, unpatch
     from ..analysis import count_macs, measure_latency, measure_throughput
     from ..analysis.macs import default_input_size
+    from ..models.external import is_external
     from ..zoo import has_weights
 
     # everything the user typed is checked before the model is built
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         from .arguments import DEFAULT_MODEL
 
         args.model = DEFAULT_MODEL
-    if args.pretrained is None:
+    if args.pretrained is None and not is_external(args.model):  # hf:/open_clip: load the weights they name
         args.pretrained = args.model.startswith("leanvit_") and has_weights(args.model)
     device = resolve_device(args)
     setup_runtime(args)

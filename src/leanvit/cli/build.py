@@ -14,6 +14,7 @@ from ..data import build_dataset
 from ..errors import CheckpointError, ConfigError, DataError, UnsupportedModelError
 from ..io import read_record
 from ..models import create_model
+from ..models.external import VERBS as EXTERNAL_VERBS, check_labels, create_external, external_info, is_external
 from ..models.factory import check_model_name as check
 from .arguments import DEFAULT_MODEL
 
@@ -28,10 +29,18 @@ def build_model_from_args(args: argparse.Namespace, evaluated: bool = False, **k
     Args:
         evaluated: the verb measures the model's accuracy (eval, compare): a ``--num-classes`` other than the size
             of the head its weights bring is refused, since the new head would be untrained (random) and its
-            accuracy meaningless; only the training verbs make a new head.
+            accuracy meaningless; only the training verbs make a new head. A model of another library (``hf:``,
+            ``open_clip:``) without a classification head is refused too; the notes of where its preprocessing
+            came from are printed.
     """
     if args.model is None:
         args.model = DEFAULT_MODEL
+    if is_external(args.model):
+        model = create_external(args.model, pretrained=args.pretrained, weights=args.weights, logits=evaluated,
+                                num_classes=args.num_classes, **kwargs)
+        for line in external_info(model).notes:
+            note(line)
+        return model
     if args.num_classes is not None and evaluated and not args.weights and args.pretrained:
         # the head comes from the pretrained weights: build without the override and compare
         model = create_model(args.model, pretrained=True, **kwargs)
@@ -49,8 +58,21 @@ def build_model_from_args(args: argparse.Namespace, evaluated: bool = False, **k
 
 
 def check_model_name(args: argparse.Namespace) -> None:
-    """Fail on an unknown model name before anything else is loaded."""
+    """Fail on an unknown model name before anything else is loaded (``hf:`` / ``open_clip:`` names: in the verbs
+    that take them, with their library installed). A ``--recipe`` is read and checked here too, and names the
+    model when ``--model`` is not given."""
+    if getattr(args, "recipe", None):
+        from ..reduce.recipe import read_recipe
+
+        args.recipe_read = read_recipe(args.recipe)
+        made_for = args.recipe_read.model.get("name")
+        if args.model is None and made_for:
+            args.model = made_for
     if args.model is not None:
+        verb = getattr(args, "command", None)
+        if is_external(args.model) and verb is not None and verb not in EXTERNAL_VERBS:
+            raise ConfigError(f"leanvit {verb} takes timm and leanvit models; {args.model.split(':')[0]}: models "
+                              f"run in {', '.join(EXTERNAL_VERBS)}")
         check(args.model)
 
 
@@ -66,9 +88,12 @@ def build_loader(args: argparse.Namespace, model, split: str | None = None, trai
         # the data module's hint suits the training verbs; here a new head would be evaluated untrained
         if train or _TRAIN_HEAD_HINT not in str(e):
             raise
-        raise DataError(str(e).split(_TRAIN_HEAD_HINT)[0].rstrip(". ") + ". Evaluating needs a model trained on "
-                        "these classes: train one with --num-classes (leanvit train, leanvit distill) and pass its "
-                        "weights with --weights, or use data with the model's classes") from None
+        how = ("give a model of that library fine-tuned on these classes" if external_info(model) is not None else
+               "train one with --num-classes (leanvit train, leanvit distill) and pass its weights with --weights")
+        raise DataError(str(e).split(_TRAIN_HEAD_HINT)[0].rstrip(". ") + f". Evaluating needs a model trained on "
+                        f"these classes: {how}, or use data with the model's classes") from None
+    base = getattr(ds, "dataset", ds)  # a Subset (--limit): its dataset has the class names
+    check_labels(model, getattr(base, "classes", None))  # hf: a head that names its labels, in the folders' order
     return DataLoader(ds, batch_size=batch_size or args.batch_size, shuffle=False, num_workers=args.workers)
 
 
@@ -105,7 +130,9 @@ def resolve_device(args: argparse.Namespace):
 #   --method dense   the unpatched model: a model created patched (leanvit_vit_fm_teacher_idle70) is unpatched;
 #   no --method      the model as it comes: the patch its --weights file records (leanvit finetune writes it in
 #                    model.safetensors' metadata), else the patch it is created with, else none; a note says so;
-#   --method METHOD  that patch, replacing any the model comes with (a note names the one replaced).
+#   --method METHOD  that patch, replacing any the model comes with (a note names the one replaced);
+#   --recipe FILE    the recipe's patch (leanvit tune), exactly, replacing any the model comes with; not with
+#                    --method, --r, --budget, --keep or -O (compare's -O still set its other methods).
 # The JSON records the method and schedule that ran and where the patch came from (patch_source).
 
 
@@ -114,6 +141,12 @@ def check_method(args: argparse.Namespace) -> dict[str, Any]:
     ``dense``: a schedule or ``-O`` without a method is refused. Returns the ``-O`` options."""
     from .methods import check_method_args
 
+    if getattr(args, "recipe", None):
+        given = [f"--{k}" for k in ("method", "r", "budget", "keep") if getattr(args, k, None) is not None]
+        given += ["-O"] if args.option else []
+        if given:
+            raise ConfigError(f"--recipe sets the patch (its method, per-block schedule and options); drop "
+                              f"{' and '.join(given)}")
     if args.method is None:
         return check_method_args(argparse.Namespace(**{**vars(args), "method": "dense"}))
     return check_method_args(args)
@@ -165,10 +198,13 @@ def _patch(model, method: str, amounts: dict[str, Any], options: dict[str, Any])
 def as_shipped(args: argparse.Namespace, model) -> tuple[str, str] | None:
     """Put ``model`` in the state it comes in: patched as its ``--weights`` file records (replacing the patch it
     was created with; a model that cannot take the patch is refused), else as created. Returns where the patch came
-    from (``"weights"`` or ``"model"``) and the patch in a few words, or None for an unpatched model."""
+    from (``"weights"`` or ``"model"``) and the patch in a few words, or None for an unpatched model. With
+    ``--recipe`` the recipe's patch replaces both (``"recipe"``)."""
     from .. import get_reducer
     from ..reduce.registry import AMOUNTS
 
+    if getattr(args, "recipe", None):
+        return _apply_recipe(args, model)
     record = weights_patch(args.weights) if getattr(args, "weights", None) else None
     if record is not None:
         amounts = {k: record[k] for k in AMOUNTS if k in record}
@@ -183,9 +219,34 @@ def as_shipped(args: argparse.Namespace, model) -> tuple[str, str] | None:
     return ("model", reducer_words(red)) if red is not None else None
 
 
+def _apply_recipe(args: argparse.Namespace, model) -> tuple[str, str]:
+    """Patch ``model`` with ``--recipe`` (read by :func:`check_model_name`), replacing any patch it comes with; the
+    notes name what differs from what the recipe was made on (its figures describe that model and weights)."""
+    from ..reduce import get_reducer, patch
+    from ..reduce.recipe import read_recipe
+
+    rec = getattr(args, "recipe_read", None) or read_recipe(args.recipe)
+    red = get_reducer(model)
+    record = weights_patch(args.weights) if getattr(args, "weights", None) else None
+    if red is not None or record is not None:
+        what = f"the patch {args.weights} records" if record is not None else f"the patch {args.model} comes with"
+        note(f"--recipe {args.recipe} replaces {what}")
+    made_for, weights = rec.model.get("name"), rec.model.get("weights")
+    if made_for and made_for != args.model:
+        note(f"recipe {args.recipe} was tuned on {made_for}; applied to {args.model} (same depth, grid and prefix "
+             f"tokens), whose accuracy its figures do not describe")
+    elif weights != getattr(args, "weights", None):
+        note(f"recipe {args.recipe} was tuned on {args.model} with weights {weights or 'as shipped'}; these are "
+             f"{args.weights or 'as shipped'}")
+    patch(model, recipe=rec)
+    return "recipe", rec.words()
+
+
 def shipped_phrase(args: argparse.Namespace, shipped: tuple[str, str]) -> str:
     """``weights file F records the patch it was fine-tuned with (idle, keep 0.7)`` or ``M comes patched (...)``."""
     source, words = shipped
+    if source == "recipe":
+        return f"--recipe {args.recipe} patches {args.model} ({words})"
     if source == "weights":
         return f"weights file {args.weights} records the patch it was fine-tuned with ({words})"
     return f"{args.model} comes patched ({words})"
@@ -193,7 +254,8 @@ def shipped_phrase(args: argparse.Namespace, shipped: tuple[str, str]) -> str:
 
 def settle_patch(args: argparse.Namespace, model, opts: dict[str, Any]) -> str | None:
     """Apply the rule above for eval and bench (``args.method`` None: as shipped); returns where the patch that
-    runs came from: ``"weights"``, ``"model"``, ``"--method"``, or None when the model runs unpatched."""
+    runs came from: ``"recipe"``, ``"weights"``, ``"model"``, ``"--method"``, or None when the model runs
+    unpatched."""
     from .. import get_reducer, unpatch
     from ..reduce.registry import AMOUNTS
     from .methods import reduction_amount
@@ -203,6 +265,9 @@ def settle_patch(args: argparse.Namespace, model, opts: dict[str, Any]) -> str |
         shipped = as_shipped(args, model)
         if shipped is None:
             return None
+        if shipped[0] == "recipe":
+            note(shipped_phrase(args, shipped))
+            return shipped[0]
         how = "with that patch" if shipped[0] == "weights" else "as shipped"
         note(f"{shipped_phrase(args, shipped)}; running it {how}; --method dense runs it unpatched")
         return shipped[0]

@@ -90,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
         traces[name] = [{k: v.cpu() for k, v in step.items()} for step in get_reducer(variant).trace_log]
     classes = getattr(ds, "classes", None)
     name_of = (lambda i: classes[i]) if classes else str
-    title = f"{args.model}, image {args.index} (label {name_of(label)}); predictions: " + ", ".join(
-        f"{m} {name_of(p)}" for m, p in preds.items())
+    title = f"{args.model}, image {args.index} (label {name_of(label)})"
+    if getattr(model, "num_classes", 0):  # a model without a head (a CLIP image tower) gives features, not classes
+        title += "; predictions: " + ", ".join(f"{m} {name_of(p)}" for m, p in preds.items())
     plot_token_maps(image, traces, info.grid, args.output, title=title)
     print(f"token maps written to {args.output}")
     return 0

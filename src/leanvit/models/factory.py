@@ -24,7 +24,13 @@ def list_models(pattern: str = "leanvit_*", pretrained: bool = False) -> list[st
 
 
 def check_model_name(name: str) -> None:
-    """Raise a :class:`ConfigError` listing the valid names (and close matches) if timm does not know ``name``."""
+    """Raise a :class:`ConfigError` listing the valid names (and close matches) if timm does not know ``name``;
+    ``hf:PATH`` and ``open_clip:ARCH`` are checked by :func:`~leanvit.models.external.check_external`."""
+    from .external import check_external, is_external
+
+    if is_external(name):
+        check_external(name)
+        return
     if not isinstance(name, str) or not timm.is_model(name):
         known = timm.list_models()
         close = difflib.get_close_matches(str(name), known, n=5, cutoff=0.6)
@@ -68,8 +74,11 @@ def check_pretrained(name: str, download: bool = True, weights_flag: str = "--we
             (a teacher, a model to fine-tune).
     """
     from ..zoo import RUNS_DIR, has_weights, weight_file
+    from .external import is_external
 
     check_model_name(name)
+    if is_external(name):  # hf:PATH brings its weights; open_clip:ARCH is checked when it is created
+        return
     base = name.split(".")[0]  # without a pretrained tag (leanvit_vit_fm_teacher.fmnist)
     if base.startswith("leanvit_") and not has_weights(base):
         alone = f", or start from random weights ({no_pretrained})" if no_pretrained else ""
@@ -111,10 +120,12 @@ def check_reads_input(teacher: nn.Module, model: nn.Module, model_role: str = "s
 def create_model(name: str, pretrained: bool = False, weights: str | None = None, download: bool = True,
                  weights_flag: str = "--weights", no_pretrained: str | None = "--no-pretrained",
                  **kwargs) -> nn.Module:
-    """``timm.create_model`` for any timm or leanvit model name, optionally loading a weights file.
+    """``timm.create_model`` for any timm or leanvit model name, optionally loading a weights file; a model of another
+    library for ``hf:PATH`` and ``open_clip:ARCH`` (:func:`~leanvit.models.external.create_external`).
 
     Args:
-        name: a timm model name (``deit_small_patch16_224``) or a leanvit reference model (``leanvit_vit_fm_teacher``).
+        name: a timm model name (``deit_small_patch16_224``), a leanvit reference model (``leanvit_vit_fm_teacher``),
+            ``hf:PATH`` or ``open_clip:ARCH``.
         pretrained: load the model's pretrained weights (shipped offline for ``leanvit_*`` models).
         weights: path of a safetensors file, a leanvit checkpoint or a torch state dict, loaded strictly.
         download: whether timm may fetch pretrained weights from the hub (:func:`check_pretrained`).
@@ -123,7 +134,10 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
         kwargs: passed to the model constructor (``num_classes``, ``drop_path_rate``, ...).
     """
     from ..io import load_into, load_weights
+    from .external import create_external, is_external
 
+    if is_external(name):
+        return create_external(name, pretrained=pretrained, weights=weights, **kwargs)
     check_model_name(name)
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"weights file {weights} does not exist")

@@ -16,8 +16,57 @@ import torch
 Merge = Callable[..., torch.Tensor]
 
 
-def _identity(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-    return x
+class _Identity:
+    """The plan of a matching that merges nothing."""
+
+    def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        return x
+
+    def sources(self, T: int, B: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(T, device=device).expand(B, T)
+
+    destinations = sources
+
+
+class BipartiteMerge:
+    """A planned bipartite merge: call it on ``(B, T, C)`` to merge (see :func:`bipartite_soft_matching`); its
+    :meth:`sources` and :meth:`destinations` say where every token went (for token positions and grid restores)."""
+
+    def __init__(self, protected: int, pa: int, pb: int, r: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
+                 dst_idx: torch.Tensor):
+        self.protected, self.pa, self.pb, self.r = protected, pa, pb, r
+        self.unm_idx, self.src_idx, self.dst_idx = unm_idx, src_idx, dst_idx  # (B, Na - r, 1), (B, r, 1), (B, r, 1)
+
+    def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        pa, pb, r = self.pa, self.pb, self.r
+        xa, xb = x[:, ::2][:, pa:], x[:, 1::2][:, pb:]  # (B, Na, C), (B, Nb, C)
+        n, na, c = xa.shape
+        unm = xa.gather(1, self.unm_idx.expand(n, na - r, c))  # (B, Na - r, C)
+        src = xa.gather(1, self.src_idx.expand(n, r, c))  # (B, r, C)
+        xb = xb.scatter_reduce(1, self.dst_idx.expand(n, r, c), src, reduce=mode)  # (B, Nb, C)
+        return torch.cat([x[:, :self.protected], unm, xb], dim=1)  # (B, T - r, C)
+
+    def sources(self, T: int, B: int, device: torch.device) -> torch.Tensor:
+        """``(B, T - r)``: the position among the ``T`` input tokens of each output token (a merged token is its
+        B-set destination, which it continues)."""
+        a = 2 * (self.pa + self.unm_idx[..., 0])  # (B, Na - r) input positions of the unmerged A tokens
+        b = torch.arange(2 * self.pb + 1, T, 2, device=device).expand(B, -1)  # (B, Nb) the B tokens
+        return torch.cat([torch.arange(self.protected, device=device).expand(B, -1), a, b], dim=1)
+
+    def destinations(self, T: int, B: int, device: torch.device) -> torch.Tensor:
+        """``(B, T)``: the output token each input token's features went to (itself, or its merge destination)."""
+        P, pa, pb, r = self.protected, self.pa, self.pb, self.r
+        na = len(range(2 * pa, T, 2))
+        nb = len(range(2 * pb + 1, T, 2))
+        first_b = P + na - r  # output position of the first unprotected B token
+        dest_a = torch.empty(B, na, dtype=torch.long, device=device)
+        dest_a.scatter_(1, self.unm_idx[..., 0], torch.arange(P, first_b, device=device).expand(B, -1))
+        dest_a.scatter_(1, self.src_idx[..., 0], self.dst_idx[..., 0] + first_b)
+        out = torch.empty(B, T, dtype=torch.long, device=device)
+        out[:, :P] = torch.arange(P, device=device)
+        out[:, 2 * pa::2] = dest_a
+        out[:, 2 * pb + 1::2] = torch.arange(first_b, first_b + nb, device=device)
+        return out
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0, keep_order: bool = False) -> Merge:
@@ -35,14 +84,14 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0, ke
             order of their best match, most similar first, as in ToMe without a cls token.
 
     Returns:
-        ``merge(x, mode)`` mapping ``(B, T, C)`` to ``(B, T - r, C)``: the protected tokens in their order, then
-        the unmerged A tokens, then every B token; ``mode`` is ``"sum"`` (for size-weighted averages: merge
-        ``x * size`` and ``size`` with sum, then divide) or ``"amax"`` (provenance).
+        a :class:`BipartiteMerge`, ``merge(x, mode)`` mapping ``(B, T, C)`` to ``(B, T - r, C)``: the protected
+        tokens in their order, then the unmerged A tokens, then every B token; ``mode`` is ``"sum"`` (for
+        size-weighted averages: merge ``x * size`` and ``size`` with sum, then divide) or ``"amax"`` (provenance).
     """
     T = metric.shape[1]
     r = min(r, (T - protected) // 2)
     if r <= 0:
-        return _identity
+        return _Identity()
     pa, pb = (protected + 1) // 2, protected // 2  # protected tokens in A (positions 0, 2, ..) and in B (1, 3, ..)
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, T, D)
@@ -55,16 +104,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0, ke
         dst_idx = best_b[..., None].gather(1, src_idx)  # (B, r, 1) their B partners
         if keep_order:
             unm_idx = unm_idx.sort(dim=1).values  # (B, Na - r, 1) in original order
-
-    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        xa, xb = x[:, ::2][:, pa:], x[:, 1::2][:, pb:]  # (B, Na, C), (B, Nb, C)
-        n, na, c = xa.shape
-        unm = xa.gather(1, unm_idx.expand(n, na - r, c))  # (B, Na - r, C)
-        src = xa.gather(1, src_idx.expand(n, r, c))  # (B, r, C)
-        xb = xb.scatter_reduce(1, dst_idx.expand(n, r, c), src, reduce=mode)  # (B, Nb, C)
-        return torch.cat([x[:, :protected], unm, xb], dim=1)  # (B, T - r, C)
-
-    return merge
+    return BipartiteMerge(protected, pa, pb, r, unm_idx, src_idx, dst_idx)
 
 
 def merge_weighted(merge: Merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

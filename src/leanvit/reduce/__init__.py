@@ -18,9 +18,11 @@ from __future__ import annotations
 from . import gtp, tome, evit, idle, truncate, zoo  # noqa: F401, I001  (each registers its methods or models)
 from .adapters import get_reducer, is_patched
 from .base import TokenReducer
-from .patching import inspect_vit, patch, tokens_per_block, unpatch
+from .patching import inspect_vit, patch, restore_tokens, tokens_per_block, unpatch
+from .recipe import Recipe, read_recipe, recipe_of, write_recipe
 from .registry import METHODS, check_options, list_methods, method_help, register_method
 from .types import TOKEN_STATES, AttnOut
 
-__all__ = ["METHODS", "TOKEN_STATES", "AttnOut", "TokenReducer", "check_options", "get_reducer", "inspect_vit",
-           "is_patched", "list_methods", "method_help", "patch", "register_method", "tokens_per_block", "unpatch"]
+__all__ = ["METHODS", "TOKEN_STATES", "AttnOut", "Recipe", "TokenReducer", "check_options", "get_reducer",
+           "inspect_vit", "is_patched", "list_methods", "method_help", "patch", "read_recipe", "recipe_of",
+           "register_method", "restore_tokens", "tokens_per_block", "unpatch", "write_recipe"]

@@ -13,7 +13,8 @@ so a new need is a new block (or a method's own composition), never a wider requ
   subset of the tokens (the gathered inference path and the masked training path of idling).
 
 An adapter maps its library's attention module onto the layout these functions read (``qkv``, ``q_norm``,
-``k_norm``, ``norm``, ``gate``, ``proj``, ``attn_drop``, ``proj_drop``, ``num_heads``, ``scale``).
+``k_norm``, ``norm``, ``gate``, ``proj``, ``attn_drop``, ``proj_drop``, ``num_heads``, ``scale``, and for rotary
+attention ``rotate(t, index)``, which rotates queries or keys by their tokens' grid positions).
 """
 from __future__ import annotations
 
@@ -74,9 +75,17 @@ def heads(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor | None = Non
     B, N, _ = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, _head_dim(attn)).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = _rotate(attn, attn.q_norm(q)), _rotate(attn, attn.k_norm(k))
     bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None
     return Heads(attn, x, q, k, v, size_bias, bias)
+
+
+def _rotate(attn: nn.Module, t: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Queries or keys ``(B, H, n, Dh)`` rotated by their tokens' positions where the attention is rotary (an
+    adapter's view with a ``rotate(t, index)`` method: RoPE); ``index`` ``(B, n)`` says which of the current tokens
+    they are (None: all, in order). Unchanged for every other attention."""
+    rotate = getattr(attn, "rotate", None)
+    return t if rotate is None else rotate(t, index)
 
 
 def _norm(attn: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -191,7 +200,10 @@ def subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], to
     w, b = attn.qkv.weight, attn.qkv.bias
     # keys of every token, laid out (B, N, H * Dh) so that the selected ones are gathered as rows
     k = attn.k_norm(F.linear(x, w[A:2 * A], None if b is None else b[A:2 * A]).view(B, N, heads, head_dim))
+    if getattr(attn, "rotate", None) is not None:  # rotary keys: rotated by every token's position
+        k = _rotate(attn, k.transpose(1, 2)).transpose(1, 2)
     k = k.reshape(B, N, A)
+    # the cls query: a prefix token, never rotated
     q_cls = attn.q_norm(F.linear(x[:, :1], w[:A], None if b is None else b[:A]).view(B, 1, heads, head_dim))
     # mean over heads of q_h.k_h is the full-width product over the number of heads: one (1 x N) product per image
     cls_logits = (q_cls.reshape(B, 1, A) @ k.transpose(1, 2))[:, 0] * (attn.scale / heads)  # (B, N)
@@ -203,6 +215,7 @@ def subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], to
     ks = gather_tokens(k, index).view(B, M, heads, head_dim).transpose(1, 2)  # (B, H, M, Dh)
     # queries and values of the selected tokens from views of the qkv weight (no copy of the weights)
     q = attn.q_norm(F.linear(xs, w[:A], None if b is None else b[:A]).view(B, M, heads, head_dim).transpose(1, 2))
+    q = _rotate(attn, q, index)
     v = F.linear(xs, w[2 * A:], None if b is None else b[2 * A:]).view(B, M, heads, head_dim).transpose(1, 2)
     bias = None
     if size_bias is not None:

@@ -14,7 +14,10 @@ state dict of a patched model is the original one). A patched block ``i`` runs, 
 5. the MLP residual, gated by the selection mask on a masked path;
 6. ``x = reducer.after_mlp(i, x)``, and after the last block ``x = reducer.end(x)``.
 
-Every hook but :meth:`TokenReducer.reduce` defaults to a no-op. A method also says what each block computes
+Every hook but :meth:`TokenReducer.reduce` defaults to a no-op. A method that removes tokens also says where each
+token went (:meth:`TokenReducer._moved`): which earlier token every remaining token continues, and which remaining
+token took each removed token's features. From that the base class keeps, only when asked, every token's grid
+position for rotary attention (``ViTInfo.rotary``) and every patch's owner for :meth:`TokenReducer.restore_grid`. A method also says what each block computes
 (:meth:`TokenReducer.block_tokens`, which the MACs solver and ``tokens_per_block`` use), how it turns ``r=``,
 ``budget=`` and ``keep=`` into its schedule, and, when tracing, what happened to every patch in every block
 (:data:`TOKEN_STATES`), which is all ``leanvit vis`` draws from. A new method is one new file with a
@@ -103,6 +106,7 @@ class TokenReducer:
         self.source: torch.Tensor | None = None  # (B, N_img, N_img_orig) bool, when tracing
         self._state: torch.Tensor | None = None  # (B, N_img_orig) uint8 TOKEN_STATES code, when tracing
         self.trace_log: list[dict[str, torch.Tensor]] = []
+        self.restore = False  # give the whole token grid back at the end (``patch(..., restore=True)``)
         self._bind_thread()
 
     # --------------------------------------------------------------- schedules (class methods: before building)
@@ -162,6 +166,8 @@ class TokenReducer:
         """Reset per-forward state; ``x`` (B, N, C) is the input of block 0 (all tokens)."""
         self._size = None
         self.trace_log = []
+        self._positions = self._holder = self._frozen = None  # None: no token has moved yet
+        self._holders: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if self.trace:
             B, n = x.shape[0], self.info.num_image
             self.source = torch.eye(n, dtype=torch.bool, device=x.device).expand(B, n, n).clone()
@@ -186,6 +192,7 @@ class TokenReducer:
         x = self._reduce(i, x, attn, r)
         if self.trace:
             self._trace_step(i, self._passed)
+        self._record_owner(i)
         return x
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
@@ -196,8 +203,90 @@ class TokenReducer:
         return x
 
     def end(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's output, before the final norm (default: unchanged)."""
-        return x
+        """The last block's output, before the final norm (default: unchanged; the whole grid with ``restore``).
+
+        A method that overrides it calls ``super().end(x)`` last."""
+        return self.restore_grid(x) if self.restore else x
+
+    # --------------------------------------------------------------- where tokens went
+    @property
+    def tracking(self) -> bool:
+        """Whether :meth:`_moved` keeps positions (rotary attention) or owners (``restore``)."""
+        return self.info.rotary or self.restore
+
+    def _moved(self, x: torch.Tensor, sources: torch.Tensor, dests: torch.Tensor) -> None:
+        """Record a reduction of block i's image tokens (call only when :attr:`tracking`).
+
+        Args:
+            x: the tokens ``(B, P + n, C)`` before the reduction (prefix first); a patch whose features reach no
+                token keeps its value here (:meth:`restore_grid`).
+            sources: ``(B, m)`` for each image token after the reduction, the image token before it that it
+                continues (its position), or -1 for a new token (EViT's fused token: no grid position).
+            dests: ``(B, n)`` for each image token before the reduction, the image token after it that took its
+                features (itself when kept, its merge destination, the fused token, GTP's strongest edge), or -1.
+        """
+        P, B = self.info.num_prefix, x.shape[0]
+        if self.info.rotary:
+            n = x.shape[1] - P
+            pos = self._positions
+            pos = pos[:, P:] if pos is not None else torch.arange(n, device=x.device).expand(B, n)
+            img = torch.where(sources >= 0, pos.gather(1, sources.clamp_min(0)), self.info.num_image)
+            self._positions = torch.cat([self._prefix_positions(B, x.device), img], dim=1)
+        if self.restore:
+            owner = self._holder
+            if owner is None:  # every patch still owns its token
+                owner = torch.arange(self.info.num_image, device=x.device).expand(B, -1)
+            held = owner >= 0  # (B, N0) patches whose features are in a token
+            at = owner.clamp_min(0)
+            new = torch.where(held, dests.gather(1, at), -1)
+            lost = held & (new < 0)  # (B, N0) lose their token in this block: keep their value here
+            frozen = self._frozen if self._frozen is not None else x.new_zeros(B, self.info.num_image, x.shape[2])
+            self._frozen = torch.where(lost[..., None], x[:, P:].gather(1, at[..., None].expand_as(frozen)), frozen)
+            self._holder = new
+
+    def _prefix_positions(self, B: int, device: torch.device) -> torch.Tensor:
+        return torch.full((B, self.info.num_prefix), self.info.num_image, dtype=torch.long, device=device)
+
+    def token_positions(self) -> torch.Tensor | None:
+        """``(B, P + n)``: the grid position (row-major index into the input's patch grid) of every current token in
+        this forward, ``info.num_image`` for a token without one (prefix tokens, EViT's fused token); None while no
+        token has moved (prefix tokens, then the grid in order). Kept only for models with rotary attention.
+
+        ToMe's merged token keeps its destination's position, GTP's and EViT's kept tokens their own."""
+        return self._positions
+
+    def _record_owner(self, i: int) -> None:
+        """Keep the owner map of block i's output (after a reduction) for restoring it later
+        (``forward_intermediates``); later blocks that reduce nothing share it."""
+        if self.restore and self._holder is not None:
+            self._holders[i] = (self._holder, self._frozen)
+
+    def _owner_at(self, block: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        done = [i for i in self._holders if i <= block]
+        return self._holders[max(done)] if done else (None, None)
+
+    def restore_grid(self, x: torch.Tensor, block: int | None = None, norm: Any = None) -> torch.Tensor:
+        """The whole token grid of ``x`` ``(B, P + n, C)`` (the last block's output, or block ``block``'s):
+        ``(B, P + N0, C)`` in the input grid's order, every patch taking the features of the token that holds it
+        (ToMe: its merge destination; GTP: the kept token its strongest edge reached; EViT: the fused token) and a
+        patch whose features reached no token (GTP's orphans as published, EViT without fusing, truncation) its
+        own value when it was removed (``norm``, if given, is applied to those values, as it was to ``x``).
+        Needs ``restore`` on (``patch(..., restore=True)``)."""
+        P = self.info.num_prefix
+        return torch.cat([x[:, :P], self.restore_image(x[:, P:], block, norm)], dim=1)
+
+    def restore_image(self, x: torch.Tensor, block: int | None = None, norm: Any = None) -> torch.Tensor:
+        """:meth:`restore_grid` of the image tokens ``x`` ``(B, n, C)`` alone (no prefix tokens): ``(B, N0, C)``."""
+        if not self.restore:
+            raise ConfigError("restoring the token grid needs the patch made with restore=True")
+        owner, frozen = (self._holder, self._frozen) if block is None else self._owner_at(block)
+        if owner is None or x.shape[1] == self.info.num_image:  # nothing moved (or already restored)
+            return x
+        out = x.gather(1, owner.clamp_min(0)[..., None].expand(-1, -1, x.shape[2]))  # (B, N0, C)
+        if frozen is not None:
+            stale = frozen if norm is None else norm(frozen)
+            out = torch.where((owner < 0)[..., None], stale.to(out.dtype), out)
+        return out
 
     def size_bias(self) -> torch.Tensor | None:
         if self.prop_attn and self._size is not None:
@@ -210,6 +299,11 @@ class TokenReducer:
     # --------------------------------------------------------------- tracing
     _trace_extra: dict[str, torch.Tensor] = {}
     _passed: torch.Tensor | None = None  # (B, N_img_orig) patches whose features a removal passed on
+    # where tokens went in this forward (see _moved); class defaults until the first forward
+    _positions: torch.Tensor | None = None
+    _holder: torch.Tensor | None = None
+    _frozen: torch.Tensor | None = None
+    _holders: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _trace_step(self, i: int, passed: torch.Tensor | None, computed: int | None = None) -> None:
         """Append block i's trace record from ``self.source`` (updated by the method) and the previous states.
@@ -279,7 +373,7 @@ class TokenReducer:
             with _BIND_LOCK:
                 if "_owner" not in self.__dict__:
                     self._bind_thread()
-            owner = self._owner
+            owner = self._holder
         if ident == owner:
             return self
         thread = threading.current_thread()
@@ -306,7 +400,8 @@ class TokenReducer:
 
     # --------------------------------------------------------------- pickling and copying
     # attributes that only live for one forward pass; not pickled or deep-copied with a model
-    _per_forward: ClassVar[tuple[str, ...]] = ("_size", "source", "_state", "trace_log", "_trace_extra", "_passed")
+    _per_forward: ClassVar[tuple[str, ...]] = ("_size", "source", "_state", "trace_log", "_trace_extra", "_passed",
+                                               "_positions", "_holder", "_frozen", "_holders")
     # the calling thread's bookkeeping (a lock cannot be pickled); a copy is bound to the thread that makes it
     _per_thread: ClassVar[tuple[str, ...]] = ("_owner", "_thread_lock", "_threads", "_origin")
 
@@ -318,6 +413,7 @@ class TokenReducer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._size, self.source, self._state, self.trace_log = None, None, None, []
+        self.__dict__.setdefault("restore", False)  # pickled before restore existed
         self._bind_thread()
 
 

@@ -107,6 +107,14 @@ class EViTReducer(TokenReducer):
             if self.fuse == "mean":
                 w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
             parts.append((gather_tokens(x, removed, offset=P) * w).sum(1, keepdim=True))
+        if self.tracking:  # kept tokens continue themselves; removed ones went into the fused token, or nowhere
+            B = x.shape[0]
+            fused = kept.new_full((B, 1), -1)
+            sources = torch.cat([kept, fused], dim=1) if self.fuse else kept
+            dests = torch.empty(B, n_img, dtype=kept.dtype, device=x.device)
+            dests.scatter_(1, kept, torch.arange(kept.shape[1], device=x.device).expand_as(kept))
+            dests.scatter_(1, removed, kept.shape[1] if self.fuse else -1)
+            self._moved(x, sources, dests)
         if self.trace:
             src = self.source.float()
             new = [gather_tokens(src, kept)]

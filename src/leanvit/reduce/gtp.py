@@ -285,6 +285,13 @@ class GTPReducer(TokenReducer):
             if self.prop_attn:
                 self._size = size.view(B, P + K)
         self.index = kept_orig
+        if self.tracking:  # a removed token's patches go where its strongest edge took its features, or nowhere
+            taken = w + fallback if self.orphans == "merge" else w  # (B, K, r)
+            best, to = taken.max(1)  # (B, r)
+            dests = torch.empty(B, N - P, dtype=torch.long, device=x.device)
+            dests.scatter_(1, kept, torch.arange(K, device=x.device).expand(B, K))
+            dests.scatter_(1, removed, torch.where(best > 0, to, -1))
+            self._moved(x, kept, dests)
         if self.stats or self.trace:
             edges = w + fallback if self.orphans == "merge" else w  # (B, K, r) every edge a removed token took
         if self.stats:

@@ -64,6 +64,9 @@ class ToMeReducer(TokenReducer):
         P = self.info.num_prefix
         metric = attn.keys.mean(1)  # (B, N, Dh) keys averaged over heads, prefix tokens included
         merge = bipartite_soft_matching(metric, r, protected=P, keep_order=self.info.has_cls)
+        if self.tracking:  # a merged token continues its destination (its position); its patches go there too
+            B, T = x.shape[:2]
+            self._moved(x, merge.sources(T, B, x.device)[:, P:] - P, merge.destinations(T, B, x.device)[:, P:] - P)
         size = self._sizes_or_ones(x)  # (B, N)
         x, s = merge_weighted(merge, x, size[..., None])  # (B, N - r, C), (B, N - r, 1)
         self._size = s.squeeze(-1)  # (B, N - r)

@@ -41,6 +41,9 @@ class TruncateReducer(TokenReducer):
             self._trace_extra = {}
             self._drop_trace(r)
             self._trace_step(i, self._passed)
+        if self.tracking:
+            self._drop_moved(x, r)
+            self._record_owner(i)
         return x[:, : x.shape[1] - r]
 
     def reduce(self, i: int, x: torch.Tensor, attn: AttnOut) -> torch.Tensor:
@@ -49,7 +52,15 @@ class TruncateReducer(TokenReducer):
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         if self.trace:
             self._drop_trace(r)
+        if self.tracking:
+            self._drop_moved(x, r)
         return x[:, : x.shape[1] - r]
+
+    def _drop_moved(self, x: torch.Tensor, r: int) -> None:
+        """The first ``n - r`` image tokens stay where they are; the last ``r`` reach no token."""
+        n = x.shape[1] - self.info.num_prefix
+        stay = torch.arange(n - r, device=x.device).expand(x.shape[0], -1)
+        self._moved(x, stay, torch.cat([stay, stay.new_full((x.shape[0], r), -1)], dim=1))
 
     def _drop_trace(self, r: int) -> None:
         """The last ``r`` image tokens go and their features reach no token: ``removed`` in the trace."""

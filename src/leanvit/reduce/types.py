@@ -32,6 +32,9 @@ class ViTInfo:
     num_image: int
     global_pool: str
     blocks: tuple[BlockShape, ...]
+    # the attention rotates queries and keys by each token's grid position (RoPE: timm's Eva family); the reducers
+    # then keep every token's position (:meth:`TokenReducer.token_positions`), which the adapter's attention reads
+    rotary: bool = False
 
 
 @dataclass

@@ -84,6 +84,10 @@ class ModelAdapter:
     def remove(self, model: nn.Module) -> None:
         raise NotImplementedError
 
+    def default_restore(self, model: nn.Module) -> bool:
+        """Whether a patch gives the token grid back when ``restore`` is not given (feature wrappers do)."""
+        return False
+
     def input_size(self, model: nn.Module) -> tuple[int, int, int] | None:
         """``(C, H, W)`` the model's MACs are counted at (None: :func:`~leanvit.analysis.macs.count_macs`' default,
         read from a timm model's pretrained config)."""
@@ -91,10 +95,12 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------------------------- shared patching
     def patch(self, model: nn.Module, cls: type[TokenReducer], r: Any, budget: float | None, keep: Any,
-              measure: bool, options: dict[str, Any]) -> nn.Module:
+              measure: bool, options: dict[str, Any], restore: bool = False) -> nn.Module:
         info = self.inspect(model)
         method = cls.name
         report: dict[str, Any] = {"method": method}
+        if restore:  # set on the reducer before it is applied (budget= runs the patched model)
+            report["restore"] = True
         if budget is not None:
             if "budget" not in cls.amounts:
                 raise ConfigError(f"'{method}' does not take budget=; give "
@@ -107,6 +113,7 @@ class ModelAdapter:
             schedule = cls.schedule_from_r(r, info, options)
         reducer = build_reducer(cls, info, schedule, options)
         reducer.report.update(report, schedule=schedule, schedule_counts=cls.schedule_counts)
+        reducer.restore = bool(report.get("restore"))
         self.apply(model, reducer)
         return model
 
@@ -130,6 +137,7 @@ class ModelAdapter:
                                   f"'{cls.name}' itself is counted; use a larger budget") from None
             reducer = build_reducer(cls, info, schedule, options)
             reducer.report.update(report, schedule=schedule, schedule_counts=cls.schedule_counts)
+            reducer.restore = bool(report.get("restore"))
             self.apply(model, reducer)
             if not measure:
                 return model

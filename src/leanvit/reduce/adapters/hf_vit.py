@@ -1,7 +1,16 @@
 """Hugging Face ``transformers`` ViTs: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
-``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher``, and CLIP's vision tower:
-``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` and ``CLIPModel``, with any ``attn_implementation`` (the
-patched layers compute the attention themselves, from the layers' own weights).
+``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher``, CLIP's vision tower:
+``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` and ``CLIPModel``, and, defined in :mod:`.hf_more` (see
+there), SigLIP (``SiglipVisionModel``, ``SiglipModel``'s vision tower, ``SiglipForImageClassification``) and DINOv2
+(``Dinov2Model``, ``Dinov2WithRegistersModel`` and their ``...ForImageClassification``), with any
+``attn_implementation`` (the patched layers compute the attention themselves, from the layers' own weights).
+
+One adapter serves every family. A family (:class:`HFFamily`, registered with :func:`register_family`) names its
+model classes and layer class and says what differs: the reducing mixin of its layer (the forward's signature in
+the installed transformers, its norms, LayerScale), what its prefix tokens are, which tower ``budget=`` measures,
+and what else patching swaps (a pooling head that weighs token sizes). Everything else (finding the layers, the
+attention view, the checks, the refusals) is shared here. :mod:`.hf_more` is imported at the end of this module
+and registers its families, so that the SigLIP and DINOv2 specifics stay out of this file.
 
 CLIP: patching a ``CLIPModel`` patches its vision tower only (``clip.vision_model.encoder.layers``; the text tower's
 layers are left alone) and attaches the reducer to the ``CLIPModel``, so ``get_image_features`` and
@@ -26,10 +35,14 @@ What differs from timm (:mod:`.timm_vit`) is only the layout, handled here so th
   ``attn_drop``, ``proj_drop``, ``num_heads``, ``scale``), which :mod:`leanvit.reduce.attention` reads. It is a
   plain object kept in the layer's ``__dict__`` (not a submodule), so state-dict keys do not change, and it reads
   the layer's own modules at every call, so ``.to()``, ``.train()`` and loaded weights reach it;
-* the prefix tokens are cls (ViT, CLIP) or cls + distillation (DeiT); every supported head reads them only.
+* the prefix tokens, read from the embeddings, are cls (ViT, CLIP), cls + distillation (DeiT), cls + registers
+  (DINOv2) or none (SigLIP, ``has_cls=False``); the ViT, DeiT and CLIP heads read the prefix tokens only. A method
+  that needs a cls token is refused on a model without one by a :class:`~leanvit.errors.ConfigError` that names
+  the model and its family.
 
-Patching swaps each ``ViTLayer``/``DeiTLayer``/``CLIPEncoderLayer``'s class for a reducing subclass (made once per
-original class and reachable as an attribute of this module, so patched models pickle) whose forward is HF's:
+Patching swaps each layer's class (``ViTLayer``, ``DeiTLayer``, ``CLIPEncoderLayer``, and the families of
+:mod:`.hf_more`) for a reducing subclass (made once per original class and reachable as an attribute of this
+module, so patched models pickle) whose forward is HF's; ViT's is
 ``x + dropout(o_proj(attn(layernorm_before(x))))`` -> reduce -> ``x + dropout(fc2(act(fc1(layernorm_after(x)))))``.
 ``transformers`` is imported only when one of its models is patched.
 
@@ -44,6 +57,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import replace
 from inspect import signature
 from typing import Any
 
@@ -51,41 +65,120 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import UnsupportedModelError
+from ...errors import ConfigError, UnsupportedModelError
 from ...ops.schedule import BlockShape
 from ...ops.select import gather_tokens
 from ..base import TokenReducer
 from ..types import ViTInfo
 from .base import REDUCER_ATTR, ModelAdapter, block_reducer, register_adapter
 
-# model class name -> attribute holding the base model (None: the model is the base model)
-SUPPORTED = {
-    "ViTModel": None, "ViTForImageClassification": "vit",
-    "DeiTModel": None, "DeiTForImageClassification": "deit", "DeiTForImageClassificationWithTeacher": "deit",
-    "CLIPVisionModel": None, "CLIPVisionModelWithProjection": "vision_model", "CLIPModel": "vision_model",
-}
-LAYER_CLASSES = ("ViTLayer", "DeiTLayer", "CLIPEncoderLayer")
-FAMILIES = {"ViTLayer": "vit", "DeiTLayer": "deit", "CLIPEncoderLayer": "clip"}  # layer class -> transformers module
 VIEW_ATTR = "_leanvit_view"
+ORIG_CLASS_ATTR = "_leanvit_orig_class"  # a model whose own class a family swapped (its head): the original class
+
+
+class HFFamily:
+    """One transformers model family: which model classes it has, which layer class is patched, and what a family
+    does beyond the layers. The ViT, DeiT and CLIP families are defined here, SigLIP and DINOv2 in :mod:`.hf_more`;
+    a family registers itself with :func:`register_family`.
+
+    Class attributes: ``name`` (in messages), ``module`` (``transformers.models.<module>``), ``models`` (model class
+    name -> attribute holding the base model that has the embeddings and the encoder; None: the model itself),
+    ``layer`` (the layer class name), ``global_pool`` (what the head reads, for :class:`ViTInfo`).
+    """
+
+    name = ""
+    module = ""
+    models: dict[str, str | None] = {}
+    layer = ""
+    global_pool = "token"
+
+    def mixin(self, original: type) -> type:
+        """The reducing mixin for ``original`` (this family's layer class in the installed transformers), chosen
+        by its forward's signature: transformers 5 layers take attention_mask; 4.56-4.57 layers a head_mask and
+        return a tensor; earlier ones a head_mask and output_attentions and return a tuple."""
+        params = signature(original.forward).parameters
+        return (_ReducingLayer5 if "attention_mask" in params
+                else _ReducingLayer4 if "output_attentions" in params else _ReducingLayer456)
+
+    def prefix(self, base: nn.Module) -> tuple[bool, int]:
+        """``(has_cls, num_prefix)`` read from the base model's embeddings: a cls token first (``cls_token``, CLIP's
+        ``class_embedding``), then a distillation token (DeiT), then register tokens (``register_tokens``)."""
+        emb = base.embeddings
+        has_cls = getattr(emb, "cls_token", None) is not None or getattr(emb, "class_embedding", None) is not None
+        dist = getattr(emb, "distillation_token", None) is not None
+        regs = getattr(emb, "register_tokens", None)
+        return has_cls, int(has_cls) + int(dist) + (0 if regs is None else int(regs.shape[1]))
+
+    def tower(self, model: nn.Module) -> nn.Module:
+        """The module that takes images as its first argument, whose MACs ``budget=`` counts: the model itself, or
+        a dual-tower model's vision tower (its forward takes text first)."""
+        return model
+
+    def attach(self, model: nn.Module, base: nn.Module, reducer: TokenReducer) -> None:
+        """Patch what reads the layers' output, if the family needs to (a pooling head that weighs token sizes);
+        :meth:`detach` undoes it exactly. Default: nothing."""
+
+    def detach(self, model: nn.Module, base: nn.Module) -> None:
+        """Undo :meth:`attach`."""
+
+
+FAMILIES: dict[str, HFFamily] = {}  # transformers module name (``vit``, ``clip``, ...) -> family
+SUPPORTED: dict[str, str | None] = {}  # every family's model class name -> attribute holding its base model
+
+
+def register_family(cls: type[HFFamily]) -> type[HFFamily]:
+    """Class decorator: let the adapter patch the family's models (a model class name belongs to one family)."""
+    family = cls()
+    taken = [m for m in family.models if m in SUPPORTED]
+    if family.module in FAMILIES or taken:
+        raise ValueError(f"transformers family '{family.module}' or models {taken} are already registered")
+    FAMILIES[family.module] = family
+    SUPPORTED.update(family.models)
+    return cls
 
 
 def _fail(model: nn.Module, why: str) -> None:
     raise UnsupportedModelError(
-        f"leanvit cannot patch {type(model).__name__}: {why}. Supported from transformers: "
-        f"{', '.join(SUPPORTED)} (SigLIP, DINOv2 and other families are not supported yet).")
+        f"leanvit cannot patch {own_class(model).__name__}: {why}. Supported from transformers: "
+        f"{', '.join(SUPPORTED)} (other transformers models are not supported).")
+
+
+def own_class(model: nn.Module) -> type:
+    """The model's own class: its class, or the original of one a family swapped (a classifier's head)."""
+    return model.__dict__.get(ORIG_CLASS_ATTR, type(model))
+
+
+def _module_family(cls: type) -> HFFamily | None:
+    """The family of the transformers module that defines ``cls`` (``transformers.models.<module>.modeling_...``)."""
+    parts = cls.__module__.split(".")
+    return FAMILIES.get(parts[2]) if len(parts) > 3 and parts[:2] == ["transformers", "models"] else None
+
+
+def family_of(model: nn.Module) -> HFFamily | None:
+    """The family of a transformers model class leanvit knows, or None."""
+    cls = own_class(model)
+    family = _module_family(cls)
+    return family if family is not None and cls.__name__ in family.models else None
+
+
+def _layer_family(cls: type) -> HFFamily | None:
+    """The family whose layer class is ``cls`` (a transformers class, not a reducing subclass), or None."""
+    family = _module_family(cls)
+    return family if family is not None and cls.__name__ == family.layer else None
 
 
 def is_transformers_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.")
+    return own_class(model).__module__.startswith("transformers.")
 
 
 # ----------------------------------------------------------------------------------------------- layouts
 class _Layout:
-    """Where one HF layer keeps its pieces (transformers 5 or 4)."""
+    """Where one HF layer keeps its pieces (transformers 5 or 4): the attention's projections, heads, scale and
+    dropout probability, the dropout after its output projection (``proj_drop``) and the MLP's Linear layers."""
 
     def __init__(self, layer: nn.Module):
         self.clip = hasattr(layer, "self_attn")
-        if self.clip:  # CLIPEncoderLayer: self_attn (q/k/v/out_proj, scale, dropout probability), mlp (fc1, fc2)
+        if self.clip:  # CLIP/SigLIP encoder layer: self_attn (q/k/v/out_proj, scale, dropout probability), mlp
             att = layer.self_attn
             self.new = True
             self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.out_proj
@@ -93,27 +186,32 @@ class _Layout:
             self.head_dim = int(att.head_dim)
             self.attn_p = float(att.dropout)
             self.scale = float(att.scale)
-            self.fc1, self.fc2 = layer.mlp.fc1, layer.mlp.fc2
-            return
-        att = layer.attention
-        if hasattr(att, "q_proj"):  # transformers 5: ViTAttention with q/k/v/o projections, ViTMLP
-            self.new = True
-            self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
-            self.num_heads = int(att.num_attention_heads)
-            self.head_dim = int(att.head_dim)
-            self.attn_p = float(att.attention_dropout)
-            self.scale = float(att.scaling)
-            self.fc1, self.fc2 = layer.mlp.fc1, layer.mlp.fc2
-        else:  # transformers 4: attention.attention (self-attention) + attention.output, intermediate, output
-            self.new = False
-            sa = att.attention
-            self.q, self.k, self.v, self.o = sa.query, sa.key, sa.value, att.output.dense
-            self.num_heads = int(sa.num_attention_heads)
-            self.head_dim = int(sa.attention_head_size)
-            # 4.48+ keeps the probability and the scaling; earlier versions an nn.Dropout and no scaling
-            self.attn_p = float(sa.dropout_prob if hasattr(sa, "dropout_prob") else sa.dropout.p)
-            self.scale = float(getattr(sa, "scaling", self.head_dim ** -0.5))
-            self.fc1, self.fc2 = layer.intermediate.dense, layer.output.dense
+            self.proj_drop = _identity  # no dropout after out_proj
+            mlps = [layer.mlp]
+        else:
+            att = layer.attention
+            if hasattr(att, "q_proj"):  # transformers 5: ViT/DINOv2 attention with q/k/v/o projections
+                self.new = True
+                self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+                self.num_heads = int(att.num_attention_heads)
+                self.head_dim = int(att.head_dim)
+                self.attn_p = float(att.attention_dropout)
+                self.scale = float(att.scaling)
+                # ViT's layer applies its hidden dropout to the attention output; DINOv2's layer has none
+                self.proj_drop = getattr(layer, "dropout", _identity)
+            else:  # transformers 4: attention.attention (self-attention) + attention.output (dense, dropout)
+                self.new = False
+                sa = att.attention
+                self.q, self.k, self.v, self.o = sa.query, sa.key, sa.value, att.output.dense
+                self.num_heads = int(sa.num_attention_heads)
+                self.head_dim = int(sa.attention_head_size)
+                # 4.48+ keeps the probability and the scaling; earlier versions an nn.Dropout and no scaling
+                self.attn_p = float(sa.dropout_prob if hasattr(sa, "dropout_prob") else sa.dropout.p)
+                self.scale = float(getattr(sa, "scaling", self.head_dim ** -0.5))
+                self.proj_drop = att.output.dropout
+            # the MLP: ``mlp`` (transformers 5 ViT, DINOv2's MLP or SwiGLU) or ViT 4's intermediate + output
+            mlps = [layer.mlp] if hasattr(layer, "mlp") else [layer.intermediate, layer.output]
+        self.mlp_linears = [m for mlp in mlps for m in mlp.modules() if isinstance(m, nn.Linear)]
 
 
 class _Dropout:
@@ -166,9 +264,7 @@ class AttentionView:
         self.head_dim = lay.head_dim
         self.scale = lay.scale
         self.attn_drop = _Dropout(layer, lay.attn_p)
-        # the dropout after the output projection: the layer's hidden dropout (5) or the attention output's (4);
-        # CLIP has none
-        self.proj_drop = (_identity if lay.clip else layer.dropout if lay.new else layer.attention.output.dropout)
+        self.proj_drop = lay.proj_drop  # the layer's dropout after the output projection (identity if none)
 
     @property
     def training(self) -> bool:
@@ -187,6 +283,10 @@ class _ReducingHFLayer:
 
     def _norm2(self, x: torch.Tensor) -> torch.Tensor:
         return self.layernorm_after(x)
+
+    def _attn_residual(self, y: torch.Tensor) -> torch.Tensor:
+        """What the attention adds to the residual stream (DINOv2: LayerScale and drop path); default as is."""
+        return y
 
     def _refuse_outputs(self, config: Any, kwargs: dict[str, Any]) -> None:
         """transformers 5: refuse output_attentions, and output_hidden_states where token counts change."""
@@ -213,7 +313,7 @@ class _ReducingHFLayer:
         a = red.attend(i, view, self._norm1(x))  # proj_drop applies the layer's attention dropout
         if a.index is not None:  # the attention computed a subset: so does the rest of the layer
             x = gather_tokens(x, a.index)
-        x = x + a.x
+        x = x + self._attn_residual(a.x)
         x = red.reduce(i, x, a)
         y = self._mlp(self._norm2(x))
         x = x + (y if a.gate is None else y * a.gate)
@@ -250,8 +350,8 @@ class _ReducingCLIPLayer(_ReducingHFLayer):
     @staticmethod
     def _refuse_masks(attention_mask: torch.Tensor | None, causal_attention_mask: torch.Tensor | None) -> None:
         if attention_mask is not None or causal_attention_mask is not None:
-            raise UnsupportedModelError("token reduction cannot be combined with attention masks (CLIP's vision "
-                                        "tower passes none)")
+            raise UnsupportedModelError("token reduction cannot be combined with attention masks (CLIP's and "
+                                        "SigLIP's vision towers pass none)")
 
 
 class _ReducingCLIPLayer5(_ReducingCLIPLayer):
@@ -336,23 +436,15 @@ def _reducing_name(original: type) -> str:
 
 
 def reducing_class(original: type) -> type:
-    """The reducing subclass of an HF layer class, made once and published as an attribute of this module (so
-    that pickle finds it by name)."""
+    """The reducing subclass of an HF layer class (its family's :meth:`HFFamily.mixin` first), made once and
+    published as an attribute of this module (so that pickle finds it by name)."""
     cls = _REDUCING.get(original)
     if cls is None:
-        # transformers 5 layers take attention_mask; 4.56-4.57 layers a head_mask and return a tensor; earlier ones
-        # a head_mask and output_attentions and return a tuple
-        params = signature(original.forward).parameters
-        if original.__name__ == "CLIPEncoderLayer":  # 4: a causal mask and output_attentions; 5: neither
-            old = "causal_attention_mask" in params
-            if old and "output_attentions" not in params:
-                raise UnsupportedModelError("leanvit does not know this transformers version's CLIPEncoderLayer")
-            mixin = _ReducingCLIPLayer4 if old else _ReducingCLIPLayer5
-        else:
-            mixin = (_ReducingLayer5 if "attention_mask" in params
-                     else _ReducingLayer4 if "output_attentions" in params else _ReducingLayer456)
-        cls = type(_reducing_name(original), (mixin, original), {"__module__": __name__,
-                                                                 "__qualname__": _reducing_name(original)})
+        family = _layer_family(original)
+        if family is None:
+            raise UnsupportedModelError(f"leanvit does not know the transformers layer class {original.__name__}")
+        cls = type(_reducing_name(original), (family.mixin(original), original),
+                   {"__module__": __name__, "__qualname__": _reducing_name(original)})
         _REDUCING[original] = cls
         setattr(sys.modules[__name__], cls.__name__, cls)
     return cls
@@ -360,27 +452,37 @@ def reducing_class(original: type) -> type:
 
 def __getattr__(name: str) -> type:
     """Unpickling a patched model in a new process: make the reducing class it names (``Reducing<Layer>``)."""
-    if name.startswith("Reducing") and name[len("Reducing"):] in LAYER_CLASSES:
-        layer = name[len("Reducing"):]
-        family = FAMILIES[layer]
-        mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    layer = name[len("Reducing"):] if name.startswith("Reducing") else ""
+    family = next((f for f in FAMILIES.values() if f.layer == layer), None)
+    if family is not None:
+        mod = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
         return reducing_class(getattr(mod, layer))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------- the adapter
-def _base_model(model: nn.Module) -> nn.Module:
-    attr = SUPPORTED.get(type(model).__name__, "")
-    if attr == "" or not type(model).__module__.startswith(("transformers.models.vit.", "transformers.models.deit.",
-                                                            "transformers.models.clip.")):
+def _family(model: nn.Module) -> HFFamily:
+    family = family_of(model)
+    if family is None:
         _fail(model, "this transformers model class is not one leanvit knows")
-    return model if attr is None else getattr(model, attr)
+    return family
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The module with the embeddings and the encoder: the model's base-model attribute (its family's ``models``),
+    and below it transformers 4's inner vision transformer (``CLIPVisionModel.vision_model``,
+    ``SiglipVisionModel.vision_model``) where the embeddings are there."""
+    attr = _family(model).models[own_class(model).__name__]
+    base = model if attr is None else getattr(model, attr)
+    while not hasattr(base, "embeddings") and isinstance(getattr(base, "vision_model", None), nn.Module):
+        base = base.vision_model
+    return base
 
 
 def hf_layers(model: nn.Module) -> nn.ModuleList:
     base = _base_model(model)
     layers = getattr(base, "layers", None)
-    if layers is None:  # transformers 4 ViT/DeiT: encoder.layer; CLIP: encoder.layers
+    if layers is None:  # ViT/DeiT 4 and DINOv2: encoder.layer; CLIP, SigLIP: encoder.layers
         enc = getattr(base, "encoder", None)
         layers = getattr(enc, "layer", None) or getattr(enc, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
@@ -388,17 +490,22 @@ def hf_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _original_layer(layer: nn.Module) -> type | None:
+    """The transformers layer class of a layer, patched or not (None: not a layer class leanvit knows)."""
+    original = next((c for c in type(layer).__mro__ if _layer_family(c) is not None), None)
+    return original if original is not None and type(layer) in (original, _REDUCING.get(original)) else None
+
+
 def inspect_hf(model: nn.Module) -> ViTInfo:
-    """Check that ``model`` is an HF ViT/DeiT leanvit can patch and describe it."""
+    """Check that ``model`` is an HF model leanvit can patch and describe it."""
+    family = _family(model)
     layers = hf_layers(model)
     base = _base_model(model)
     shapes = []
     for i, layer in enumerate(layers):
-        original = next((c for c in type(layer).__mro__ if c.__name__ in LAYER_CLASSES
-                         and c.__module__.startswith("transformers.")), None)
-        if original is None or type(layer) not in (original, _REDUCING.get(original)):
-            _fail(model, f"layer {i} is a {type(layer).__name__}, not transformers' ViTLayer/DeiTLayer/"
-                         f"CLIPEncoderLayer")
+        original = _original_layer(layer)
+        if original is None or original.__name__ != family.layer:
+            _fail(model, f"layer {i} is a {type(layer).__name__}, not transformers' {family.layer}")
         try:
             lay = _Layout(layer)
         except AttributeError as e:
@@ -407,15 +514,14 @@ def inspect_hf(model: nn.Module) -> ViTInfo:
         if lay.q.out_features != attn_dim:
             _fail(model, f"layer {i} attention width {lay.q.out_features} != heads x head_dim {attn_dim}")
         shapes.append(BlockShape(lay.q.in_features, attn_dim,
-                                 lay.fc1.in_features * lay.fc1.out_features + lay.fc2.in_features
-                                 * lay.fc2.out_features))
+                                 sum(m.in_features * m.out_features for m in lay.mlp_linears)))
     emb = base.embeddings
     _, h, w = hf_input_size(model)
     patch = _pair(emb.patch_size if hasattr(emb, "patch_embedding") else emb.patch_embeddings.patch_size)
     grid = (h // patch[0], w // patch[1])
-    num_prefix = 1 + int(getattr(emb, "distillation_token", None) is not None)  # cls (+ distillation)
-    return ViTInfo(depth=len(layers), dim=int(base.config.hidden_size), num_prefix=num_prefix, has_cls=True,
-                   grid=grid, num_image=grid[0] * grid[1], global_pool="token", blocks=tuple(shapes))
+    has_cls, num_prefix = family.prefix(base)
+    return ViTInfo(depth=len(layers), dim=int(base.config.hidden_size), num_prefix=num_prefix, has_cls=has_cls,
+                   grid=grid, num_image=grid[0] * grid[1], global_pool=family.global_pool, blocks=tuple(shapes))
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -423,8 +529,9 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 def hf_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the model's own image size (the config's): its position embeddings' native grid."""
     emb = _base_model(model).embeddings
-    if hasattr(emb, "patch_embedding"):  # CLIP: a Conv2d and the config's (square) image size
+    if hasattr(emb, "patch_embedding"):  # CLIP, SigLIP: a Conv2d and the config's (square) image size
         h, w = _pair(emb.image_size)
         return int(emb.patch_embedding.in_channels), h, w
     pe = emb.patch_embeddings
@@ -432,12 +539,58 @@ def hf_input_size(model: nn.Module) -> tuple[int, int, int]:
     return int(pe.num_channels), h, w
 
 
+def _refuses_without_cls(cls: type[TokenReducer], info: ViTInfo, options: dict[str, Any]) -> bool:
+    """Whether the method refuses a model only because it has no cls token: its reducer cannot be built for this
+    model with a reducing schedule, and can be for the same model with one (EViT, GTP's cls score, IdleViT)."""
+    schedule = [1] * info.depth
+    try:
+        cls(info, schedule, **options)
+    except ConfigError:
+        try:
+            cls(replace(info, has_cls=True, num_prefix=info.num_prefix + 1), schedule, **options)
+        except ConfigError:
+            return False
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------------------------- ViT, DeiT, CLIP
+@register_family
+class ViTFamily(HFFamily):
+    name, module, layer = "ViT", "vit", "ViTLayer"
+    models = {"ViTModel": None, "ViTForImageClassification": "vit"}
+
+
+@register_family
+class DeiTFamily(HFFamily):
+    name, module, layer = "DeiT", "deit", "DeiTLayer"
+    models = {"DeiTModel": None, "DeiTForImageClassification": "deit", "DeiTForImageClassificationWithTeacher": "deit"}
+
+
+@register_family
+class CLIPFamily(HFFamily):
+    name, module, layer = "CLIP", "clip", "CLIPEncoderLayer"
+    models = {"CLIPVisionModel": None, "CLIPVisionModelWithProjection": "vision_model", "CLIPModel": "vision_model"}
+
+    def mixin(self, original: type) -> type:
+        params = signature(original.forward).parameters
+        old = "causal_attention_mask" in params  # 4: a causal mask and output_attentions; 5: neither
+        if old and "output_attentions" not in params:
+            raise UnsupportedModelError("leanvit does not know this transformers version's CLIPEncoderLayer")
+        return _ReducingCLIPLayer4 if old else _ReducingCLIPLayer5
+
+    def tower(self, model: nn.Module) -> nn.Module:
+        return model.vision_model if type(model).__name__ == "CLIPModel" else model  # CLIPModel takes text first
+
+
 @register_adapter
 class HFViTAdapter(ModelAdapter):
-    """transformers' ViT and DeiT models (the ``hf`` extra)."""
+    """transformers' models of the registered families (:class:`HFFamily`; the ``hf`` extra)."""
 
     describes = ("transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification"
-                 "[WithTeacher], CLIPVisionModel[WithProjection], CLIPModel (its vision tower)")
+                 "[WithTeacher], CLIPVisionModel[WithProjection], CLIPModel (its vision tower), SiglipVisionModel, "
+                 "SiglipModel (its vision tower), SiglipForImageClassification, Dinov2Model, "
+                 "Dinov2ForImageClassification, Dinov2WithRegistersModel, Dinov2WithRegistersForImageClassification")
 
     def claims(self, model: nn.Module) -> bool:
         # every transformers model: the ones leanvit does not know are refused by inspect() with a clear reason
@@ -446,8 +599,22 @@ class HFViTAdapter(ModelAdapter):
     def inspect(self, model: nn.Module) -> ViTInfo:
         return inspect_hf(model)
 
+    def patch(self, model: nn.Module, cls: type[TokenReducer], r: Any, budget: float | None, keep: Any,
+              measure: bool, options: dict[str, Any], restore: bool = False) -> nn.Module:
+        """The shared patching; a method refused because the model has no cls token (SigLIP) is refused naming
+        the model and its family."""
+        try:
+            return super().patch(model, cls, r, budget, keep, measure, options, restore=restore)
+        except ConfigError as e:
+            info = inspect_hf(model)
+            if info.has_cls or not _refuses_without_cls(cls, info, options):
+                raise
+            raise ConfigError(f"leanvit cannot apply '{cls.name}' to {own_class(model).__name__}: "
+                              f"{_family(model).name} models have no cls token, and {e}") from e
+
     def apply(self, model: nn.Module, reducer: TokenReducer) -> None:
         reducer = reducer.shared()
+        family = _family(model)
         layers = hf_layers(model)
         inspect_hf(model)
         if any(type(layer) in _REDUCING.values() for layer in layers):
@@ -455,13 +622,18 @@ class HFViTAdapter(ModelAdapter):
                          "vision_model, a classifier and its base model): unpatch that one first")
         model.__dict__[REDUCER_ATTR] = reducer
         for i, layer in enumerate(layers):
-            original = next(c for c in type(layer).__mro__ if c.__name__ in LAYER_CLASSES)
-            layer.__class__ = reducing_class(original)
+            layer.__class__ = reducing_class(_original_layer(layer))
             layer.__dict__[REDUCER_ATTR] = reducer
             layer.__dict__["_leanvit_index"] = i
             layer.__dict__[VIEW_ATTR] = AttentionView(layer)
+        try:
+            family.attach(model, _base_model(model), reducer)
+        except BaseException:
+            self.remove(model)  # never leave a half-patched model
+            raise
 
     def remove(self, model: nn.Module) -> None:
+        _family(model).detach(model, _base_model(model))
         original = {red: orig for orig, red in _REDUCING.items()}
         for layer in hf_layers(model):
             layer.__class__ = original.get(type(layer), type(layer))
@@ -471,13 +643,16 @@ class HFViTAdapter(ModelAdapter):
 
     def _patch_budget(self, model: nn.Module, cls: type[TokenReducer], info: ViTInfo, budget: float, measure: bool,
                       options: dict[str, Any], report: dict[str, Any]) -> nn.Module:
-        if type(model).__name__ != "CLIPModel":
+        tower = _family(model).tower(model)
+        if tower is model:
             return super()._patch_budget(model, cls, info, budget, measure, options, report)
-        # CLIPModel(x) takes input_ids first: solve and measure on the vision tower, then attach to the CLIPModel
-        tower = model.vision_model
+        # a dual-tower model takes text first: solve and measure on its vision tower, then attach to the model
         super()._patch_budget(tower, cls, info, budget, measure, options, report)
         model.__dict__[REDUCER_ATTR] = tower.__dict__.pop(REDUCER_ATTR)
         return model
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         return hf_input_size(model)  # count_macs' default reads timm's pretrained config, which HF models lack
+
+
+from . import hf_more  # noqa: E402,F401  (registers the SigLIP and DINOv2 families; it builds on this module)

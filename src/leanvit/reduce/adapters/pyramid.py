@@ -75,8 +75,9 @@ class PyramidAdapter(ModelAdapter):
         raise UnsupportedModelError("a pyramid ViT has no single token grid; leanvit describes plain ViTs only")
 
     def patch(self, model: nn.Module, cls: type[TokenReducer], r: Any, budget: Any, keep: Any, measure: bool,
-              options: dict[str, Any]) -> nn.Module:
-        """Build the method's pyramid reducer; checks everything before it changes the model."""
+              options: dict[str, Any], restore: bool = False) -> nn.Module:
+        """Build the method's pyramid reducer; checks everything before it changes the model. ``restore`` changes
+        nothing: idling removes no token, so every stage's grid is whole."""
         variant = PYRAMID_REDUCERS.get(cls)
         if variant is None:
             why = ("removes or merges tokens, which a pyramid ViT's stages cannot take (its attention, convolutions "

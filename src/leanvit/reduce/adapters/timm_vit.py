@@ -12,11 +12,13 @@ instead of running a silently different forward.
 """
 from __future__ import annotations
 
+from inspect import signature
 from typing import Any
 
 import torch
 from torch import nn
 from timm.layers import Attention as TimmAttention
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block as TimmBlock, VisionTransformer
 
 from ...errors import UnsupportedModelError
@@ -151,13 +153,46 @@ class _ReducedMixin:
     """Behaviour shared by patched model classes."""
 
     def forward_intermediates(self, *args: Any, **kwargs: Any):
+        """timm's ``forward_intermediates``; with a patch made with ``restore=True``, every intermediate is given
+        back on the whole grid (:meth:`TokenReducer.restore_grid`), so ``output_fmt='NCHW'`` works as on the dense
+        model. Without ``restore``, NCHW is refused once tokens are removed (NLC gives the tokens as they are)."""
         red = self.__dict__.get(REDUCER_ATTR)
-        fmt = kwargs.get("output_fmt", "NCHW")
-        if red is not None and red.reducing and not red.keeps_all_tokens and fmt == "NCHW":
-            raise UnsupportedModelError(
-                "a token-reduced ViT has fewer tokens than grid cells, so its intermediates cannot be reshaped to "
-                "NCHW; call forward_intermediates(..., output_fmt='NLC')")
-        return super().forward_intermediates(*args, **kwargs)
+        if red is None or not red.reducing or red.keeps_all_tokens:
+            return super().forward_intermediates(*args, **kwargs)
+        bound = signature(super().forward_intermediates).bind(*args, **kwargs)
+        fmt = bound.arguments.get("output_fmt", "NCHW")
+        if not red.restore:
+            if fmt == "NCHW":
+                raise UnsupportedModelError(
+                    "a token-reduced ViT has fewer tokens than grid cells, so its intermediates cannot be reshaped "
+                    "to NCHW; patch with restore=True to get the whole grid back, or call "
+                    "forward_intermediates(..., output_fmt='NLC')")
+            return super().forward_intermediates(*args, **kwargs)
+        bound.arguments["output_fmt"] = "NLC"
+        out = super().forward_intermediates(*bound.args, **bound.kwargs)
+        take, _ = feature_take_indices(len(self.blocks), bound.arguments.get("indices"))
+        norm = self.norm if bound.arguments.get("norm", False) else None
+        mine = red.for_thread()  # this thread's forward, which just ran
+        H, W = red.info.grid
+
+        def restore(feats: list[Any]) -> list[Any]:
+            done = []
+            for i, y in zip(sorted(take), feats):
+                prefix = None
+                if isinstance(y, tuple):  # (image tokens, prefix tokens) with return_prefix_tokens
+                    y, prefix = y
+                y = mine.restore_image(y, i, norm)  # (B, H*W, C)
+                if fmt == "NCHW":
+                    y = y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous()
+                done.append(y if prefix is None else (y, prefix))
+            return done
+
+        if isinstance(out, dict):
+            out["image_intermediates"] = restore(out["image_intermediates"])
+            return out
+        if isinstance(out, tuple):
+            return out[0], restore(out[1])
+        return restore(out)
 
 
 class ReducedVisionTransformer(_ReducedMixin, VisionTransformer):
