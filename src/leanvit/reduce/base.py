@@ -161,6 +161,11 @@ class TokenReducer:
         """Whether the patch changes anything (a zero schedule is the unpatched model)."""
         return any(self.schedule)
 
+    @property
+    def tracks_sizes(self) -> bool:
+        """Whether a forward leaves token sizes (:meth:`current_sizes`), which size-weighted pooling reads."""
+        return self.reducing and self.prop_attn
+
     # --------------------------------------------------------------- hooks called by the patched blocks
     def begin(self, x: torch.Tensor) -> None:
         """Reset per-forward state; ``x`` (B, N, C) is the input of block 0 (all tokens)."""

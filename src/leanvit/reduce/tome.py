@@ -76,5 +76,9 @@ class ToMeReducer(TokenReducer):
             self.source = merge(rows.to(x.dtype), "amax")[:, P:].bool()  # (B, n - r, N0), prefix rows dropped
         return x
 
+    @property
+    def tracks_sizes(self) -> bool:
+        return self.reducing  # merged tokens are averaged by size, with or without proportional attention
+
     def options(self) -> dict[str, Any]:
         return {"prop_attn": self.prop_attn}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from timm.layers import Attention as TimmAttention
+from timm.layers import Attention as TimmAttention, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block as TimmBlock, VisionTransformer
 
@@ -44,8 +44,14 @@ BLOCK_CLASSES: dict[type, type] = {}
 
 
 def register_block(original: type, reducing: type) -> None:
-    """Let timm ViTs whose blocks are ``original`` be patched by swapping each block's class for ``reducing``."""
+    """Let timm ViTs whose blocks are ``original`` be patched by swapping each block's class for ``reducing``.
+
+    The reducing block is a leaf of timm's torch.fx tracer (``register_notrace_module``): its forward runs the
+    reducer, Python that decides per forward (thread, schedule, selection), which symbolic tracing cannot follow;
+    as a leaf it is called as it is by the traced graph, so timm's fx feature extraction works on patched models.
+    """
     BLOCK_CLASSES[original] = reducing
+    register_notrace_module(reducing)
 
 
 def inspect_vit(model: nn.Module) -> ViTInfo:
@@ -90,7 +96,9 @@ class _Reducing:
 
     _leanvit_reducer: TokenReducer
     _leanvit_index: int
-    attn: TimmAttention
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return _not_scriptable(self)
 
     @staticmethod
     def mlp_modules(block: nn.Module) -> list[nn.Module]:
@@ -140,6 +148,13 @@ def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | N
     red = model.__dict__.get(REDUCER_ATTR)
     if pool_type not in ("avg", "avgmax") or red is None or model.attn_pool is not None:
         return None
+    if torch.fx._symbolic_trace.is_fx_tracing():
+        if red.tracks_sizes and not red.restore:
+            raise UnsupportedModelError(
+                f"torch.fx cannot trace the size-weighted average pooling of a ViT reduced by '{red.name}' (the "
+                f"token sizes exist only at run time); trace it with torch.export or torch.compile, or patch with "
+                f"restore=True (average over the whole grid)")
+        return None
     size = red.for_thread().current_sizes()  # the sizes this thread's forward left
     if size is None or size.shape[1] != x.shape[1]:
         return None
@@ -149,8 +164,24 @@ def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | N
     return mean if pool_type == "avg" else 0.5 * (xs.amax(dim=1) + mean)
 
 
+def _not_scriptable(module: nn.Module) -> nn.Module:
+    """``torch.jit.script`` of a patched model: its dense equivalent when it removes nothing (the same output,
+    leanvit's equivalence tests), else one clear error: the reducers are Python that TorchScript cannot compile."""
+    owner = module.__dict__.get(REDUCER_ATTR)
+    if owner is not None and not owner.reducing and isinstance(module, VisionTransformer):
+        from copy import deepcopy
+        from ..patching import unpatch  # noqa: PLC0415  (patching imports the adapters)
+        return unpatch(deepcopy(module))
+    raise UnsupportedModelError(
+        "TorchScript cannot compile a token-reduced model (its reducer is Python code TorchScript does not support); "
+        "use torch.export, torch.compile or `leanvit export` (ONNX), or script the unpatched model")
+
+
 class _ReducedMixin:
     """Behaviour shared by patched model classes."""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        return _not_scriptable(self)
 
     def forward_intermediates(self, *args: Any, **kwargs: Any):
         """timm's ``forward_intermediates``; with a patch made with ``restore=True``, every intermediate is given
