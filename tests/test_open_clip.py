@@ -365,3 +365,21 @@ def test_same_weights_same_output_as_timm(method, amount, variant):
     if "budget" in amount:  # open_clip's dense MACs count its nn.MultiheadAttention, as timm's its Attention
         for key in ("dense_macs", "macs"):
             assert get_reducer(tower).report[key] == get_reducer(tm).report[key]
+
+
+@pytest.mark.parametrize("method", ["gtp", "tome", "evit", "truncate"])
+def test_restore_gives_whole_grids_of_intermediates_and_tokens(method):
+    tower = make_tower(pool_type="none")
+    x = image()
+    with torch.no_grad():
+        ref = tower.forward_intermediates(x, indices=[0, 1], normalize_intermediates=True)
+        leanvit.patch(tower, method, r=0, restore=True)
+        zero_ = tower.forward_intermediates(x, indices=[0, 1], normalize_intermediates=True)
+        leanvit.patch(tower, method, r=3, restore=True)
+        out = tower.forward_intermediates(x, indices=[0, 1], normalize_intermediates=True)
+        tokens = tower(x)  # pool_type none: the projected tokens
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(zero_["image_intermediates"],
+                                                                ref["image_intermediates"]))
+    assert [t.shape for t in out["image_intermediates"]] == [(2, 64, 4, 4)] * 2
+    assert not torch.allclose(out["image_intermediates"][1], ref["image_intermediates"][1], atol=1e-3)
+    assert tokens.shape == (2, 17, 16)  # cls and every grid position are back

@@ -60,7 +60,8 @@ none); gradient checkpointing (``set_grad_checkpointing``) while gradients are o
 the reducer again); ``patch_dropout`` in training mode with a reducing schedule (it drops random patches, so the
 token count is not the one the schedule was solved for: turn it off, ``model.visual.patch_dropout =
 nn.Identity()``, to train a reducing patch); inputs other than the tower's ``image_size`` with a reducing schedule;
-``forward_intermediates(output_fmt='NCHW')`` when tokens were removed (use ``'NLC'``).
+``forward_intermediates(output_fmt='NCHW')`` when tokens were removed, unless patched with ``restore=True`` (which
+gives every intermediate back on the whole grid; else use ``'NLC'``).
 """
 from __future__ import annotations
 
@@ -363,12 +364,29 @@ class _ReducingTower:
         bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)
         bound.apply_defaults()
         red = self.__dict__.get(SIZES_ATTR)
-        if (red is not None and red.reducing and not red.keeps_all_tokens
-                and bound.arguments.get("output_fmt") == "NCHW"):
-            raise UnsupportedModelError(
-                "a token-reduced ViT has fewer tokens than grid cells, so its intermediates cannot be reshaped to "
-                "NCHW; call forward_intermediates(..., output_fmt='NLC')")
-        return super().forward_intermediates(x, *args, **kwargs)
+        if red is None or not red.reducing or red.keeps_all_tokens:
+            return super().forward_intermediates(x, *args, **kwargs)
+        fmt = bound.arguments.get("output_fmt")
+        if not red.restore:
+            if fmt == "NCHW":
+                raise UnsupportedModelError(
+                    "a token-reduced ViT has fewer tokens than grid cells, so its intermediates cannot be reshaped "
+                    "to NCHW; patch with restore=True to get the whole grid back, or call "
+                    "forward_intermediates(..., output_fmt='NLC')")
+            return super().forward_intermediates(x, *args, **kwargs)
+        # restore=True: every intermediate on the whole grid (TokenReducer.restore_grid), then open_clip's format
+        bound.arguments["output_fmt"] = "NLC"
+        out = super().forward_intermediates(*bound.args, **bound.kwargs)
+        from timm.models._features import feature_take_indices  # noqa: PLC0415  (open_clip uses timm's rule too)
+        take, _ = feature_take_indices(len(self.transformer.resblocks), bound.arguments.get("indices"))
+        norm = self.ln_post if bound.arguments.get("normalize_intermediates") else None
+        mine, (H, W) = red.for_thread(), red.info.grid
+        done = []
+        for i, y in zip(sorted(take), out["image_intermediates"]):
+            y = mine.restore_image(y, i, norm)  # (B, H*W, C)
+            done.append(y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() if fmt == "NCHW" else y)
+        out["image_intermediates"] = done
+        return out
 
 
 class _ReducingPooler:
