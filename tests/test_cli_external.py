@@ -179,6 +179,20 @@ def test_hf_without_processor_uses_its_image_size_and_imagenet_defaults(hf_model
     assert "no preprocessor_config.json" in line and "timm's ImageNet defaults" in line
 
 
+def test_eval_siglip_classifier(run_cli, images, tmp_path):
+    """A classifier whose config is a composite (SigLIP's, with a text config beside the vision one) runs as the
+    classifier: logits over its labels, its processor's 0.5 mean/std."""
+    t = _transformers()
+    labels = {"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "b": 1}}
+    config = t.SiglipConfig(vision_config=TINY, text_config=TEXT, **labels)
+    folder = _save(t.SiglipForImageClassification(config), tmp_path / "siglip_cls",
+                   t.SiglipImageProcessor(size={"height": 32, "width": 32}))
+    out_json = tmp_path / "eval.json"
+    code, _, err = run_cli("eval", "-m", f"hf:{folder}", "--data", f"imagefolder:{images}", "--json", out_json, *QUIET)
+    assert code == 0, err
+    assert json.loads(out_json.read_text())["n"] == 6 and "(SiglipImageProcessor)" in err
+
+
 def test_hf_label_order_must_match_the_class_folders(run_cli, images, tmp_path):
     """A head that names its labels b, a (in that order) on folders a, b: the labels would not line up."""
     t = _transformers()

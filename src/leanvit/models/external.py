@@ -259,11 +259,11 @@ def _hf_class(transformers: Any, name: str, config: Any) -> tuple[type, dict[str
     if not isinstance(cls, type):
         raise ConfigError(f"{name}: config.json names the architecture {arch}, which transformers "
                           f"{transformers.__version__} does not have (leanvit does not run custom model code)")
+    if "ForImageClassification" in arch:  # SiglipForImageClassification too: a composite config, one tower
+        return cls, {}, True
     if getattr(config, "vision_config", None) is not None:
         raise ConfigError(f"{name} is a {arch}: leanvit runs the vision tower of {' and '.join(TOWERS)} only; save "
                           f"the vision model on its own (with save_pretrained) and pass that folder")
-    if "ForImageClassification" in arch:
-        return cls, {}, True
     if "pixel_values" not in signature(cls.forward).parameters:
         raise ConfigError(f"{name} is a {arch}, which does not take images (no pixel_values)")
     if "For" in arch:  # a head for another task (masked image modelling, segmentation, ...): no class logits
@@ -285,7 +285,8 @@ def _create_hf(name: str, ref: str, pretrained: bool | None, weights: str | None
         raise ConfigError(f"--weights: {name} brings its weights (the folder's model.safetensors); --weights is for "
                           f"timm and open_clip: models")
     local = _hf_folder(name, ref)
-    where = f"folder {local}" if local is not None else f"'{ref}' (not a local folder; looked up on the Hugging Face hub)"
+    where = (f"folder {local}" if local is not None
+             else f"'{ref}' (not a local folder; looked up on the Hugging Face hub)")
     try:
         with _quiet(transformers):
             config = transformers.AutoConfig.from_pretrained(ref)
@@ -372,7 +373,8 @@ def _interpolation(value: Any, name: str) -> str:
     try:
         return _RESAMPLE[int(mode)]
     except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{name}: its image processor resamples with {value!r}, which leanvit does not know") from None
+        raise ConfigError(f"{name}: its image processor resamples with {value!r}, which leanvit does not "
+                          f"know") from None
 
 
 def crop_fraction(crop: int, scale: int) -> float:
