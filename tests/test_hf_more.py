@@ -20,6 +20,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import leanvit  # noqa: E402
+import leanvit.reduce.adapters.hf_more  # noqa: E402,F401  (registers the families; leanvit.reduce.adapters does too)
 from leanvit.analysis.macs import count_macs  # noqa: E402
 from leanvit.errors import ConfigError, UnsupportedModelError  # noqa: E402
 from leanvit.ops.schedule import tokens_macs  # noqa: E402
@@ -233,7 +234,8 @@ def test_unpatch_restores_exactly_and_pickles(method, name):
 
 
 def test_unpickles_in_a_fresh_process(tmp_path):
-    """Patched models saved whole load in a new interpreter that has imported only leanvit."""
+    """Patched models saved whole load in a new interpreter that has imported only leanvit: importing leanvit
+    registers the SigLIP and DINOv2 families (without importing transformers), before pickle meets their layers."""
     x = image()
     saved = {}
     for name in ("SiglipVisionModel", "Dinov2WithRegistersForImageClassification"):
@@ -242,7 +244,11 @@ def test_unpickles_in_a_fresh_process(tmp_path):
         saved[name] = (model, run(model, x)[0])
     path = tmp_path / "m.pt"
     torch.save({"models": saved, "x": x}, path)
-    code = (f"import torch, leanvit; d = torch.load({str(path)!r}, weights_only=False); x = d['x']\n"
+    code = ("import sys, torch, leanvit; from leanvit.reduce.adapters import hf_vit\n"
+            "assert 'transformers' not in sys.modules\n"
+            "assert {'siglip', 'dinov2', 'dinov2_with_registers'} <= set(hf_vit.FAMILIES), "
+            "'leanvit.reduce.adapters must import hf_more'\n"
+            f"d = torch.load({str(path)!r}, weights_only=False); x = d['x']\n"
             "for name, (m, y) in d['models'].items():\n"
             "    o = m(pixel_values=x); out = o.logits if hasattr(o, 'logits') else o.pooler_output\n"
             "    assert torch.allclose(out, y, atol=1e-6), name\n"

@@ -1,5 +1,6 @@
-"""The SigLIP and DINOv2 families of transformers models, patched by the adapter of :mod:`.hf_vit` (which imports
-this module, and whose layer machinery these families reuse; only what differs is here).
+"""The SigLIP and DINOv2 families of transformers models, patched by the adapter of :mod:`.hf_vit`, whose layer
+machinery they reuse (only what differs is here); importing this module registers them there
+(:func:`.hf_vit.register_family`), which :mod:`leanvit.reduce.adapters` does.
 
 SigLIP: ``SiglipVisionModel``, ``SiglipModel`` (its vision tower; ``get_image_features`` and the image side of
 ``forward`` reduce, the text tower is untouched) and ``SiglipForImageClassification``. A SigLIP layer is CLIP's
@@ -106,9 +107,6 @@ class _ReducingClassifier:
 
     _leanvit_base: ClassVar[str]  # the attribute holding the base model
     _leanvit_output: ClassVar[type]  # transformers' ImageClassifierOutput
-
-    def _features(self, seq: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def _finish(self, outputs: Any, features: torch.Tensor, labels: torch.Tensor | None, return_dict: bool | None,
                 kwargs: dict[str, Any]) -> Any:

@@ -9,8 +9,9 @@ One adapter serves every family. A family (:class:`HFFamily`, registered with :f
 model classes and layer class and says what differs: the reducing mixin of its layer (the forward's signature in
 the installed transformers, its norms, LayerScale), what its prefix tokens are, which tower ``budget=`` measures,
 and what else patching swaps (a pooling head that weighs token sizes). Everything else (finding the layers, the
-attention view, the checks, the refusals) is shared here. :mod:`.hf_more` is imported at the end of this module
-and registers its families, so that the SigLIP and DINOv2 specifics stay out of this file.
+attention view, the checks, the refusals) is shared here. :mod:`.hf_more` builds on this module and registers its
+families when :mod:`leanvit.reduce.adapters` imports it (as :mod:`.shuffle` registers its blocks with the timm
+adapter); this module never imports it, so that the SigLIP and DINOv2 specifics stay out of this file.
 
 CLIP: patching a ``CLIPModel`` patches its vision tower only (``clip.vision_model.encoder.layers``; the text tower's
 layers are left alone) and attaches the reducer to the ``CLIPModel``, so ``get_image_features`` and
@@ -653,6 +654,3 @@ class HFViTAdapter(ModelAdapter):
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         return hf_input_size(model)  # count_macs' default reads timm's pretrained config, which HF models lack
-
-
-from . import hf_more  # noqa: E402,F401  (registers the SigLIP and DINOv2 families; it builds on this module)

@@ -12,6 +12,7 @@ instead of running a silently different forward.
 """
 from __future__ import annotations
 
+from copy import deepcopy
 from inspect import signature
 from typing import Any
 
@@ -169,9 +170,9 @@ def _not_scriptable(module: nn.Module) -> nn.Module:
     leanvit's equivalence tests), else one clear error: the reducers are Python that TorchScript cannot compile."""
     owner = module.__dict__.get(REDUCER_ATTR)
     if owner is not None and not owner.reducing and isinstance(module, VisionTransformer):
-        from copy import deepcopy
-        from ..patching import unpatch  # noqa: PLC0415  (patching imports the adapters)
-        return unpatch(deepcopy(module))
+        dense = deepcopy(module)
+        TimmViTAdapter().remove(dense)
+        return dense
     raise UnsupportedModelError(
         "TorchScript cannot compile a token-reduced model (its reducer is Python code TorchScript does not support); "
         "use torch.export, torch.compile or `leanvit export` (ONNX), or script the unpatched model")
