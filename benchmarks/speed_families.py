@@ -41,7 +41,7 @@ def build(name: str) -> torch.nn.Module:
 
         cfg = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                image_size=224, patch_size=16)
-        return CLIPVisionModel(cfg, attn_implementation="sdpa").eval()
+        return CLIPVisionModel._from_config(cfg, attn_implementation="sdpa").eval()
     if name == "open-clip-b16":
         import open_clip
 
@@ -51,7 +51,7 @@ def build(name: str) -> torch.nn.Module:
 
         cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
                            image_size=224)
-        return Dinov2Model(cfg, attn_implementation="sdpa").eval()
+        return Dinov2Model._from_config(cfg, attn_implementation="sdpa").eval()
     raise SystemExit(f"unknown model {name}; choose from {', '.join(MODELS)}")
 
 
