@@ -38,6 +38,8 @@ VARIANTS = {
     # DINOv3-style: timm's AttentionRope, registers, LayerScale, q/k norm, half-layout rotation
     "dinov3": dict(attn_type="rope", num_reg_tokens=1, init_values=0.1, qk_norm=True, use_rot_pos_emb=True,
                    rope_type="dinov3", rope_rotate_half=True, global_pool="token"),
+    # interleaved multimodal RoPE (half-layout rotation), separate projections with biases, max pooling
+    "mrope": dict(use_rot_pos_emb=True, rope_type="mrope", qkv_fused=False, global_pool="max"),
     # post-norm blocks, attention inner norm, attention-pool head (and an output gate on the attention, see make)
     "post_norm_map": dict(EVA02, use_post_norm=True, scale_attn_inner=True, global_pool="map"),
     # EVA (1): absolute position embedding only, no rotary attention
@@ -167,7 +169,7 @@ def truncated_by_hand(model: Eva, x: torch.Tensor, schedule: list[int], before_a
     return model.forward_head(model.norm(t))
 
 
-@pytest.mark.parametrize("variant", ["cls_rope", "no_cls_avg", "registers", "dinov3", "post_norm_map"])
+@pytest.mark.parametrize("variant", ["cls_rope", "no_cls_avg", "registers", "dinov3", "mrope", "post_norm_map"])
 @pytest.mark.parametrize("point", ["mlp", "attn"])
 def test_each_token_is_rotated_by_its_own_position(variant, point):
     model = make(variant).double()
@@ -189,7 +191,7 @@ class _Positions:
         return self.pos
 
 
-@pytest.mark.parametrize("variant", ["cls_rope", "registers", "dinov3"])
+@pytest.mark.parametrize("variant", ["cls_rope", "registers", "dinov3", "mrope"])
 def test_rotation_follows_tokens_that_moved(variant):
     """Tokens shuffled in the sequence are rotated as they were at their grid positions (and a subset of them,
     idling's gathered queries, too); prefix tokens are not rotated."""
@@ -360,3 +362,22 @@ def test_forward_intermediates():
     with torch.no_grad():
         _, feats = model.forward_intermediates(image())
     assert [tuple(f.shape) for f in feats] == [(2, 32, 4, 4)] * 3
+
+
+def test_features_only_wrapper_gives_the_grid_back():
+    """timm's features_only wrapper of an Eva (``FeatureGetterNet``) is patched through this adapter, its maps at
+    full size (the grid restored), and unpatches exactly."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, features_only=True, img_size=IMG,
+                              patch_size=8, embed_dim=32, depth=3, num_heads=2, out_indices=(1, 2)).eval()
+    x = image()
+    ref = run(model, x)
+    leanvit.patch(model, "tome", r=0)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(run(model, x), ref))
+    leanvit.patch(model, "tome", r=3)
+    out = run(model, x)
+    assert [o.shape for o in out] == [r.shape for r in ref] and get_reducer(model).info.rotary
+    leanvit.unpatch(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, x), ref))

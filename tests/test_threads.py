@@ -258,3 +258,19 @@ def test_pyramid_idle_threads():
     for (outs, red), ref in zip(results, refs):
         _assert_outputs(outs, ref)
         assert red is not owner and red.shared() is owner and red.keep_ratios == owner.keep_ratios
+
+
+def test_a_reducer_whose_subclass_skipped_the_base_init_is_bound_at_its_first_forward():
+    from leanvit.reduce.base import TokenReducer
+
+    class Bare(TokenReducer):
+        def __init__(self):  # sets what it needs, not TokenReducer.__init__
+            self.schedule, self.report = [0], {}
+
+    red = Bare()
+    assert red.for_thread() is red  # the first thread to run it owns it
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(red.for_thread()))
+    t.start()
+    t.join()
+    assert seen[0] is not red and seen[0].shared() is red

@@ -378,7 +378,7 @@ class TokenReducer:
             with _BIND_LOCK:
                 if "_owner" not in self.__dict__:
                     self._bind_thread()
-            owner = self._holder
+            owner = self._owner
         if ident == owner:
             return self
         thread = threading.current_thread()

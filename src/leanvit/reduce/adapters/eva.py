@@ -3,10 +3,10 @@ that touches Eva's internals.
 
 Supported: ``EvaBlock`` (pre-norm, LayerScale ``gamma_1``/``gamma_2``, ``attn_only_layer_scale``) and
 ``EvaBlockPostNorm``; ``EvaAttention`` (fused ``qkv`` with separate ``q_bias``/``v_bias``, or separate
-``q_proj``/``k_proj``/``v_proj``; ``scale_attn_inner``, q/k norm, gated attention) and timm's ``AttentionRope``
+``q_proj``/``k_proj``/``v_proj``; ``scale_attn_inner``, q/k norm, an output gate) and timm's ``AttentionRope``
 (``attn_type='rope'``) without grouped-query attention; ``Mlp``, ``GluMlp`` and ``SwiGLU``; a cls token and/or
 register tokens; rotary position embeddings of every ``rope_type`` (``cat``, ``mixed``, ``dinov3``, ``mrope``) and
-none (``use_rot_pos_emb=False``: ``ViTInfo.rotary`` is False and the patched forward is timm's ViT path); pooling
+none (``use_rot_pos_emb=False``: ``ViTInfo.rotary`` is False and nothing is rotated); pooling
 ``token``, ``avg``, ``avgmax``, ``max`` and the attention-pool head (``global_pool='map'``).
 
 What differs from timm's forward, and why:
@@ -21,16 +21,17 @@ What differs from timm's forward, and why:
   tokens, EViT's fused token: position ``info.num_image``) gets an identity row (sin 0, cos 1), i.e. is not
   rotated, as timm leaves prefix tokens. While no token has moved, the rotation is timm's own code on the table
   in order (bit-identical to the unpatched model).
-* **ToMe's merged token keeps its destination's position** (the choice the methods make in
+* **ToMe's merged token keeps its destination's position** (the rule the methods follow in
   :meth:`TokenReducer._moved <leanvit.reduce.base.TokenReducer._moved>`; facebookresearch/ToMe issue 29 leaves it
-  open). Why: the merged token is the destination's features averaged with the tokens bipartite matching found
-  most similar to it, which in a trained model are mostly its grid neighbours; its rotation then stays one that
-  the weights were trained on (an integer grid position), the rule needs no state beyond an index, works for every
-  rope type, and runs as the same gather for every method. Measured against the size-weighted centroid of the
-  merged patches' grid coordinates (exact in timm's RoPE, whose angles are linear in the coordinates) and against
-  no rotation for merged tokens, on an EVA-02-style model trained on Fashion-MNIST: the destination and the
-  centroid are within the measurement's noise of each other, and no rotation loses accuracy
-  (``benchmarks/rope_tome.py``, BENCHMARKS.md, "RoPE: where ToMe's merged token sits").
+  open). Why: the merged token then sits where one of its own patches is, on the integer grid the weights were
+  trained on, and continues the token that was kept in place (the destination of bipartite matching); the rule
+  needs nothing but an index, serves every rope type and is the same gather for every method. The alternatives,
+  measured on an EVA-02-style model trained on Fashion-MNIST with RoPE as its only position signal
+  (``benchmarks/rope_tome.py``; BENCHMARKS.md, "RoPE: where ToMe's merged token sits"), are worse at every ``r``
+  tried: the size-weighted centroid of the merged patches' grid coordinates (rotated exactly at that fractional
+  position: timm's angles are linear in the coordinates) loses clearly, since ToMe's partners are often not grid
+  neighbours and their centroid can then lie where none of the token's patches is; no rotation for merged tokens
+  loses more; rotating by the place in the sequence (not tracking positions) breaks the model.
 * **Post-norm blocks** (``EvaBlockPostNorm``, ``x + norm1(attn(x))``): the norm is applied to each computed
   token's attention (and MLP) output; on idling's masked path the selection gates the normalised output, since a
   norm of a gated zero is the norm's bias, not zero.
