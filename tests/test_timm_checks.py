@@ -140,3 +140,27 @@ def test_torch_export(variant, real):
     program = torch.export.export(m, (x,))
     with torch.no_grad():
         assert torch.allclose(program.module()(x), m(x), atol=1e-5)
+
+
+def test_torch_export_of_size_weighted_pooling():
+    m = model(global_pool="avg", class_token=False)
+    leanvit.patch(m, "tome", r=3)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(torch.export.export(m, (x,)).module()(x), m(x), atol=1e-5)
+
+
+def test_attention_pool_counts_a_merged_token_as_the_patches_it_stands_for():
+    m = model(global_pool="map", class_token=False)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        ref = m(x)
+        leanvit.patch(m, "tome", r=0)
+        assert torch.allclose(m(x), ref, atol=1e-6)
+        leanvit.patch(m, "tome", r=3)
+        out, feats = m(x), m.forward_features(x)
+        size = leanvit.get_reducer(m).current_sizes()
+        # the pool over every token repeated as many times as the patches it stands for
+        expected = torch.cat([m.forward_head(torch.repeat_interleave(f, s.round().long(), dim=0)[None])
+                              for f, s in zip(feats, size)])
+    assert torch.allclose(out, expected, atol=1e-5)

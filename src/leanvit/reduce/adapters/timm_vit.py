@@ -143,13 +143,22 @@ class ReducingBlock(_Reducing, TimmBlock):
 register_block(TimmBlock, ReducingBlock)
 
 
+def _symbolic_tracing() -> bool:
+    """Whether torch.fx symbolic tracing runs (not torch.export, which traces real sizes)."""
+    fx = torch.fx._symbolic_trace
+    check = getattr(fx, "is_fx_symbolic_tracing", None)  # torch 2.14 has it; older ones only the flag below
+    return check() if check is not None else fx.is_fx_tracing()
+
+
 def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | None) -> torch.Tensor | None:
-    """Size-weighted average pooling over image tokens when the reducer tracked token sizes (ToMe, GTP)."""
+    """Size-weighted pooling over the tokens when the reducer tracked token sizes (ToMe, GTP): the average, or the
+    attention pool's latent query with proportional attention (a token of size s counts as s identical tokens)."""
     pool_type = model.global_pool if pool_type is None else pool_type
     red = model.__dict__.get(REDUCER_ATTR)
-    if pool_type not in ("avg", "avgmax") or red is None or model.attn_pool is not None:
+    attn_pool = model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is None
+    if red is None or not (attn_pool or (model.attn_pool is None and pool_type in ("avg", "avgmax"))):
         return None
-    if torch.fx._symbolic_trace.is_fx_tracing():
+    if _symbolic_tracing():
         if red.tracks_sizes and not red.restore:
             raise UnsupportedModelError(
                 f"torch.fx cannot trace the size-weighted average pooling of a ViT reduced by '{red.name}' (the "
@@ -160,6 +169,8 @@ def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | N
     if size is None or size.shape[1] != x.shape[1]:
         return None
     p = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    if attn_pool:  # the latent query's attention, proportional: + log(size_j) on its logits
+        return model.attn_pool(x[:, p:], attn_mask=size[:, None, None, p:].log().to(x.dtype))
     xs, w = x[:, p:], size[:, p:, None].to(x.dtype)
     mean = (xs * w).sum(1) / w.sum(1)
     return mean if pool_type == "avg" else 0.5 * (xs.amax(dim=1) + mean)
