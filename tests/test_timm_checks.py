@@ -26,12 +26,19 @@ CASES = [(v, real) for v in VARIANTS for real in (False, True)]
 IDS = [f"{v}-{'reduced' if real else 'zero'}" for v, real in CASES]
 
 
-def model(num_classes: int = 5, **kw) -> timm.models.VisionTransformer:
+ARCHS = {  # timm model name -> its arguments for a tiny model; Eva: RoPE (EVA-02), pooled by its cls token here
+    "vit": ("vit_tiny_patch16_224", {}),
+    "eva": ("eva02_tiny_patch14_224", {"ref_feat_shape": (6, 6), "global_pool": "token"}),
+}
+
+
+def model(num_classes: int = 5, arch: str = "vit", **kw) -> torch.nn.Module:
     """A tiny ViT through timm's factory (so it has its pretrained config, as in timm's tests)."""
     torch.manual_seed(0)
-    args = dict(img_size=48, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=num_classes)
+    name, extra = ARCHS[arch]
+    args = dict(img_size=48, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=num_classes, **extra)
     args.update(kw)
-    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+    return timm.create_model(name, **args).eval()
 
 
 def patched(variant: str, real: bool, **kw):
@@ -46,9 +53,10 @@ def reduces(m) -> bool:
     return red.reducing and not red.keeps_all_tokens
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("variant,real", CASES, ids=IDS)
-def test_forward_and_backward_reach_every_parameter(variant, real):
-    m = patched(variant, real, num_classes=42)
+def test_forward_and_backward_reach_every_parameter(variant, real, arch):
+    m = patched(variant, real, num_classes=42, arch=arch)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         out = m(x)
@@ -75,9 +83,10 @@ def test_default_cfgs_features_and_head(variant, real):
         assert m(x).shape == (1, m.num_features)
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("variant,real", CASES, ids=IDS)
-def test_forward_intermediates(variant, real):
-    m = patched(variant, real)
+def test_forward_intermediates(variant, real, arch):
+    m = patched(variant, real, arch=arch)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         final, inter = m.forward_intermediates(x, output_fmt="NLC")
@@ -92,9 +101,17 @@ def test_forward_intermediates(variant, real):
     assert [t.shape for t in inter] == [(2, 32, 6, 6)] * 2
 
 
+def test_fx_refuses_size_weighted_pooling_of_an_eva():
+    m = model(arch="eva", global_pool="avg")
+    leanvit.patch(m, "tome", r=3)
+    with pytest.raises(UnsupportedModelError, match="torch.fx cannot trace"):
+        create_feature_extractor(m, return_nodes=[get_graph_node_names(m)[0][-1]])
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("variant,real", CASES, ids=IDS)
-def test_fx_feature_extraction_forward_and_backward(variant, real):
-    m = patched(variant, real)
+def test_fx_feature_extraction_forward_and_backward(variant, real, arch):
+    m = patched(variant, real, arch=arch)
     x = torch.randn(2, 3, 48, 48)
     last = get_graph_node_names(m)[0][-1]
     fx = create_feature_extractor(m, return_nodes=[last])
@@ -118,9 +135,10 @@ def test_fx_refuses_size_weighted_pooling_it_cannot_follow():
         assert torch.allclose(create_feature_extractor(m, return_nodes=[last])(x)[last], m(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("variant,real", CASES, ids=IDS)
-def test_torchscript(variant, real):
-    m = patched(variant, real)
+def test_torchscript(variant, real, arch):
+    m = patched(variant, real, arch=arch)
     red = leanvit.get_reducer(m)
     x = torch.randn(1, 3, 48, 48)
     if red.reducing:
@@ -133,9 +151,10 @@ def test_torchscript(variant, real):
     assert leanvit.get_reducer(m) is red  # the patched model itself is untouched
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("variant,real", CASES, ids=IDS)
-def test_torch_export(variant, real):
-    m = patched(variant, real)
+def test_torch_export(variant, real, arch):
+    m = patched(variant, real, arch=arch)
     x = torch.randn(2, 3, 48, 48)
     program = torch.export.export(m, (x,))
     with torch.no_grad():

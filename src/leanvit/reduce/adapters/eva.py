@@ -59,7 +59,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import AttentionPoolLatent, AttentionRope, GluMlp, Mlp, SwiGLU, apply_rot_embed_cat
+from timm.layers import (AttentionPoolLatent, AttentionRope, GluMlp, Mlp, SwiGLU, apply_rot_embed_cat,
+                         register_notrace_module)
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
 from ...errors import UnsupportedModelError
@@ -68,7 +69,7 @@ from ...ops.select import gather_tokens
 from ..base import TokenReducer
 from ..types import ViTInfo
 from .base import REDUCER_ATTR, ModelAdapter, block_reducer, register_adapter
-from .timm_vit import _ReducedMixin
+from .timm_vit import _ReducedMixin, not_scriptable, refuse_fx_sizes
 
 ATTENTIONS = (EvaAttention, AttentionRope)
 MLPS = (Mlp, GluMlp, SwiGLU)
@@ -210,6 +211,9 @@ class _ReducingEva:
     _leanvit_reducer: TokenReducer
     _leanvit_index: int
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        return not_scriptable(self)
+
     def _begin(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> TokenReducer:
         if attn_mask is not None or is_causal:
             raise UnsupportedModelError("token reduction cannot be combined with attention masks")
@@ -264,6 +268,8 @@ class ReducingEvaBlockPostNorm(_ReducingEva, EvaBlockPostNorm):
 
 
 BLOCK_CLASSES: dict[type, type] = {EvaBlock: ReducingEvaBlock, EvaBlockPostNorm: ReducingEvaBlockPostNorm}
+for _reducing in BLOCK_CLASSES.values():  # leaves of timm's fx tracer, as timm_vit's blocks (see register_block)
+    register_notrace_module(_reducing)
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -297,6 +303,10 @@ class ReducedEva(_ReducedMixin, Eva):
 
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         red = self.__dict__.get(REDUCER_ATTR)
+        reads_sizes = self.attn_pool is not None or (self.global_pool if pool_type is None else pool_type) in (
+            "avg", "avgmax")
+        if red is not None and reads_sizes and refuse_fx_sizes(red):
+            return super().pool(x, pool_type)
         size = None if red is None else red.for_thread().current_sizes()  # (B, N) this thread's forward left
         if size is None or size.shape[1] != x.shape[1]:  # no sizes, or the whole grid given back (restore)
             return super().pool(x, pool_type)

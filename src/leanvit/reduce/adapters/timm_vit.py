@@ -27,7 +27,7 @@ from ...ops.schedule import BlockShape
 from ...ops.select import gather_tokens
 from ..base import TokenReducer
 from ..types import ViTInfo
-from .base import REDUCER_ATTR, ModelAdapter, block_reducer, register_adapter
+from .base import REDUCER_ATTR, ModelAdapter, block_reducer, find_adapter, is_patched, register_adapter
 
 try:  # DeiT's distilled ViT (cls + dist token) is a VisionTransformer subclass with its own head
     from timm.models.deit import VisionTransformerDistilled
@@ -99,7 +99,7 @@ class _Reducing:
     _leanvit_index: int
 
     def __prepare_scriptable__(self) -> nn.Module:
-        return _not_scriptable(self)
+        return not_scriptable(self)
 
     @staticmethod
     def mlp_modules(block: nn.Module) -> list[nn.Module]:
@@ -150,6 +150,19 @@ def _symbolic_tracing() -> bool:
     return check() if check is not None else fx.is_fx_tracing()
 
 
+def refuse_fx_sizes(red: TokenReducer) -> bool:
+    """Under torch.fx symbolic tracing (True: it runs), refuse a pooling that reads token sizes, which exist only
+    at run time; the traced graph would bake in the unweighted pooling."""
+    if not _symbolic_tracing():
+        return False
+    if red.tracks_sizes and not red.restore:
+        raise UnsupportedModelError(
+            f"torch.fx cannot trace the size-weighted pooling of a ViT reduced by '{red.name}' (the token sizes "
+            f"exist only at run time); trace it with torch.export or torch.compile, or patch with restore=True "
+            f"(pooled over the whole grid)")
+    return True
+
+
 def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | None) -> torch.Tensor | None:
     """Size-weighted pooling over the tokens when the reducer tracked token sizes (ToMe, GTP): the average, or the
     attention pool's latent query with proportional attention (a token of size s counts as s identical tokens)."""
@@ -158,12 +171,7 @@ def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | N
     attn_pool = model.attn_pool is not None and getattr(model.attn_pool, "pos_embed", None) is None
     if red is None or not (attn_pool or (model.attn_pool is None and pool_type in ("avg", "avgmax"))):
         return None
-    if _symbolic_tracing():
-        if red.tracks_sizes and not red.restore:
-            raise UnsupportedModelError(
-                f"torch.fx cannot trace the size-weighted average pooling of a ViT reduced by '{red.name}' (the "
-                f"token sizes exist only at run time); trace it with torch.export or torch.compile, or patch with "
-                f"restore=True (average over the whole grid)")
+    if refuse_fx_sizes(red):
         return None
     size = red.for_thread().current_sizes()  # the sizes this thread's forward left
     if size is None or size.shape[1] != x.shape[1]:
@@ -176,13 +184,13 @@ def _weighted_pool(model: VisionTransformer, x: torch.Tensor, pool_type: str | N
     return mean if pool_type == "avg" else 0.5 * (xs.amax(dim=1) + mean)
 
 
-def _not_scriptable(module: nn.Module) -> nn.Module:
+def not_scriptable(module: nn.Module) -> nn.Module:
     """``torch.jit.script`` of a patched model: its dense equivalent when it removes nothing (the same output,
     leanvit's equivalence tests), else one clear error: the reducers are Python that TorchScript cannot compile."""
     owner = module.__dict__.get(REDUCER_ATTR)
-    if owner is not None and not owner.reducing and isinstance(module, VisionTransformer):
+    if owner is not None and not owner.reducing and is_patched(module):
         dense = deepcopy(module)
-        TimmViTAdapter().remove(dense)
+        find_adapter(dense).remove(dense)
         return dense
     raise UnsupportedModelError(
         "TorchScript cannot compile a token-reduced model (its reducer is Python code TorchScript does not support); "
@@ -193,7 +201,7 @@ class _ReducedMixin:
     """Behaviour shared by patched model classes."""
 
     def __prepare_scriptable__(self) -> nn.Module:
-        return _not_scriptable(self)
+        return not_scriptable(self)
 
     def forward_intermediates(self, *args: Any, **kwargs: Any):
         """timm's ``forward_intermediates``; with a patch made with ``restore=True``, every intermediate is given
