@@ -2,8 +2,11 @@
 
 Rows, all timed in one interleaved run per model and batch size: dense; the ideal row (the same schedule applied
 by plain truncation, zero overhead: the physical limit); GTP; GTP with the cls score (runs on fused attention,
-no explicit attention map); ToMe; EViT. Reported: GMACs, images/s, speed-up over dense, and each method's speed-up
-as a fraction of the ideal row's ("efficiency").
+no explicit attention map); ToMe; EViT; IdleViT at the keep rate its budget gives, with its own ideal row (the
+truncation that computes its token counts: before the attention). Reported: GMACs, images/s, speed-up over dense,
+and the share of its ideal row's gain that each method keeps ("efficiency"). Every table names the host (processor,
+cores, L2 and L3 as the host reports them) and the slice of the attention map that GTP's explicit CPU attention
+computes at a time there (:mod:`leanvit.ops.host`), since CPU speed-ups depend on both.
 
 With ``--compile`` every model (dense and ideal included) is wrapped in ``torch.compile`` first, which removes the
 per-op dispatch cost that dominates a reducer's bookkeeping at batch 1 on CPU; compilation happens in the untimed
@@ -23,15 +26,20 @@ import torch
 import leanvit
 from leanvit.analysis import compare_throughput, count_macs, threads_phrase
 from leanvit.analysis.macs import default_input_size
+from leanvit.ops import host
 
 from common import add_threads, fmt, ideal_truncation, median_and_best, parse_args, share_of_ideal, table, write
 
 
+IDEAL_OF = {"idle": "ideal (idle)"}  # a method whose token counts are not GTP's schedule has an ideal row of its own
+
+
 def _efficiency(speed: dict[str, float], k: str) -> float | None:
-    """The share of the ideal row's gain that row ``k`` keeps (None for the dense row)."""
+    """The share of its ideal row's gain that row ``k`` keeps (None for the dense row)."""
     if k == "dense":
         return None
-    return share_of_ideal(speed[k] / speed["dense"], speed["ideal (truncate)"] / speed["dense"])
+    ideal = IDEAL_OF.get(k, k if k.startswith("ideal") else "ideal (truncate)")
+    return share_of_ideal(speed[k] / speed["dense"], speed[ideal] / speed["dense"])
 
 
 def main() -> None:
@@ -56,6 +64,9 @@ def main() -> None:
         models["gtp (cls score)"] = leanvit.patch(copy.deepcopy(dense), "gtp", r=sched, score="cls")
         models["tome"] = leanvit.patch(copy.deepcopy(dense), "tome", budget=args.budget)
         models["evit"] = leanvit.patch(copy.deepcopy(dense), "evit", budget=args.budget)
+        idle = leanvit.patch(copy.deepcopy(dense), "idle", budget=args.budget)
+        models["ideal (idle)"] = ideal_truncation(dense, idle)
+        models["idle"] = idle
         macs = {k: count_macs(m).macs for k, m in models.items()}
         # dynamic=False: one static graph per batch size (a second batch size would otherwise recompile the
         # model with a dynamic batch dimension, which can be slower than a static graph)
@@ -81,10 +92,12 @@ def main() -> None:
                              "images_per_s_best": best[k], "speedup_best": best[k] / best["dense"],
                              "efficiency_best": _efficiency(best, k), "schedule": red.schedule if red else []})
     mode = "every model torch.compile-d (default mode, fullgraph=True, dynamic=False); " if args.compile else "eager; "
-    md = [f"Budget {args.budget} of dense MACs; {threads_phrase(args.threads)}; {mode}"
+    chunk = host.format_bytes(host.probs_chunk_bytes(args.threads))
+    md = [f"Host: {host.describe().summary()}; explicit attention computed {chunk} of the map at a time "
+          f"(`python -m leanvit.ops`). Budget {args.budget} of dense MACs; {threads_phrase(args.threads)}; {mode}"
           f"{args.rounds} interleaved rounds of {args.runs} runs (x10 at batch 1). *Efficiency* = (speed-up - 1) / "
-          "(ideal speed-up - 1): the share of the ideal truncation's gain that a method keeps; from the median "
-          "run and from the best run of each model.\n",
+          "(ideal speed-up - 1): the share of the ideal truncation's gain that a method keeps (IdleViT: of its own "
+          "ideal row's); from the median run and from the best run of each model.\n",
           *table(["model", "batch", "method", "GMACs", "MACs %", "img/s (median)", "speed-up", "efficiency",
                   "speed-up (best run)", "efficiency (best run)", "schedule"],
                  ([r["model"], r["batch"], r["method"], f"{r['gmacs']:.2f}", f"{100 * r['macs_ratio']:.1f}",

@@ -17,7 +17,8 @@ from torch import nn
 from ..errors import ConfigError
 from .macs import _check_input_size, default_input_size, run_checked
 
-__all__ = ["ThroughputReport", "compare_throughput", "measure_latency", "measure_throughput"]
+__all__ = ["ThroughputReport", "break_even_batch", "compare_throughput", "measure_latency", "measure_throughput",
+           "runtime_of", "sweep_throughput"]
 
 
 @dataclass
@@ -30,7 +31,8 @@ class ThroughputReport:
         times_s: every timed run, in seconds (warm-up runs excluded), in the order they ran.
         batch_size: images per forward pass.
         device: where the model ran (``"cpu"``, ``"cuda:0"``).
-        threads: ``torch.get_num_threads()`` during the runs.
+        threads: the model's threads during the runs (``torch.get_num_threads()``, or an ONNX Runtime session's).
+        runtime: what ran the forward (:func:`runtime_of`): ``pytorch``, ``compiled`` or ``onnxruntime``.
     """
 
     images_per_s: float
@@ -39,10 +41,21 @@ class ThroughputReport:
     batch_size: int = 1
     device: str = "cpu"
     threads: int = 1
+    runtime: str = "pytorch"
 
     def as_dict(self) -> dict:
         return {"images_per_s": self.images_per_s, "latency_ms": self.latency_ms, "times_s": list(self.times_s),
-                "batch_size": self.batch_size, "device": self.device, "threads": self.threads}
+                "batch_size": self.batch_size, "device": self.device, "threads": self.threads,
+                "runtime": self.runtime}
+
+
+def runtime_of(model: nn.Module) -> str:
+    """What runs ``model``'s forward: ``compiled`` for a ``torch.compile`` module, a model's own ``runtime``
+    attribute (an ONNX Runtime session wrapper, :class:`leanvit.export.OrtModel`, says ``onnxruntime``), else
+    ``pytorch`` (eager). The timer is the same for all: a module called on a batch."""
+    if getattr(model, "_orig_mod", None) is not None:  # torch.compile's OptimizedModule
+        return "compiled"
+    return str(getattr(model, "runtime", "pytorch"))
 
 
 def _check_counts(batch_size: int, warmup: int, runs: int) -> None:
@@ -106,7 +119,8 @@ class _Timer:
         batch = self.x.shape[0]
         return ThroughputReport(images_per_s=batch / med if med > 0 else float("inf"), latency_ms=med * 1e3,
                                 times_s=list(self.times), batch_size=batch, device=str(self.device),
-                                threads=torch.get_num_threads())
+                                threads=int(getattr(self.model, "threads", torch.get_num_threads())),
+                                runtime=runtime_of(self.model))
 
 
 def measure_throughput(
@@ -208,3 +222,36 @@ def compare_throughput(
     bar.close()
     out = {name: timers[name].report() for name in names}
     return out if reports else {name: r.images_per_s for name, r in out.items()}
+
+
+def sweep_throughput(
+    models: dict[str, nn.Module],
+    batch_sizes: list[int] | tuple[int, ...],
+    input_size: tuple[int, int, int] | None = None,
+    warmup: int = 2,
+    runs: int = 3,
+    device: str | torch.device = "cpu",
+    rounds: int = 3,
+    progress: bool = False,
+    amp: str | None = None,
+) -> dict[int, dict[str, ThroughputReport]]:
+    """:func:`compare_throughput` at each batch size in turn: batch size -> name -> report (every model timed
+    interleaved with the others at that batch size, so a ratio of two models at one batch size is fair on a noisy
+    machine)."""
+    if not batch_sizes:
+        raise ConfigError("give at least one batch size")
+    return {int(b): compare_throughput(models, input_size, batch_size=int(b), warmup=warmup, runs=runs,
+                                       device=device, rounds=rounds, reports=True, progress=progress, amp=amp)
+            for b in batch_sizes}
+
+
+def break_even_batch(speedups: dict[int, float]) -> int | None:
+    """The smallest batch size from which a model is faster than its baseline: the smallest measured ``b`` whose
+    speed-up, and the speed-up at every larger measured batch size, is above 1. None when it is not faster at the
+    largest batch size measured (a model that is faster at batch 1 only, then slower, has no break-even batch)."""
+    found = None
+    for b in sorted(speedups, reverse=True):
+        if not speedups[b] > 1.0:
+            break
+        found = b
+    return found

@@ -37,7 +37,7 @@ def add_model_args(p: argparse.ArgumentParser, model: str | None = None) -> None
 
 # the verbs that run a model as it comes and so take --recipe (cli/build.py applies it when it builds the model);
 # the training verbs and tune make their own patch, and vis patches each of its --methods
-RECIPE_VERBS = ("eval", "bench", "compare")
+RECIPE_VERBS = ("eval", "bench", "compare", "export")
 
 
 def add_data_args(p: argparse.ArgumentParser, split: str = "test", batch_size: int = 256) -> None:
@@ -74,3 +74,44 @@ def add_reduction_args(p: argparse.ArgumentParser, method: bool = True) -> None:
                    help=f"keep rate of methods with their own schedule ({keeps})")
     p.add_argument("--option", "-O", action="append", default=[], metavar="OPT=VALUE",
                    help="method option, repeatable (e.g. -O alpha=0.2 -O graph=spatial)")
+
+
+def _runtimes(text: str) -> list[str]:
+    from ..export.runtime import RUNTIMES
+
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(RUNTIMES)}, comma-separated")
+    for n in names:
+        if n not in RUNTIMES:
+            raise argparse.ArgumentTypeError(f"unknown runtime '{n}'; choose from {', '.join(RUNTIMES)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a runtime is named twice in '{text}'")
+    return names
+
+
+def batch_sizes(text: str) -> list[int]:
+    """``1,2,4,8``: distinct positive batch sizes, in increasing order."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected comma-separated batch sizes, e.g. 1,2,4,8,16,32,64")
+    values = [positive_int(t) for t in items]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a batch size is given twice in '{text}'")
+    return sorted(values)
+
+
+def add_deploy_args(p: argparse.ArgumentParser, several: bool = False, compiled: bool = False) -> None:
+    """``--runtime`` (what runs the model: PyTorch, or ONNX Runtime's CPU provider on the model's ONNX export) and
+    ``--quantize`` (int8 in ONNX Runtime) for eval, bench, compare; with ``several`` (bench's ``--batch-sizes``
+    table) a comma-separated list; ``compiled`` offers ``torch.compile`` as a runtime."""
+    from ..export.quantize import QUANTIZE
+
+    choices = "pytorch, compiled, onnxruntime" if compiled else "pytorch, onnxruntime"
+    p.add_argument("--runtime", type=_runtimes if several else str, default=None,
+                   **({} if several else {"choices": choices.split(", ")}),
+                   help=f"what runs the model{', comma-separated with --batch-sizes' if several else ''}: {choices} "
+                        "(default: pytorch, eager; onnxruntime: the model's ONNX export, checked against PyTorch, on "
+                        "ONNX Runtime's CPU provider; needs leanvit[onnx])")
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="with --runtime onnxruntime: the linear layers in int8 (ONNX Runtime dynamic quantization)")

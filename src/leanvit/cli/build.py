@@ -228,6 +228,7 @@ def _apply_recipe(args: argparse.Namespace, model) -> tuple[str, str]:
     rec = getattr(args, "recipe_read", None) or read_recipe(args.recipe)
     red = get_reducer(model)
     record = weights_patch(args.weights) if getattr(args, "weights", None) else None
+    patch(model, recipe=rec)  # a model of another geometry is refused here, before any note
     if red is not None or record is not None:
         what = f"the patch {args.weights} records" if record is not None else f"the patch {args.model} comes with"
         note(f"--recipe {args.recipe} replaces {what}")
@@ -238,7 +239,6 @@ def _apply_recipe(args: argparse.Namespace, model) -> tuple[str, str]:
     elif weights != getattr(args, "weights", None):
         note(f"recipe {args.recipe} was tuned on {args.model} with weights {weights or 'as shipped'}; these are "
              f"{args.weights or 'as shipped'}")
-    patch(model, recipe=rec)
     return "recipe", rec.words()
 
 

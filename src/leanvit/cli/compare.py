@@ -14,9 +14,10 @@ import math
 import platform
 
 from ..errors import ConfigError
-from .arguments import add_data_args, add_model_args, add_runtime_args, EVAL_BATCH_SIZE
+from .arguments import add_data_args, add_deploy_args, add_model_args, add_runtime_args, EVAL_BATCH_SIZE
 from .build import (adapt_run_record, as_shipped, build_loader, build_model_from_args, check_model_name, note,
                     resolve_device, setup_runtime, shipped_phrase)
+from .export import settle_runtime
 from .methods import parse_options
 from .outputs import check_output_file
 from .parsing import add_config_arg, fraction, nonneg_int, positive_int
@@ -69,6 +70,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-accuracy", action="store_true", help="skip evaluation (MACs and speed only)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--plot", default=None, help="write the accuracy-vs-GMACs plot (PNG/PDF/SVG)")
+    add_deploy_args(p)
     add_runtime_args(p)
     p.set_defaults(func=run)
     return p
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--plot needs accuracy; drop --no-accuracy")
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot", plot=True)
+    runtime = settle_runtime(args)[0]
     device = resolve_device(args)
     setup_runtime(args)
     model = build_model_from_args(args, evaluated=not args.no_accuracy).eval()
@@ -108,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
     loader = None if args.no_accuracy else build_loader(args, model)
     rows = run_comparison(model, loader, args.methods, args.budgets, options, seeds=args.seeds,
                           bench_batch=args.bench_batch, bench_runs=args.bench_runs, device=device,
-                          progress=args.progress, compile=args.compile, amp=args.amp)
+                          progress=args.progress, compile=args.compile, amp=args.amp, runtime=runtime,
+                          quantize=args.quantize)
     n = len(loader.dataset) if loader is not None else 0
-    print(f"{args.model} on {args.data} ({args.split}, {n} images), {device}, {threads_phrase()}, "
+    where = "" if runtime == "pytorch" else f", {runtime} {args.quantize or 'float32'}"
+    print(f"{args.model} on {args.data} ({args.split}, {n} images), {device}{where}, {threads_phrase()}, "
           f"throughput at batch {args.bench_batch}")
     print(format_table(rows))
     skipped = [r for r in rows if r.error is not None]
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(skipped)} of {len(rows)} cells not run: {cells}")
     meta = {"model": args.model, "data": args.data, "split": args.split, "images": n, "device": str(device),
             "threads": torch.get_num_threads(), "bench_batch": args.bench_batch, "torch": torch.__version__,
+            "runtime": runtime, "quantize": args.quantize,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             # the patch the model comes with (its row is METHOD-shipped): "weights" or "model", in a few words

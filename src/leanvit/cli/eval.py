@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import add_data_args, add_model_args, add_reduction_args, add_runtime_args, EVAL_BATCH_SIZE
+from .arguments import (add_data_args, add_deploy_args, add_model_args, add_reduction_args, add_runtime_args,
+                        EVAL_BATCH_SIZE)
 from .build import (adapt_run_record, build_loader, build_model_from_args, check_method, check_model_name,
                     resolve_device, settle_patch, setup_runtime)
+from .export import settle_runtime
 from .outputs import check_output_file
 from .parsing import add_config_arg
 from ..io import write_json
@@ -27,6 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_reduction_args(p)
     p.set_defaults(method=None)  # no --method: the model as it comes (see the module docstring)
     p.add_argument("--json", default=None, help="write the result to this JSON file")
+    add_deploy_args(p)
     add_runtime_args(p)
     p.set_defaults(func=run)
     return p
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_name(args)
     opts = check_method(args)
     check_output_file(args.json, "--json")
+    runtime = settle_runtime(args)[0]
     device = resolve_device(args)
     setup_runtime(args)
     model = build_model_from_args(args, evaluated=True)
@@ -50,11 +54,17 @@ def run(args: argparse.Namespace) -> int:
              "schedule": list(red.schedule) if red is not None else [],
              "schedule_counts": red.schedule_counts if red is not None else "removed",
              "options": red.options() if red is not None else {}}
+    extra.update(runtime=runtime, quantize=args.quantize)
     if red is not None:
-        red.set_stats(True)
+        red.set_stats(runtime == "pytorch")  # the lost-token counters run in the PyTorch forward only
         extra.update({k: v for k, v in red.report.items() if isinstance(v, (int, float, str)) and k not in extra})
     loader = build_loader(args, model)
-    res = evaluate(model, loader, device, progress=args.progress)
+    net = model
+    if runtime != "pytorch":
+        from ..export import as_runtime
+
+        net = as_runtime(model.eval(), runtime, args.quantize, name=args.model)
+    res = evaluate(net, loader, device, progress=args.progress)
     if red is not None:
         extra.update(red.stats_summary())
     row = {"model": args.model, "data": args.data, "split": args.split, **extra, **res.as_dict()}
@@ -63,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
               + (f", {extra['achieved']:.3f} of dense MACs" if "achieved" in extra else "")
               + (f", {100 * extra['lost_token_fraction']:.1f}% of removed tokens lost (no kept neighbour)"
                  if "lost_token_fraction" in extra else ""))
-    print(f"{args.model} on {args.data} ({args.split}, {res.n} images): top-1 {res.top1:.2f}%  "
+    where = "" if runtime == "pytorch" else f" [{runtime}{' ' + args.quantize if args.quantize else ''}]"
+    print(f"{args.model}{where} on {args.data} ({args.split}, {res.n} images): top-1 {res.top1:.2f}%  "
           f"top-5 {res.top5:.2f}%  loss {res.loss:.4f}")
     if args.json:
         write_json(args.json, row)

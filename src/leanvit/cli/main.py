@@ -6,13 +6,13 @@ import sys
 
 from .. import __version__
 from ..errors import LeanvitError
-from . import analyze, bench, compare, distill, eval as eval_cmd, finetune, list_models, train, tune, vis
+from . import analyze, bench, compare, distill, eval as eval_cmd, export, finetune, list_models, train, tune, vis
 from .parsing import ArgumentParser, parse_with_config
 
 # every verb, in the order of `leanvit --help`. Each is imported unconditionally: a verb whose module fails to
 # import is a bug to see as a traceback, not a verb to hide ("invalid choice"); a verb that needs an optional
 # extra imports it when it runs and says which package to install.
-VERBS = (train, eval_cmd, list_models, bench, compare, tune, vis, distill, finetune, analyze)
+VERBS = (train, eval_cmd, list_models, bench, compare, tune, vis, distill, finetune, analyze, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

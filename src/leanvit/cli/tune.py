@@ -97,12 +97,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _outputs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    out = Path(args.output)
+    out = check_output_file(args.output, "--output")
     if out.suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"--output {out}: a recipe is a YAML file; give a name ending in .yaml")
     json_path = Path(args.json) if args.json else out.with_name(out.stem + ".json")
     plot_path = Path(args.plot) if args.plot else out.with_name(out.stem + ".png")
-    check_output_file(out, "--output")
     check_output_file(json_path, "--json")
     check_output_file(plot_path, "--plot", plot=True)
     if len({out.resolve(), json_path.resolve(), plot_path.resolve()}) < 3:
@@ -151,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     search_space(model, args.methods, space)  # methods and option values checked before any data is read
     heldout = build_dataset(args.data, args.heldout_split, model, limit=args.limit, skip_bad=args.skip_bad_images,
                             progress=args.progress)
+    if str(args.data).split(":")[0].strip().lower() == "synthetic":
+        note("synthetic data are random images with random labels, the same in every split: their top-1 is chance "
+             "level and tells the configurations apart by noise only (a smoke test, not a tuning)")
     test = None
     if not args.no_test:
         try:

@@ -4,7 +4,9 @@ Every method at a budget is held to the same measured MACs: its schedule is solv
 tightened until the patched model's counted MACs, including the method's own work (GTP's graph, ToMe's matching),
 fit it. Schedules therefore differ slightly between methods at one budget (the table shows each). All variants are
 evaluated on the same images in one pass over the data, have their MACs counted the same way and their throughput
-measured in the same interleaved run.
+measured in the same interleaved run. With ``runtime="onnxruntime"`` every variant is exported to ONNX (checked
+against its PyTorch model) and evaluated and timed through ONNX Runtime's CPU provider, optionally in int8: the
+same table where the model is deployed; its MACs stay the PyTorch model's (the same graph).
 """
 from __future__ import annotations
 
@@ -130,7 +132,8 @@ def build_variants(model: nn.Module, methods: Sequence[str], budgets: Sequence[f
 def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequence[str], budgets: Sequence[float],
                    method_options: dict[str, dict[str, Any]] | None = None, seeds: int = 3,
                    bench_batch: int = 32, bench_runs: int = 3, device: str | torch.device = "cpu",
-                   progress: bool = True, compile: bool = False, amp: str | None = None) -> list[CompareRow]:
+                   progress: bool = True, compile: bool = False, amp: str | None = None, runtime: str = "pytorch",
+                   quantize: str | None = None) -> list[CompareRow]:
     """Evaluate and time every (method, budget) on ``loader``; returns one row each (dense first).
 
     A cell that cannot run on this model (a budget the method cannot reach, a method that refuses the model) is a
@@ -151,19 +154,25 @@ def run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequenc
         bench_batch, bench_runs: throughput batch size and timed runs per round (3 interleaved rounds).
         compile: time every variant after ``torch.compile(fullgraph=True)`` (accuracy is evaluated eagerly).
         amp: time under ``torch.autocast`` in ``"fp16"`` or ``"bf16"`` (accuracy is evaluated in full precision).
+        runtime: ``pytorch``, or ``onnxruntime``: every variant evaluated and timed as its checked ONNX export on
+            ONNX Runtime's CPU provider (a variant that cannot be exported is a row with ``error``).
+        quantize: with ``onnxruntime``, ``"int8"`` quantizes every variant's linear layers (dense included).
     """
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    if runtime != "pytorch" and (compile or amp):
+        raise ConfigError(f"compile and amp are PyTorch's; the {runtime} runtime times its own graph")
     device = torch.device(device)
     cuda = [] if device.type != "cuda" else [torch.cuda.current_device() if device.index is None else device.index]
     with torch.random.fork_rng(devices=cuda):
         return _run_comparison(model, loader, methods, budgets, method_options, seeds, bench_batch, bench_runs,
-                               device, progress, compile, amp)
+                               device, progress, compile, amp, runtime, quantize)
 
 
 def _run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequence[str], budgets: Sequence[float],
                     method_options: dict[str, dict[str, Any]] | None, seeds: int, bench_batch: int, bench_runs: int,
-                    device: torch.device, progress: bool, compile: bool, amp: str | None) -> list[CompareRow]:
+                    device: torch.device, progress: bool, compile: bool, amp: str | None, runtime: str = "pytorch",
+                    quantize: str | None = None) -> list[CompareRow]:
     from ..analysis import compare_throughput, count_macs
     from ..engine import evaluate
     from ..engine.evaluate import evaluate_many
@@ -188,8 +197,10 @@ def _run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequen
                                schedule_counts=red.schedule_counts if red else "removed"))
     # the cells that run, by their row's index
     variants = {i: (cell.label, cell.budget, cell.model) for i, cell in enumerate(cells) if cell.model is not None}
+    if runtime != "pytorch":
+        variants = _in_runtime(variants, rows, runtime, quantize, progress)
     if loader is not None and variants:
-        reducers = {i: get_reducer(v) for i, (_, _, v) in variants.items()}
+        reducers = {i: get_reducer(v) if runtime == "pytorch" else None for i, (_, _, v) in variants.items()}
         for red in reducers.values():
             if red is not None:
                 red.set_stats(True)
@@ -236,6 +247,22 @@ def _run_comparison(model: nn.Module, loader: DataLoader | None, methods: Sequen
             if base:
                 rows[i].speedup = speed[key] / base
     return rows
+
+
+def _in_runtime(variants: dict[int, tuple[str, float | None, nn.Module]], rows: list[CompareRow], runtime: str,
+                quantize: str | None, progress: bool) -> dict[int, tuple[str, float | None, nn.Module]]:
+    """The variants as ``runtime`` runs them (ONNX Runtime: each exported and checked); a variant that cannot be
+    exported becomes a row with ``error`` and no figures, the others run."""
+    from ..export import as_runtime
+
+    out = {}
+    for i, (label, budget, model) in track(list(variants.items()), desc=f"preparing {runtime}", enabled=progress):
+        try:
+            out[i] = (label, budget, as_runtime(model, runtime, quantize))
+        except (ConfigError, UnsupportedModelError) as e:
+            row = rows[i]
+            row.error, row.gmacs, row.top1, row.macs_ratio, row.seeds = str(e), math.nan, math.nan, math.nan, 0
+    return out
 
 
 def format_table(rows: Sequence[CompareRow]) -> str:

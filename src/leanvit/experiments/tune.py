@@ -27,7 +27,9 @@ The search, one progress line per stage:
    on 1/16 of the split, then on twice as many images, and the decision is taken as soon as its drop (paired,
    image by image against dense) is more than :data:`RACE_Z` standard errors from the limit, so only the
    configurations near the limit read the whole split. Speed decisions are one short interleaved timing each.
-3. *options per method*: successive halving of the method's option grid at the budget stage 2 found (with
+3. *options per method*: for the methods whose stage-2 boundary is within reach of the best method's (with
+   ``max_drop`` at least :data:`PRUNE_SPEED` times its speed-up, timed together; with ``target_speedup`` within
+   :data:`PRUNE_POINTS` of its top-1), successive halving of the option grid at the budget stage 2 found (with
    ``max_drop`` whose boundary is no reduction at all, the largest budget that failed): every setting on a slice of
    the split, the more accurate half on twice as many images, and so on until one is left.
 4. *budget per winner*: a winner other than stage 2's options has its boundary searched again, galloping from
@@ -46,7 +48,8 @@ What it assumes, and where it can miss the best point:
   from the limit on a slice is reversed by the whole split rarely (about 1% of such decisions at 2.5);
 * options are ranked by accuracy at one budget and equal token counts: a setting that wins at stage 2's budget but
   not at its own boundary, or one that is cheaper per token (GTP's ``cls`` score keeps fused attention) and would
-  win at equal *speed*, can be missed; successive halving drops a setting on a small slice of images for good;
+  win at equal *speed*, can be missed; successive halving drops a setting on a small slice of images for good; a
+  method left out of stage 3 whose other settings would have overtaken the best method is missed;
 * speed is noisy on a shared machine: the stage-2 and stage-4 speed decisions use short timings; the choice is
   re-timed in one run, but the measured speed-up of a recipe holds for this machine, runtime and batch only.
 
@@ -92,6 +95,13 @@ RUNTIMES = ("eager", "compile")
 # a raced accuracy decision is taken when the drop is this many standard errors from the limit (two-sided ~1%)
 RACE_Z = 2.5
 FIRST_SLICE = 16  # racing and successive halving start on 1/16 of the held-out split
+# Which methods have their options searched (stage 3): with max_drop those whose boundary runs at least PRUNE_SPEED
+# times as fast as the fastest method's, with target_speedup those within PRUNE_POINTS top-1 of the most accurate.
+# The grids' first values are the settings chosen on the teacher's held-out split, and the other settings moved
+# GTP's held-out top-1 at one budget by about a point there (BENCHMARKS.md, "GTP settings chosen on the held-out
+# split", "GTP that loses no removed token"): a method further behind is not expected to catch up on options alone.
+PRUNE_SPEED = 0.85
+PRUNE_POINTS = 1.5
 
 
 @dataclass
@@ -232,9 +242,34 @@ def search_space(model: nn.Module, methods: Sequence[str] | None = None,
                 raise ConfigError(f"option '{m}.{opt}' has no value to search")
         for opt, values in grid.items():
             for v in values:
-                check_options(m, {opt: v})  # unknown options and values the method refuses fail here
+                check_options(m, {opt: v})  # unknown options and values of the wrong type fail here
         out[m] = grid
+    _check_values(model, out)
     return out
+
+
+def _check_values(model: nn.Module, grids: dict[str, dict[str, list[Any]]]) -> None:
+    """Every option value is one the method's constructor takes on this model (ranges, choices), checked by
+    patching a copy with a one-token schedule; a method that refuses the model itself is left to the search, which
+    leaves it out and says so."""
+    probe = unpatch(_sharing_copy(model))
+    info = find_adapter(probe).inspect(probe)
+    schedule = [1] + [0] * (info.depth - 1)
+    try:
+        for m, grid in grids.items():
+            amount = schedule_amount(m, schedule, info)
+            try:
+                patch(probe, m, **amount)
+            except (ConfigError, UnsupportedModelError):
+                continue
+            for opt, values in grid.items():
+                for v in values:
+                    try:
+                        patch(probe, m, **amount, **{opt: v})
+                    except ConfigError as e:
+                        raise ConfigError(f"option {m}.{opt}={v!r}: {e}") from None
+    finally:
+        unpatch(probe)
 
 
 def _grid(options: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -337,30 +372,28 @@ class _Search:
         return self._schedules[k]
 
     def floor(self, method: str, options: dict[str, Any]) -> float | None:
-        """The smallest budget (to 0.01) the method reaches with these options on this model; None where it cannot
-        patch the model at all."""
+        """The lowest budget searched for the arm: ``min_budget``, or where the method cannot reach it on this model
+        the smallest budget it reaches (to ``tol``); None where it cannot patch the model at all."""
         k = (method, tuple(sorted(options.items())))
         if k not in self._floors:
+            one = schedule_amount(method, [1] + [0] * (self.info.depth - 1), self.info)
             try:  # the method may refuse the model whatever the budget (EViT without a cls token)
-                patch(self.dense, method, r=[1] + [0] * (self.info.depth - 1), **options)
+                patch(self.dense, method, **one, **options)
             except (ConfigError, UnsupportedModelError):
                 self._floors[k] = None
                 return None
             finally:
                 unpatch(self.dense)
-            if self.schedule(method, options, 1.0) is None:
-                self._floors[k] = None
-            else:
-                lo, hi = 0.01, 1.0
-                if self.schedule(method, options, lo) is not None:
-                    hi = lo
-                while hi - lo > 0.01:
-                    mid = round((lo + hi) / 2, 4)
-                    if self.schedule(method, options, mid) is None:
-                        lo = mid
-                    else:
-                        hi = mid
-                self._floors[k] = hi
+            lo, hi = self.min_budget, 1.0
+            if self.schedule(method, options, lo) is not None:
+                hi = lo
+            while hi - lo > self.tol:  # bisection on whether the solver reaches the budget
+                mid = round((lo + hi) / 2, 4)
+                if self.schedule(method, options, mid) is None:
+                    lo = mid
+                else:
+                    hi = mid
+            self._floors[k] = hi
         return self._floors[k]
 
     def trial(self, method: str, options: dict[str, Any], budget: float, stage: str) -> Trial | None:
@@ -461,10 +494,12 @@ class _Search:
         return t.drop <= self.max_drop + 1e-9  # pragma: no cover - the last slice is the whole split
 
     # ------------------------------------------------------------------ speed
-    def time(self, trials: Sequence[Trial], final: bool = False) -> None:
-        """Time ``trials`` interleaved with the dense model (chunks of 8 per run); sets their speed-ups."""
-        warmup, runs, rounds = self.final if final else self.quick
-        chunk = len(trials) if final else 8
+    def time(self, trials: Sequence[Trial], final: bool = False, careful: bool = False) -> None:
+        """Time ``trials`` interleaved with the dense model and set their speed-ups: quickly, in chunks of 8 per run
+        (for the plot and the speed decisions of the bisection), or all in one run, ``careful``ly (the choice of the
+        methods refined) or with the ``final`` run counts (the choice)."""
+        warmup, runs, rounds = self.final if final else ((1, 3, 3) if careful else self.quick)
+        chunk = len(trials) if (final or careful) else 8
         for i in range(0, len(trials), chunk):
             part = list(trials[i:i + chunk])
             models: dict[Any, nn.Module] = {"dense": self.dense}
@@ -525,7 +560,7 @@ class _Search:
         bisected; from ``start`` the search gallops (steps of 2 tol, doubling) to a bracket, then bisects.
         """
         method, options = arm
-        lo = max(self.min_budget, self.floor(method, options) or 1.0)
+        lo = self.floor(method, options) or 1.0
         drop_mode = self.max_drop is not None
         if start is None:
             t_lo = self.trial(method, options, lo, stage)
@@ -678,15 +713,14 @@ def _tune(model, heldout, test, max_drop, target, grids, runtime, amp, batch, de
         return _finish_unmet(s, model, dense_top1, test, stages, t_start, grids, runtime, amp, batch, device, seed,
                              min_budget, tol, max_drop, target, say, progress)
 
-    # 3. successive halving of each method's option grid at its stage-2 budget
+    # 3. successive halving of the option grid at its stage-2 budget, for the methods within reach of the best
     t0 = time.perf_counter()
+    contenders = _contenders(s, {m: (arms0[m], b) for m, b in reachable.items()}, say)
     winners: dict[str, dict[str, Any]] = {}
     probe_budget: dict[str, float] = {}
-    bar = stage("options per method (successive halving)", len(found))
-    for m, (good, bad) in found.items():
-        if good is None:
-            bar.update()
-            continue
+    bar = stage("options per method (successive halving)", len(contenders))
+    for m in contenders:
+        good, bad = found[m]
         # at the boundary; with max_drop a boundary of no reduction ranks the options where the default just failed
         b = good if (target is not None or good < 1.0 or bad is None) else bad
         probe_budget[m] = b
@@ -715,7 +749,9 @@ def _tune(model, heldout, test, max_drop, target, grids, runtime, amp, batch, de
     # 5. the choice: every arm's boundary on the whole split, timed together with dense
     t0 = time.perf_counter()
     bar = stage("choice (whole split, final timing)", 2)
-    finalists = _finalists(s, arms)
+    # every method's stage-2 arm, and the winners whose options differ (a winner was ranked at one budget only)
+    final_arms = [arms0[m] for m in reachable] + [a for m, (a, _) in arms.items() if a != arms0[m]]
+    finalists = _finalists(s, final_arms)
     for t in finalists:
         s.count(t)
     bar.update()
@@ -771,6 +807,34 @@ def _opts(o: dict[str, Any]) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in o.items()) + ")" if o else "(defaults)"
 
 
+def _contenders(s: _Search, boundaries: dict[str, tuple[tuple[str, dict[str, Any]], tuple[float | None, float | None]]],
+                say: Callable[[str], None]) -> list[str]:
+    """The methods whose stage-2 boundary is within reach of the best method's, which go on to the option search:
+    with ``max_drop`` those at least :data:`PRUNE_SPEED` times as fast as the fastest boundary (timed together with
+    dense), with ``target_speedup`` those within :data:`PRUNE_POINTS` of the most accurate (on the whole split). The
+    others keep their stage-2 boundary, which still competes in the choice."""
+    trials = {m: s.trial(*arm, good, "budget") for m, (arm, (good, _)) in boundaries.items() if good is not None}
+    if len(trials) < 2:
+        return list(trials)
+    if s.max_drop is not None:
+        reducing = [t for t in trials.values() if any(t.schedule)]
+        if reducing:
+            s.time(reducing, careful=True)
+        speed = {m: (t.speedup if any(t.schedule) else 1.0) for m, t in trials.items()}
+        best = max(speed.values())
+        keep = [m for m, v in speed.items() if v >= PRUNE_SPEED * best]
+        why = {m: f"{speed[m]:.2f}x at its boundary against {best:.2f}x" for m in trials if m not in keep}
+    else:
+        for t in trials.values():
+            s.extend(t, s.n)
+        best = max(t.top1 for t in trials.values())
+        keep = [m for m, t in trials.items() if t.top1 >= best - PRUNE_POINTS]
+        why = {m: f"top-1 {trials[m].top1:.2f}% at its boundary against {best:.2f}%" for m in trials if m not in keep}
+    if why:
+        say("options not searched for " + "; ".join(f"{m} ({w})" for m, w in why.items()))
+    return keep
+
+
 def _halve(s: _Search, method: str, settings: list[dict[str, Any]], budget: float) -> dict[str, Any]:
     """Successive halving of ``settings`` at ``budget``: all on a slice of the held-out split, the more accurate half
     (ties: the earlier setting) on twice as many images, until one is left."""
@@ -788,22 +852,23 @@ def _halve(s: _Search, method: str, settings: list[dict[str, Any]], budget: floa
     return alive[0][0]
 
 
-def _finalists(s: _Search, arms: dict) -> list[Trial]:
-    """Per arm, the configuration nearest the limit that holds on the whole split (with ``target_speedup`` also the
-    next faster one)."""
+def _finalists(s: _Search, arms: list[tuple[str, dict[str, Any]]]) -> list[Trial]:
+    """Per arm, the configuration nearest the limit that holds on the whole split: with ``max_drop`` the lowest
+    budget whose drop the whole split keeps within it; with ``target_speedup`` the highest budget found fast enough,
+    and the next one (for the final timing to choose from, should the first miss the speed-up there)."""
     out: list[Trial] = []
-    for (method, opts), _ in arms.values():
+    for method, opts in arms:
         mine = [t for t in s.trials.values() if t.method == method and t.options == opts and any(t.schedule)
                 and t.verdict]
         if s.max_drop is not None:
-            for t in sorted(mine, key=lambda t: t.budget):  # the lowest budget that holds on the whole split
+            for t in sorted(mine, key=lambda t: t.budget):
                 s.extend(t, s.n)
                 if t.drop <= s.max_drop + 1e-9:
                     out.append(t)
                     break
-                t.verdict = False
+                t.verdict = False  # a raced decision the whole split reverses
         else:
-            for t in sorted(mine, key=lambda t: -t.budget)[:2]:  # the most accurate fast one, and the next
+            for t in sorted(mine, key=lambda t: -t.budget)[:2]:
                 s.extend(t, s.n)
                 out.append(t)
     return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .host import probs_chunk_bytes
 from .select import combine_scores
 
 try:  # Triton ships with CUDA builds of PyTorch; the CPU-only build lacks it
@@ -38,11 +39,13 @@ FUSABLE = ("mixed", "mixed_mean", "colsum", "diag")
 
 
 def torch_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                 chunk_bytes: int = 1 << 21) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(diag, col)`` ``(B, H, N)`` of the post-softmax map, computed a slice of the batch at a time (the map of
-    one slice, ``chunk_bytes`` of it, is the most held at once)."""
+    one slice, ``chunk_bytes`` of it, is the most held at once; default: the host's slice for explicit attention,
+    :func:`leanvit.ops.host.probs_chunk_bytes`, since the pass is the same per-slice work without the product
+    with V)."""
     B, H, N, D = q.shape
-    step = max(1, chunk_bytes // (H * N * N * 4))
+    step = max(1, (probs_chunk_bytes() if chunk_bytes is None else chunk_bytes) // (H * N * N * 4))
     diags, cols = [], []
     for s in range(0, max(B, 1), step):  # an empty batch is one empty slice: empty statistics, not none
         qs, ks = q[s:s + step].float(), k[s:s + step].float()

@@ -41,7 +41,9 @@ def _set_knn_(graph: torch.Tensor, x: torch.Tensor, k: int, value: float) -> tor
     if k > 0:
         xn = torch.nn.functional.normalize(x.float(), dim=-1)
         sim = xn @ xn.transpose(1, 2)  # (B, N, N)
-        sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+        # self excluded by a masked fill of the whole map, not ``sim.diagonal().fill_``: an in-place write through a
+        # diagonal view does not functionalise, which torch.export (and so ONNX export) needs; same values
+        sim.masked_fill_(torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device), float("-inf"))
         graph.scatter_(2, sim.topk(k, dim=-1, sorted=False).indices, value)
     return graph
 

@@ -46,6 +46,36 @@ class BipartiteMerge:
         xb = xb.scatter_reduce(1, self.dst_idx.expand(n, r, c), src, reduce=mode)  # (B, Nb, C)
         return torch.cat([x[:, :self.protected], unm, xb], dim=1)  # (B, T - r, C)
 
+    def weighted(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted average merge of ``x (B, T, C)`` with sizes ``size (B, T, 1)``: ``(B, T - r, C)`` and the
+        summed sizes ``(B, T - r, 1)``, the tokens in the order of ``self(x)``.
+
+        What differs from ToMe's ``merge_wavg`` (``merge(x * size) / merge(size)``), and why: ToMe scales every
+        token by its size, gathers the unmerged A tokens with an index expanded over the channels (slow on CPU),
+        scatters the merged ones into a copy of the B tokens and concatenates: about five passes over ``x`` per
+        block. Here the output is one row gather of ``x`` (every token that stays, in output order), and the B
+        tokens, where merged tokens land, are rewritten in place with ToMe's own arithmetic, ``(s_b x_b + sum_j
+        s_j x_j) / (s_b + sum_j s_j)`` (the sources added in order, as ToMe's scatter adds them). An unmerged A
+        token keeps ``x`` itself, where ToMe computes ``(s x) / s``: equal up to one rounding."""
+        B, T, C = x.shape
+        r, P = self.r, self.protected
+        n = T - r
+        first_b = P + len(range(2 * self.pa, T, 2)) - r  # output position of the first unprotected B token
+        offset = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+        keep = (self.sources(T, B, x.device) + offset * T).reshape(-1)  # (B * n) input rows of the output tokens
+        src = (2 * (self.pa + self.src_idx[..., 0]) + offset * T).reshape(-1)  # (B * r) input rows merged away
+        dst = (first_b + self.dst_idx[..., 0] + offset * n).reshape(-1)  # (B * r) output rows they merge into
+        s_in, x_in = size.reshape(B * T, 1), x.reshape(B * T, C)
+        s_src = s_in.index_select(0, src)  # (B * r, 1)
+        s_out = s_in.index_select(0, keep)  # (B * n, 1) sizes before merging
+        s_new = s_out.index_add(0, dst, s_src)  # (B * n, 1) summed sizes
+        out = x_in.index_select(0, keep)  # (B * n, C)
+        b_tokens = out.view(B, n, C)[:, first_b:]  # (B, Nb, C), a view
+        b_tokens.mul_(s_out.view(B, n, 1)[:, first_b:])  # s_b x_b
+        out.index_add_(0, dst, x_in.index_select(0, src) * s_src)  # + s_j x_j, in order
+        b_tokens.div_(s_new.view(B, n, 1)[:, first_b:])  # / (s_b + sum_j s_j)
+        return out.view(B, n, C), s_new.view(B, n, 1)
+
     def sources(self, T: int, B: int, device: torch.device) -> torch.Tensor:
         """``(B, T - r)``: the position among the ``T`` input tokens of each output token (a merged token is its
         B-set destination, which it continues)."""
@@ -108,7 +138,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0, ke
 
 
 def merge_weighted(merge: Merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average merge of ``x (B, T, C)`` with token sizes ``size (B, T, 1)``; sizes are summed."""
+    """Size-weighted average merge of ``x (B, T, C)`` with token sizes ``size (B, T, 1)``; sizes are summed.
+
+    A :class:`BipartiteMerge` does it with :meth:`BipartiteMerge.weighted`, which rewrites only the merged rows;
+    any other plan (the identity) as ToMe writes it, ``merge(x * size) / merge(size)``."""
+    if isinstance(merge, BipartiteMerge):
+        return merge.weighted(x, size)
     x = merge(x * size, "sum")  # (B, T - r, C)
     size = merge(size, "sum")  # (B, T - r, 1)
     return x / size, size

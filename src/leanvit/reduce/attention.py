@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from ..ops.host import probs_chunk_bytes
 from ..ops.select import gather_tokens, sparsify_attention
 from .types import AttnOut
 
@@ -41,10 +42,10 @@ def label(name: str):
 
 # Explicit attention on CPU is computed this many bytes of probabilities at a time, so that each slice of the
 # (B, H, N, N) map is written, normalised, multiplied with V and scored while it is still in cache instead of
-# streaming the whole map through memory four times. Host-dependent: chosen by timing DeiT-S at batch 32 on the
-# project's 2-core AMD EPYC host (benchmarks/gtp_overhead.py; BENCHMARKS.md, "Design measurements behind code
-# defaults").
-CPU_PROBS_CHUNK_BYTES = 1 << 21
+# streaming the whole map through memory four times. None (the default): the host's own value, read at each call
+# from leanvit.ops.host.probs_chunk_bytes (the L2 caches of the threads' cores, or a stored calibration; that
+# module says on which host the rule was found). An int set here overrides it (tests, experiments).
+CPU_PROBS_CHUNK_BYTES: int | None = None
 
 
 @dataclass
@@ -116,8 +117,11 @@ def stats_op_applies(h: Heads, theta: float = 1.0) -> bool:
     """Whether a compiled forward should run a score of the map's diagonal and column sums as
     :func:`explicit_stats`: on CPU, for a batch whose map takes more than one slice (a single slice is as fast
     traced, and inductor then fuses it with its neighbours), without gradients (the op has no backward), dense
-    (theta 1) and with no attention dropout."""
-    return (torch.compiler.is_compiling() and not h.q.is_cuda and h.q.shape[0] > _slice_step(h.q)
+    (theta 1) and with no attention dropout. Never while exporting (torch.export, ONNX): one exported graph serves
+    every batch size, so the choice may not depend on the batch, and the op has no ONNX form; the explicit map in one
+    piece gives the same values."""
+    return (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not h.q.is_cuda
+            and h.q.shape[0] > _slice_step(h.q)
             and theta >= 1.0 and not torch.is_grad_enabled() and not (h.attn.training and h.attn.attn_drop.p > 0))
 
 
@@ -237,12 +241,15 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
                         score_fn: Callable[[torch.Tensor], torch.Tensor] | None,
                         sliced: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(output, probs, score_fn(probs))`` of explicit attention; with ``sliced``, computed
-    ``CPU_PROBS_CHUNK_BYTES`` of probabilities at a time and ``probs`` is None (never held whole)."""
+    ``CPU_PROBS_CHUNK_BYTES`` (the host's slice) of probabilities at a time and ``probs`` is None (never held
+    whole)."""
     B = q.shape[0]
     step = _slice_step(q) if sliced else B
     outs, scores = [], []
-    for s in range(0, max(B, 1), max(step, 1)):  # an empty batch is one empty slice: empty outputs, not no outputs
-        sl = slice(s, s + step)
+    # unsliced: the whole batch as one slice without a loop over its size, which an exported graph (torch.export,
+    # ONNX) keeps symbolic; sliced: an empty batch is one empty slice (empty outputs, not no outputs)
+    for s in range(0, max(B, 1), max(step, 1)) if sliced else (0,):
+        sl = slice(s, s + step) if sliced else slice(None)
         probs = _attention_probs(q[sl], k[sl], None if bias is None else bias[sl], scale)
         if theta < 1.0:
             probs = sparsify_attention(probs, theta)
@@ -257,16 +264,18 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 
 
 def _slice_step(q: torch.Tensor) -> int:
-    """Images per slice of explicit CPU attention: ``CPU_PROBS_CHUNK_BYTES`` of the ``(b, H, N, N)`` map."""
+    """Images per slice of explicit CPU attention: ``CPU_PROBS_CHUNK_BYTES`` (default: the host's
+    :func:`~leanvit.ops.host.probs_chunk_bytes`) of the ``(b, H, N, N)`` map."""
     B, H, N, _ = q.shape
-    return max(1, CPU_PROBS_CHUNK_BYTES // (H * N * N * q.element_size()))
+    chunk = CPU_PROBS_CHUNK_BYTES if CPU_PROBS_CHUNK_BYTES is not None else probs_chunk_bytes()
+    return max(1, chunk // (H * N * N * q.element_size()))
 
 
 @torch.library.custom_op("leanvit::explicit_attention_stats", mutates_args=())
 def explicit_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(softmax(scale q k^T + bias) @ v, diagonal, column sums)`` of explicit attention, ``(B, H, N, Dv)``,
-    ``(B, H, N)``, ``(B, H, N)``, computed ``CPU_PROBS_CHUNK_BYTES`` of the map at a time.
+    ``(B, H, N)``, ``(B, H, N)``, computed ``CPU_PROBS_CHUNK_BYTES`` (the host's slice) of the map at a time.
 
     Why an op: traced by ``torch.compile``, the loop over slices becomes separate kernels per slice (slow to
     compile), and without it inductor streams the whole ``(B, H, N, N)`` map through memory several times (slower

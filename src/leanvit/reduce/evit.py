@@ -94,6 +94,7 @@ class EViTReducer(TokenReducer):
         return AttnOut(out, cls_probs=attention.cls_row(h) if self.schedule[i] else None)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
+        attn.x = None  # the block has added it to the residual: not held through the MLP (memory above dense)
         P = self.info.num_prefix
         n_img = x.shape[1] - P
         score = cls_score(attn.cls_probs, P)  # (B, N)

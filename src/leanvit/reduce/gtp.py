@@ -231,6 +231,7 @@ class GTPReducer(TokenReducer):
         return attention_score(probs, self.info.num_prefix, self.score, self.info.has_cls)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
+        attn.x = None  # the block has added it to the residual: not held through the MLP (memory above dense)
         P = self.info.num_prefix
         with label("leanvit.gtp.select"):
             if self.score == "random":

@@ -183,6 +183,7 @@ class IdleReducer(TokenReducer):
         return x
 
     def reduce(self, i: int, x: torch.Tensor, attn: AttnOut) -> torch.Tensor:
+        attn.x = None  # the block has added it to the residual: not held through the MLP (memory above dense)
         if attn.logits is not None:
             self.cut_inputs.append({"logits": attn.logits, "mask": attn.selected.to(attn.logits.dtype)})
         if self.trace and attn.selected is not None:

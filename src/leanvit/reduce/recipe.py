@@ -181,9 +181,29 @@ def write_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
     head = ("# leanvit recipe: apply with leanvit.patch(model, recipe=\"" + p.name + "\") or --recipe "
             + p.name + "\n# method, schedule, schedule_counts, options and model are applied; the rest records how "
               "it was made\n")
-    body = yaml.safe_dump(recipe.as_dict(), sort_keys=False, default_flow_style=None, width=120)
+    body = yaml.safe_dump(_plain(recipe.as_dict()), sort_keys=False, default_flow_style=None, width=120)
     atomic_write_text(p, head + body)
     return p
+
+
+def _plain(obj: Any) -> Any:
+    """What safe YAML writes: mappings, lists and plain scalars (a ``str`` subclass such as ``torch.__version__``,
+    a tuple, a numpy number become their plain form); anything else is refused rather than written as a tag."""
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, bool):
+        return bool(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _plain(obj.item())
+    if isinstance(obj, (int, float)):
+        return float(obj) if isinstance(obj, float) else int(obj)
+    raise ConfigError(f"a recipe holds plain values (numbers, strings, lists, mappings); got {type(obj).__name__}")
 
 
 def as_recipe(recipe: Recipe | dict | str | os.PathLike) -> Recipe:

@@ -26,7 +26,10 @@ Where we differ from the authors' code, and why:
   (how many patches it stands for); ToMe's patch leaves timm's plain mean, which counts a token of 20 merged
   patches as much as a single patch.
 * The block's own modules run the attention and MLP, so LayerScale, q/k norm and new timm blocks are kept (ToMe
-  copies an old timm ``forward``); the keys are taken after ``k_norm`` (the identity on DeiT).
+  copies an old timm ``forward``); the keys are taken after ``k_norm`` (the identity on DeiT) and, on rotary
+  models (RoPE: timm's Eva), after their rotation: the keys as the attention uses them, as on models with an
+  absolute position embedding, whose keys carry position too. A merged token keeps its destination's grid position
+  (BENCHMARKS.md, "RoPE: where ToMe's merged token sits").
 """
 from __future__ import annotations
 
@@ -56,13 +59,19 @@ class ToMeReducer(TokenReducer):
         super().__init__(info, schedule, prop_attn=prop_attn, trace=trace)
 
     def attend(self, i: int, attn: nn.Module, x: torch.Tensor) -> AttnOut:
-        """Fused attention with proportional attention's size bias; the keys are the merge metric."""
+        """Fused attention with proportional attention's size bias; the keys averaged over heads, ``(B, 1, N, Dh)``,
+        are the merge metric. Averaged here, not in :meth:`_reduce`: the keys are a view of the block's whole
+        ``qkv`` projection, which the block would otherwise hold through its MLP (three channels' worth of memory
+        per token above the dense block's peak)."""
         h = attention.heads(attn, x, self.size_bias())
-        return AttnOut(attention.output(h, attention.fused(h)), keys=h.k if self.schedule[i] else None)
+        out = attention.output(h, attention.fused(h))
+        return AttnOut(out, keys=_mean_over_heads(h.k) if self.schedule[i] else None)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
+        attn.x = None  # the block has added it to the residual: not held through the MLP (memory above dense)
         P = self.info.num_prefix
-        metric = attn.keys.mean(1)  # (B, N, Dh) keys averaged over heads, prefix tokens included
+        keys, attn.keys = attn.keys, None  # (B, H, N, Dh); H = 1 when attend averaged them
+        metric = keys[:, 0] if keys.shape[1] == 1 else _mean_over_heads(keys)[:, 0]  # (B, N, Dh), prefix included
         merge = bipartite_soft_matching(metric, r, protected=P, keep_order=self.info.has_cls)
         if self.tracking:  # a merged token continues its destination (its position); its patches go there too
             B, T = x.shape[:2]
@@ -82,3 +91,14 @@ class ToMeReducer(TokenReducer):
 
     def options(self) -> dict[str, Any]:
         return {"prop_attn": self.prop_attn}
+
+
+def _mean_over_heads(k: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, N, Dh)``: the mean over heads of ``k`` ``(B, H, N, Dh)``, as one sum of head slices then one division
+    (ToMe's ``k.mean(1)`` up to rounding). On CPU a reduction over the head dimension of the strided ``qkv`` view
+    took about twice the time of these ``H`` adds (DeiT-S, batch 32, one thread, AMD EPYC)."""
+    with torch.no_grad():  # only the matching reads it, under no_grad: no autograd record in training
+        acc = k[:, :1] + k[:, 1:2] if k.shape[1] > 1 else k[:, :1].clone()
+        for h in range(2, k.shape[1]):
+            acc += k[:, h:h + 1]
+        return acc.div_(k.shape[1])
