@@ -30,6 +30,7 @@ SETUP = {
     "bench": ["-m", STUDENT, *RUNTIME],
     "compare": ["-m", STUDENT, *DATA, *RUNTIME],
     "tune": ["-m", STUDENT, *DATA, "--max-drop", "1", *RUNTIME],
+    "export": ["-m", STUDENT, "--method", "tome", "--r", "2"],
     "vis": ["-m", STUDENT, *DATA, *RUNTIME],
     "analyze": ["-m", STUDENT, "--teacher", TEACHER, *DATA, *RUNTIME],
     "train": ["-m", STUDENT, *DATA, *RUNTIME],
@@ -37,6 +38,8 @@ SETUP = {
     "distill": ["--teacher", TEACHER, "--method", "kd", *DATA, *RUNTIME],
 }
 TRAIN_VERBS = ("train", "finetune", "distill")
+# verbs whose --output is required on the command line, with what it is given where it is not the flag under test
+REQUIRED_OUTPUT = {"train": "run", "finetune": "run", "distill": "run", "export": "m.onnx"}
 
 # every output flag of every verb: (verb, flag as typed, flag as named in the error, file name it gets)
 OUTPUTS = [
@@ -47,6 +50,8 @@ OUTPUTS = [
     ("tune", "-o", "--output", "r.yaml"),
     ("tune", "--json", "--json", "x.json"),
     ("tune", "--plot", "--plot", "x.png"),
+    ("export", "-o", "--output", "m.onnx"),
+    ("export", "--json", "--json", "x.json"),
     ("vis", "-o", "--output", "maps.png"),
     ("vis", "--output", "--output", "maps.png"),
     ("analyze", "--json", "--json", "x.json"),
@@ -122,8 +127,8 @@ def _expect_refused(run_cli, argv: list[str], fragment: str, work: Path, calls: 
 
 def _argv(verb: str, typed: str, value: Path, work: Path) -> list[str]:
     argv = [verb, *SETUP[verb], typed, str(value)]
-    if verb in TRAIN_VERBS and typed not in ("-o", "--output"):
-        argv += ["-o", str(work / "run")]
+    if verb in REQUIRED_OUTPUT and typed not in ("-o", "--output"):
+        argv += ["-o", str(work / REQUIRED_OUTPUT[verb])]
     return argv
 
 
@@ -137,7 +142,7 @@ def test_unwritable_output_is_refused_before_work(run_cli, no_work, work, where,
 
 
 # the train verbs' --output is required on the command line (a config file cannot stand in for it)
-FROM_CONFIG = [o for o in OUTPUTS if not (o[0] in TRAIN_VERBS and o[2] == "--output")]
+FROM_CONFIG = [o for o in OUTPUTS if not (o[0] in REQUIRED_OUTPUT and o[2] == "--output")]
 
 
 @pytest.mark.parametrize("verb, typed, named, name", FROM_CONFIG, ids=[f"{v}{t}" for v, t, _, _ in FROM_CONFIG])
@@ -146,8 +151,8 @@ def test_unwritable_output_from_a_config_file_is_refused(run_cli, no_work, work,
     key = named.lstrip("-").replace("-", "_")
     (work / "cfg.yaml").write_text(f"{key}: {PROC / name}\n")
     argv = [verb, "-c", str(work / "cfg.yaml"), *SETUP[verb]]
-    if verb in TRAIN_VERBS:
-        argv += ["-o", str(work / "run")]
+    if verb in REQUIRED_OUTPUT:
+        argv += ["-o", str(work / REQUIRED_OUTPUT[verb])]
     _expect_refused(run_cli, argv, f"{named} {PROC / name}: cannot write in /proc", work, no_work)
 
 

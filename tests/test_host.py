@@ -54,6 +54,9 @@ def test_caches_read_from_sysfs(tmp_path):
         (1, 48 << 10, (0, 2)), (1, 48 << 10, (1, 3)), (2, 2 * MIB, (0, 2)), (2, 2 * MIB, (1, 3)), (3, 105 * MIB,
                                                                                                     (0, 1, 2, 3))]
     assert host.read_caches((0,), root=tmp_path / "missing") == ()  # no sysfs: no caches, no error
+    smt = Host("Xeon", "x86_64", (0, 1), caches)  # two CPUs of two cores whose L2 each serves two SMT siblings
+    assert smt.summary() == "Xeon (2 cores; L2 2 MiB per 2 CPUs, L3 105 MiB)"
+    assert host.derived_chunk_bytes(smt, 2) == 4 * MIB  # one L2 per thread: the two L2 caches of CPUs 0 and 1
 
 
 def test_slice_rule_follows_the_reported_caches():

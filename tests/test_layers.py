@@ -8,7 +8,8 @@ import textwrap
 
 from leanvit.cli.main import VERBS, build_parser
 
-ALL_VERBS = {"train", "eval", "list-models", "bench", "compare", "tune", "vis", "distill", "finetune", "analyze"}
+ALL_VERBS = {"train", "eval", "list-models", "bench", "compare", "tune", "vis", "distill", "finetune", "analyze",
+             "export"}
 
 
 def test_every_verb_is_offered():

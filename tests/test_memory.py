@@ -8,26 +8,34 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import leanvit
 from leanvit.ops.merge import BipartiteMerge, bipartite_soft_matching, merge_weighted
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-def tensor_peak(fn) -> int:
-    """Peak bytes of tensors alive while ``fn()`` runs, above those alive before it."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+from memory import tensor_peak  # noqa: E402  (the benchmark's own measure)
+
+
+def test_the_measure_counts_live_tensors():
+    x = torch.randn(1000, 1000)  # 4 MB, alive before: not counted
+    cpu = torch.device("cpu")
+
+    def work():
+        y = x * 2  # +4 MB
+        z = y + 1  # +4 MB: 8 MB alive
+        del y  # 4 MB
+        w = z @ z  # +4 MB: 8 MB again
+        del z, w
+
+    assert 8_000_000 <= tensor_peak(work, cpu) < 8_100_000
+    assert tensor_peak(lambda: torch.randn(1000, 1000), cpu) >= 4_000_000  # a result dropped at once still counts
 
 
 # ================================================================================ 1. peak memory against dense
@@ -46,7 +54,7 @@ def dense():
 def _peak(model, x) -> int:
     with torch.inference_mode():
         model(x[:2])  # lazily built state (graphs, sizes) before measuring
-        return tensor_peak(lambda: model(x))
+        return tensor_peak(lambda: model(x), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("case", list(METHODS))

@@ -176,12 +176,23 @@ def test_bad_settings_are_refused(setup):
         tune(model, heldout, test, max_drop=1.0, space={"gtp": {"alpha": [-1.0]}}, progress=False)
 
 
+@pytest.mark.slow
+def test_onnxruntime_runtime_times_exported_models(setup):
+    """Bench's ONNX Runtime runtime: every timed configuration is exported (and checked against PyTorch)."""
+    pytest.importorskip("onnxruntime")
+    model, heldout, test, _ = setup
+    res = tune(model, heldout, test, max_drop=50.0, methods=["tome"], space={"tome": {"prop_attn": [True]}},
+               runtime="onnxruntime", batch=8, progress=False)
+    timed = [t for t in res.trials if not math.isnan(t.speedup)]
+    assert res.settings["runtime"] == "onnxruntime" and timed and all(t.images_per_s > 0 for t in timed)
+
+
 # ------------------------------------------------------------------------------------------------ the CLI verb
 def test_cli_tune_writes_a_recipe_that_eval_applies(tmp_path, run_cli, fmnist_dir):
     out = tmp_path / "r.yaml"
     code, stdout, err = run_cli("tune", "leanvit_vit_fm_student", "--data", f"fmnist:{fmnist_dir}", "--max-drop",
-                                "50", "--methods", "tome", "-O", "tome.prop_attn=true", "--bench-batch", "4",
-                                "--bench-runs", "1", "-o", out, "--no-progress")
+                                "50", "--methods", "tome", "-O", "tome.prop_attn=true", "--bench-batch", "8",
+                                "--bench-runs", "2", "-o", out, "--no-progress")
     assert code == 0, err
     assert out.is_file() and (tmp_path / "r.json").is_file() and (tmp_path / "r.png").is_file()
     rec = leanvit.read_recipe(out)

@@ -44,7 +44,8 @@ def _names(text: str) -> list[str]:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..experiments.tune import DEFAULT_SPACE, RUNTIMES, TRAINING_FREE
+    from ..experiments.tune import DEFAULT_SPACE, TRAINING_FREE
+    from ..export import RUNTIMES
 
     p = sub.add_parser("tune", help="find the fastest token reduction within an accuracy drop (or the most accurate "
                                     "at a speed-up) and write it as a recipe", description=__doc__,
@@ -69,10 +70,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the most held-out top-1 points the configuration may lose against dense; the fastest wins")
     p.add_argument("--target-speedup", type=positive_float, default=None, metavar="X",
                    help="the least measured speed-up over dense (above 1); the most accurate wins")
-    p.add_argument("--runtime", default="eager", choices=RUNTIMES,
-                   help="how the model runs when timed: eager PyTorch or torch.compile(fullgraph=True), as bench's "
-                        "--compile (one compilation per timed configuration) (default: %(default)s)")
-    p.add_argument("--amp", choices=("fp16", "bf16"), default=None, help="time under torch.autocast in this dtype")
+    p.add_argument("--runtime", default="pytorch", choices=RUNTIMES,
+                   help="how the configurations run when timed, as in bench: pytorch (eager), compiled "
+                        "(torch.compile(fullgraph=True)) or onnxruntime (exported to ONNX, float32, on the CPU); one "
+                        "compilation or export per timed configuration; accuracy is evaluated in PyTorch, whose "
+                        "outputs the others reproduce (default: %(default)s)")
+    p.add_argument("--amp", choices=("fp16", "bf16"), default=None,
+                   help="time under torch.autocast in this dtype (pytorch and compiled runtimes)")
     p.add_argument("--bench-batch", type=positive_int, default=32, help="batch size of the timing (default: 32)")
     p.add_argument("--bench-runs", type=positive_int, default=5,
                    help="timed runs per model and round in the final timing, 3 rounds (default: %(default)s)")

@@ -72,6 +72,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, DataLoader
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..export import as_runtime, check_runtime
 from ..progress import track
 from ..ops.schedule import block_macs
 from ..reduce import METHODS, get_reducer, patch, unpatch
@@ -91,7 +92,6 @@ DEFAULT_SPACE: dict[str, dict[str, list[Any]]] = {
 }
 # methods that need no training: searched on any model (others only on weights fine-tuned with them)
 TRAINING_FREE = ("gtp", "tome", "evit")
-RUNTIMES = ("eager", "compile")
 # a raced accuracy decision is taken when the drop is this many standard errors from the limit (two-sided ~1%)
 RACE_Z = 2.5
 FIRST_SLICE = 16  # racing and successive halving start on 1/16 of the held-out split
@@ -287,8 +287,9 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
 
 
 class _Speed:
-    """Images/s of models timed interleaved with the dense model at one runtime and batch (compiled models are
-    compiled once and kept)."""
+    """Images/s of models timed interleaved with the dense model at one runtime and batch: bench's runtimes
+    (:func:`leanvit.export.as_runtime`: ``pytorch``, ``compiled``, ``onnxruntime``), each model compiled or exported
+    once and kept."""
 
     def __init__(self, runtime: str, batch: int, amp: str | None, device: torch.device,
                  measure: Callable[[dict[str, nn.Module], int, int, int], dict[str, float]] | None,
@@ -299,10 +300,10 @@ class _Speed:
         self._compiled: dict[Any, nn.Module] = {}
 
     def _prepare(self, key: Any, model: nn.Module) -> nn.Module:
-        if self.runtime == "eager":
+        if self.runtime == "pytorch":
             return model
-        if key not in self._compiled:
-            self._compiled[key] = torch.compile(model, fullgraph=True)
+        if key not in self._compiled:  # compiled, or exported to ONNX and checked against PyTorch (bench's runtimes)
+            self._compiled[key] = as_runtime(model, self.runtime, name=f"tune-{len(self._compiled)}")
         return self._compiled[key]
 
     def __call__(self, models: dict[Any, nn.Module], warmup: int, runs: int, rounds: int) -> dict[Any, float]:
@@ -326,7 +327,7 @@ class _Search:
                  speed: _Speed, seed: int, min_budget: float, tol: float, eval_batch: int, workers: int,
                  device: torch.device, quick: tuple[int, int, int], final: tuple[int, int, int], time_all: bool,
                  progress: bool, log: Callable[[str], None]):
-        from ..analysis import count_macs
+        from ..analysis import count_macs, default_input_size
 
         self.dense = model
         self.heldout = heldout
@@ -344,7 +345,8 @@ class _Search:
         self._floors: dict[tuple, float | None] = {}
         adapter = find_adapter(model)
         self.info = adapter.inspect(model)
-        self.input_size = adapter.input_size(model)  # None: count_macs' and the timer's default
+        # one input size for every model timed (an exported model's own config may not know the patch embedding's)
+        self.input_size = adapter.input_size(model) or default_input_size(model)
         self.dense_macs = count_macs(model, self.input_size, device=device).macs
         # the MACs outside the blocks, which a schedule does not change (what the budget solver is given)
         self.other_macs = self.dense_macs - block_macs(self.info.blocks, [0] * self.info.depth, self.info.num_prefix,
@@ -604,7 +606,7 @@ class _Search:
 # ------------------------------------------------------------------------------------------------ the entry point
 def tune(model: nn.Module, heldout: Dataset, test: Dataset | Callable[[], Dataset] | None = None, *,
          max_drop: float | None = None, target_speedup: float | None = None, methods: Sequence[str] | None = None,
-         space: dict[str, dict[str, Any]] | None = None, runtime: str = "eager", amp: str | None = None,
+         space: dict[str, dict[str, Any]] | None = None, runtime: str = "pytorch", amp: str | None = None,
          batch: int = 32, device: str | torch.device = "cpu", seed: int = 0, min_budget: float = 0.2,
          tol: float = 0.02, eval_batch: int = 32, workers: int = 0, bench_runs: int = 5,
          time_all: bool | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
@@ -623,14 +625,17 @@ def tune(model: nn.Module, heldout: Dataset, test: Dataset | Callable[[], Datase
         target_speedup: the least speed-up over dense, measured (most accurate wins). Give exactly one of the two.
         methods, space: the methods searched (default: the training-free ones plus the model's own patch) and
             option lists replacing :data:`DEFAULT_SPACE`'s (``{"gtp": {"alpha": [0.5, 1.5]}}``).
-        runtime: ``eager`` or ``compile`` (``torch.compile(fullgraph=True)``, one compilation per timed
-            configuration); amp: ``fp16``/``bf16`` autocast for timing; batch: the timing batch size.
+        runtime: how the configurations are timed, bench's runtimes: ``pytorch`` (eager), ``compiled``
+            (``torch.compile(fullgraph=True)``) or ``onnxruntime`` (exported to ONNX, float32, checked against
+            PyTorch), one compilation or export per timed configuration; accuracy is evaluated in PyTorch, whose
+            outputs the other two reproduce. amp: ``fp16``/``bf16`` autocast for timing (PyTorch runtimes);
+            batch: the timing batch size.
         seed: the order of the held-out images (the slices the search reads first).
         min_budget, tol: the lowest budget searched and the bisection's resolution.
         eval_batch, workers: evaluation batch size and data-loader workers.
         bench_runs: timed runs per model and round in the final timing (3 rounds).
-        time_all: also time every configuration tried, for the accuracy-vs-speed plot (default: with the eager
-            runtime only, where it is cheap).
+        time_all: also time every configuration tried, for the accuracy-vs-speed plot (default: with the
+            ``pytorch`` runtime only, where it is cheap).
         progress: progress lines, one set per stage (stderr); log: where the stage results go (default: stderr
             when ``progress``).
         measure_speed: replaces the wall-clock timing: ``(models, warmup, runs, rounds) -> images/s`` per name
@@ -646,8 +651,9 @@ def tune(model: nn.Module, heldout: Dataset, test: Dataset | Callable[[], Datase
         raise ConfigError(f"max_drop must be a number of top-1 points >= 0, got {max_drop}")
     if target_speedup is not None and (not math.isfinite(target_speedup) or target_speedup <= 1.0):
         raise ConfigError(f"target_speedup must be above 1 (a speed-up over dense), got {target_speedup}")
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"unknown runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}")
+    check_runtime(runtime, device=device)  # unknown runtimes, ONNX Runtime off the CPU or without its packages
+    if amp is not None and runtime == "onnxruntime":
+        raise ConfigError(f"amp {amp} is PyTorch's autocast; ONNX Runtime runs the exported float32 graph")
     if not 0.0 < min_budget < 1.0 or not 0.0 < tol < 0.5:
         raise ConfigError(f"min_budget must be in (0, 1) and tol in (0, 0.5), got {min_budget} and {tol}")
     if len(heldout) == 0:
@@ -660,7 +666,7 @@ def tune(model: nn.Module, heldout: Dataset, test: Dataset | Callable[[], Datase
     with torch.random.fork_rng(devices=cuda):  # timing draws random inputs: the caller's RNG is left as it was
         return _tune(model, heldout, test, max_drop, target_speedup, grids, runtime, amp, batch, device, seed,
                      min_budget, tol, eval_batch, workers, bench_runs,
-                     runtime == "eager" if time_all is None else time_all, progress, say, measure_speed)
+                     runtime == "pytorch" if time_all is None else time_all, progress, say, measure_speed)
 
 
 def _tune(model, heldout, test, max_drop, target, grids, runtime, amp, batch, device, seed, min_budget, tol,

@@ -48,7 +48,10 @@ class OrtModel(nn.Module):
         self.pretrained_cfg = dict(pretrained_cfg or {})
         self._source = model
         self.session = make_session(model, self.threads)
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        if "input_size" not in self.pretrained_cfg and all(isinstance(d, int) for d in inp.shape[1:]):
+            self.pretrained_cfg["input_size"] = tuple(inp.shape[1:])  # (C, H, W) of the graph: timers read it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":

@@ -20,13 +20,15 @@ Host-aware constants (one so far):
   per thread.
 
 Calibration (optional): ``python -m leanvit.ops --calibrate`` times the same cache-blocked attention at DeiT
-shapes for slices from 256 KiB to 32 MiB at the current thread count (a few seconds; run it on a quiet machine,
-since a busy one makes every slice look slow) and stores the fastest in the user's cache folder
-(``$XDG_CACHE_HOME/leanvit``, by default ``~/.cache/leanvit``), one file per host (processor, caches, CPUs and
-torch version); from then on :func:`probs_chunk_bytes` uses it for that thread count. Nothing is timed unless asked
-for: the library never calibrates on its own. ``LEANVIT_HOST_CALIBRATION=0`` ignores stored calibrations (the rule
-above applies); ``python -m leanvit.ops`` shows the host, the rule's value, the stored calibration and the
-value in effect; ``--clear`` deletes this host's file.
+shapes for slices from 256 KiB to 32 MiB at the current thread count and stores the fastest in the user's cache
+folder (``$XDG_CACHE_HOME/leanvit``, by default ``~/.cache/leanvit``), one file per host (processor, caches, CPUs
+and torch version); from then on :func:`probs_chunk_bytes` uses it for that thread count. It takes a few seconds
+on a quiet machine and must run on one: where other processes keep the cores busy, every parallel region waits for
+a descheduled thread, so the fewest, largest slices win (on the AMD host above with both cores taken by others it
+took 80 s and chose 16 MiB). That is why the library never calibrates on its own: a value measured under load would
+be stored for every later run. ``LEANVIT_HOST_CALIBRATION=0`` ignores stored calibrations (the rule above applies);
+``python -m leanvit.ops`` shows the host, the rule's value, the stored calibration and the value in effect;
+``--clear`` deletes this host's file.
 """
 from __future__ import annotations
 
@@ -100,14 +102,15 @@ class Host:
 
     def summary(self) -> str:
         """``"AMD EPYC (2 cores; L2 1 MiB per core, L3 32 MiB)"``: the processor, the CPUs this process may use,
-        and the per-core L2 and the last-level cache as reported (how many cores share each is left out)."""
+        and its L2 and L3 caches as reported (an L2 that several CPUs share, SMT siblings, is said so; several
+        L3 caches are counted)."""
         parts = []
-        for level in (2, 3):
-            size = self.cache_size(level)
-            if size is not None:
-                shared = len(self.level(level)[0].cpus) > 1 and level == 2
-                parts.append(f"L{level} {format_bytes(size)}{'' if level == 3 else ' per core'}"
-                             f"{' (shared)' if shared else ''}")
+        l2, l3 = self.level(2), self.level(3)
+        if l2:
+            shared = len(l2[0].cpus)
+            parts.append(f"L2 {format_bytes(l2[0].size)} per " + ("core" if shared == 1 else f"{shared} CPUs"))
+        if l3:
+            parts.append(f"L3 {'' if len(l3) == 1 else f'{len(l3)} x '}{format_bytes(l3[0].size)}")
         caches = f"; {', '.join(parts)}" if parts else "; caches not reported"
         return f"{self.processor} ({len(self.cpus)} cores{caches})"
 
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
                                 description="Show this host and its host-aware constants; optionally calibrate.")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current count)")
     p.add_argument("--calibrate", action="store_true",
-                   help="time explicit attention's slices here and store the fastest (a few seconds; quiet machine)")
+                   help="time explicit attention's slices here and store the fastest (seconds; on a quiet machine only)")
     p.add_argument("--clear", action="store_true", help="delete this host's stored calibration")
     args = p.parse_args(argv)
     if args.clear:

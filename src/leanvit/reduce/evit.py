@@ -102,14 +102,17 @@ class EViTReducer(TokenReducer):
         if drop >= n_img:
             raise ConfigError(f"EViT cannot remove {r} of {n_img} tokens at block {i} and fuse the rest")
         kept, removed = split_topk(score, drop)
-        parts = [x[:, :P], gather_tokens(x, kept, offset=P)]
+        B, K = x.shape[0], kept.shape[1]
+        # the output's rows in one gather (one pass over the tokens, no concatenation): the prefix tokens, the kept
+        # tokens and, with fusing, a placeholder row (the cls token again) that the fused token overwrites
+        rows = [torch.arange(P, device=x.device).expand(B, P), kept + P]
+        out = gather_tokens(x, torch.cat(rows + [rows[0][:, :1]] if self.fuse else rows, dim=1))  # (B, P + K (+1), C)
         if self.fuse:
             w = gather_tokens(score, removed).unsqueeze(-1)  # (B, r+1, 1)
             if self.fuse == "mean":
                 w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-            parts.append((gather_tokens(x, removed, offset=P) * w).sum(1, keepdim=True))
+            out[:, P + K] = (gather_tokens(x, removed, offset=P) * w).sum(1)  # (B, C) the fused token
         if self.tracking:  # kept tokens continue themselves; removed ones went into the fused token, or nowhere
-            B = x.shape[0]
             fused = kept.new_full((B, 1), -1)
             sources = torch.cat([kept, fused], dim=1) if self.fuse else kept
             dests = torch.empty(B, n_img, dtype=kept.dtype, device=x.device)
@@ -124,7 +127,7 @@ class EViTReducer(TokenReducer):
             else:  # dropped: their features reach no token
                 self._passed = torch.zeros_like(self._state, dtype=torch.bool)
             self.source = torch.cat(new, dim=1).bool()
-        return torch.cat(parts, dim=1)
+        return out
 
     def options(self) -> dict[str, Any]:
         return {"fuse": self.fuse}

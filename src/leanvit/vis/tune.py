@@ -34,6 +34,8 @@ def tune_figure(result: Any, title: str = ""):
         if part:
             ax.plot([t.speedup for t in part], [t.top1 for t in part], ls="none", marker=marker, mfc="none",
                     color=color, label=None if full else label, alpha=0.6)
+    if any(t.images < n for ts in by_method.values() for t in ts):  # what a hollow marker means
+        ax.plot([], [], ls="none", marker="o", mfc="none", color="gray", label="read on a slice of the split")
     dense_top1 = result.dense["heldout_top1"]
     ax.plot([1.0], [dense_top1], marker="*", ms=14, color="black", ls="none", label="dense")
     settings = result.settings
