@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import re
 import time
@@ -27,8 +28,9 @@ from leanvit.analysis import compare_throughput, threads_phrase
 from leanvit.engine import evaluate
 from leanvit.data import build_dataset
 from leanvit.experiments.tune import tune
+from leanvit.io import write_json
 
-from common import ROOT, add_threads, parse_args, table, tuned_options, write
+from common import RESULTS, ROOT, add_threads, parse_args, table, tuned_options, write
 
 TITLE = "Tuned configurations (`leanvit tune`)"
 INTRO = ("`leanvit tune` on the shipped models: the fastest configuration within a top-1 drop on the held-out split, "
@@ -124,18 +126,29 @@ def main() -> None:
                    help="first N images of each split (a quick check; BENCHMARKS.md is then left alone)")
     add_threads(p)
     p.add_argument("--name", default="tune_models")
+    p.add_argument("--resume", action="store_true", help="keep the runs a stopped run of this script finished")
     args = parse_args(p)
     readme = tuned_options()
     readme = {m: {k: v for k, v in readme.get(m, {}).items()} for m in README_METHODS}
+    # every finished (model, drop) is kept in results/<name>.partial.json, so that a run stopped by the shared
+    # machine (a process killed for memory) goes on where it stopped with --resume
+    partial = RESULTS / f"{args.name}.partial.json"
+    done = json.loads(partial.read_text())["runs"] if args.resume and partial.is_file() else []
     runs = []
     for name in args.models:
         for drop in args.drops:
+            old = next((r for r in done if r["model"] == name and r["max_drop"] == drop), None)
+            if old is not None:
+                print(f"== {name} --max-drop {drop}: done before, kept", flush=True)
+                runs.append(old)
+                continue
             print(f"== {name} --max-drop {drop}", flush=True)
             run = tuned_run(name, drop, args.batch, [], args.limit)
             if run["met"]:
                 print("-- README methods at the same speed (one interleaved run)", flush=True)
                 run["readme"] = readme_at_speed(name, run.pop("_model"), readme, args.batch, args.limit)
             runs.append(run)
+            write_json(partial, {"runs": runs})
     md = report(runs, readme, args)
     write(args.name, {"runs": runs, "readme_options": readme, "ladder": LADDER, "args": vars(args)}, md)
     if args.limit is None:
@@ -202,8 +215,6 @@ def section(name: str) -> None:
     """Put this script's section at the end of BENCHMARKS.md (replacing an earlier run of it), from
     results/tune_models.md as `write` made it (command, machine, date first)."""
     from leanvit.io import atomic_write_text
-
-    from common import RESULTS
 
     body = (RESULTS / f"{name}.md").read_text().strip()
     text = (ROOT / "BENCHMARKS.md").read_text()

@@ -186,8 +186,14 @@ def _why(e: BaseException) -> str:
 def _check_deterministic(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
     """The model's output on ``x``, refused when a second forward differs (a random selection: an exported graph
     draws its own numbers, so ONNX Runtime could never give the PyTorch model's output)."""
-    with torch.no_grad():
-        a, b = model(x), model(x)
+    try:
+        with torch.no_grad():
+            a, b = model(x), model(x)
+    except LeanvitError:
+        raise
+    except Exception as e:  # a model that does not run on a batch of its own input size
+        raise UnsupportedModelError(f"cannot export {name}: it does not run on a batch of shape {tuple(x.shape)} "
+                                    f"({type(e).__name__}: {_first_line(e)}); give input_size") from None
     if not torch.equal(a, b):
         raise UnsupportedModelError(
             f"cannot export {name}: two forwards of the same images differ (random token selection?), so no exported "
@@ -209,14 +215,13 @@ def export_program(model: nn.Module, input_size: tuple[int, int, int] | None = N
     name = name or model_name(model)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"export needs a torch nn.Module, got {type(model).__name__}")
-    training = [m for m in model.modules() if m.training]
-    if training:
+    if any(m.training for m in model.modules()):
         raise ConfigError(f"{name} is in training mode: call model.eval() before exporting (a training forward runs "
                           f"dropout and a token reducer's training path, which is not what a deployed model runs)")
     size = tuple(input_size) if input_size is not None else input_size_of(model)
     # a copy: export runs the model on fake tensors, which would stay in the reducer's per-forward state, and the
     # reducer's diagnostics (trace, lost-token counters) do not belong in a deployed graph
-    net = copy.deepcopy(model).eval()
+    net = copy.deepcopy(model).cpu().eval()  # exported on the CPU: ONNX Runtime's provider here is the CPU one
     red = get_reducer(net)
     if red is not None:
         red.trace = False

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.graph import GRAPHS, build_graph, fallback_edges, spatial_adjacency
 from ..ops.fused_score import FUSABLE, fused_score
-from ..ops.select import SCORES, attention_score, cls_score, combine_scores, gather_tokens, split_topk
+from ..ops.select import SCORES, cls_score, combine_scores, gather_tokens, split_topk
 from . import attention
 from .attention import label
 from .base import TokenReducer
@@ -221,14 +221,15 @@ class GTPReducer(TokenReducer):
         elif self.score in FUSABLE and attention.stats_op_applies(h, self.theta):
             out, score = attention.explicit_stats(h, self._score_stats)
         else:
-            out, _, score = attention.explicit(h, self.theta, self._score)
+            # per slice of the map only its diagonal and column sums, combined into the score once for the whole
+            # batch: two reductions per slice instead of the score's half-dozen small ops (the same values: the
+            # maxima and products of the same numbers)
+            out, _, stats = attention.explicit(h, self.theta, _diag_colsum)  # stats (B, 2, H, N)
+            score = combine_scores(stats[:, 0], stats[:, 1], self.info.num_prefix, self.score)
         return AttnOut(attention.output(h, out), score=score)
 
     def _score_stats(self, diag: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         return combine_scores(diag, col, self.info.num_prefix, self.score)
-
-    def _score(self, probs: torch.Tensor) -> torch.Tensor:
-        return attention_score(probs, self.info.num_prefix, self.score, self.info.has_cls)
 
     def _reduce(self, i: int, x: torch.Tensor, attn: AttnOut, r: int) -> torch.Tensor:
         attn.x = None  # the block has added it to the residual: not held through the MLP (memory above dense)
@@ -308,3 +309,8 @@ class GTPReducer(TokenReducer):
             self._passed = (removed_source & (edges.sum(1) > 0)[..., None]).any(1)
             self.source = gather_tokens(self.source.float(), kept).bool()
         return out
+
+
+def _diag_colsum(probs: torch.Tensor) -> torch.Tensor:
+    """``(b, 2, H, N)``: the diagonal and the column sums of a slice of the attention map ``(b, H, N, N)``."""
+    return torch.stack((probs.diagonal(dim1=-2, dim2=-1), probs.sum(-2)), 1)
