@@ -74,8 +74,12 @@ def heads(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor | None = Non
     """Queries, keys and values of ``x`` ``(B, N, C)``; ``size_bias`` ``(B, N)`` is added to every query's logit
     for key j (``log s_j``, proportional attention)."""
     B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, _head_dim(attn)).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    split = getattr(attn, "project_heads", None)  # a layout with three projections (an adapter's view)
+    if split is not None:
+        q, k, v = split(x)  # (B, H, N, Dh) each, without concatenating the three projections first
+    else:
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, _head_dim(attn)).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
     q, k = _rotate(attn, attn.q_norm(q)), _rotate(attn, attn.k_norm(k))
     bias = size_bias[:, None, None, :].to(q.dtype) if size_bias is not None else None
     return Heads(attn, x, q, k, v, size_bias, bias)
