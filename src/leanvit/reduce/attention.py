@@ -205,14 +205,13 @@ def subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], to
     heads = attn.num_heads
     A = attn.qkv.out_features // 3
     head_dim = A // heads
-    w, b = attn.qkv.weight, attn.qkv.bias
     # keys of every token, laid out (B, N, H * Dh) so that the selected ones are gathered as rows
-    k = attn.k_norm(F.linear(x, w[A:2 * A], None if b is None else b[A:2 * A]).view(B, N, heads, head_dim))
+    k = attn.k_norm(_project(attn, x, 1).view(B, N, heads, head_dim))
     if getattr(attn, "rotate", None) is not None:  # rotary keys: rotated by every token's position
         k = _rotate(attn, k.transpose(1, 2)).transpose(1, 2)
     k = k.reshape(B, N, A)
     # the cls query: a prefix token, never rotated
-    q_cls = attn.q_norm(F.linear(x[:, :1], w[:A], None if b is None else b[:A]).view(B, 1, heads, head_dim))
+    q_cls = attn.q_norm(_project(attn, x[:, :1], 0).view(B, 1, heads, head_dim))
     # mean over heads of q_h.k_h is the full-width product over the number of heads: one (1 x N) product per image
     cls_logits = (q_cls.reshape(B, 1, A) @ k.transpose(1, 2))[:, 0] * (attn.scale / heads)  # (B, N)
     if size_bias is not None:
@@ -221,10 +220,10 @@ def subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], to
     M = index.shape[1]
     xs = gather_tokens(x, index)
     ks = gather_tokens(k, index).view(B, M, heads, head_dim).transpose(1, 2)  # (B, H, M, Dh)
-    # queries and values of the selected tokens from views of the qkv weight (no copy of the weights)
-    q = attn.q_norm(F.linear(xs, w[:A], None if b is None else b[:A]).view(B, M, heads, head_dim).transpose(1, 2))
+    # queries and values of the selected tokens
+    q = attn.q_norm(_project(attn, xs, 0).view(B, M, heads, head_dim).transpose(1, 2))
     q = _rotate(attn, q, index)
-    v = F.linear(xs, w[2 * A:], None if b is None else b[2 * A:]).view(B, M, heads, head_dim).transpose(1, 2)
+    v = _project(attn, xs, 2).view(B, M, heads, head_dim).transpose(1, 2)
     bias = None
     if size_bias is not None:
         bias = size_bias.gather(1, index)[:, None, None, :].to(q.dtype)
@@ -238,6 +237,18 @@ def subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], to
     out = attn.proj_drop(attn.proj(out))
     selected = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, index, True)
     return AttnOut(out, index=index, selected=selected)
+
+
+def _project(attn: nn.Module, x: torch.Tensor, part: int) -> torch.Tensor:
+    """The query (0), key (1) or value (2) projection of ``x``: by the attention's own Linear where it keeps three
+    (an adapter's view with ``projections``: no concatenated weight is built), else by rows of the fused ``qkv``
+    weight (views of it, no copy)."""
+    parts = getattr(attn, "projections", None)
+    if parts is not None:
+        return parts[part](x)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    rows = slice(part * (w.shape[0] // 3), (part + 1) * (w.shape[0] // 3))
+    return F.linear(x, w[rows], None if b is None else b[rows])
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,

@@ -259,6 +259,7 @@ class AttentionView:
         lay = _Layout(layer)
         self.layer = layer
         self.qkv = _QKV(lay.q, lay.k, lay.v)
+        self.projections = (lay.q, lay.k, lay.v)  # read one at a time (attention.py): no concatenated weight
         self.q_norm = self.k_norm = _identity
         self.proj = lay.o
         self.num_heads = lay.num_heads
@@ -273,7 +274,7 @@ class AttentionView:
         the projections per block; measured at 2% of a CLIP ViT-B/16 forward at batch 32 on CPU)."""
         B, N, _ = x.shape
         return tuple(p(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-                     for p in (self.qkv.q, self.qkv.k, self.qkv.v))
+                     for p in self.projections)
 
     @property
     def training(self) -> bool:
