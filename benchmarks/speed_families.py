@@ -120,8 +120,9 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.74)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 1])
     add_threads(p)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
+    # one run per visit, many rounds: on a shared host, consecutive runs of one model share its slow phases
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--memory", action="store_true", help="measure peak memory (CLIP tower) instead of speed")
     p.add_argument("--memory-batch", type=int, default=32)
     p.add_argument("--name", default="speed_families")
