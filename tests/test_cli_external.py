@@ -103,7 +103,7 @@ def clip_arch(tmp_path_factory) -> tuple[str, Path, Path]:
 
 
 def _has_adapter(module: str, what: str | None = None) -> bool:
-    """Whether the adapter the patched tests need exists (another part of issue 28 adds them)."""
+    """Whether leanvit has the adapter module (and, with ``what``, registers that model class in it)."""
     if importlib.util.find_spec(f"leanvit.reduce.adapters.{module}") is None:
         return False
     if what is None:
@@ -236,27 +236,20 @@ def test_bench_hf_models_with_a_method(run_cli, hf_models, tmp_path):
 
 @pytest.mark.parametrize("which,cls", [("dinov2", "Dinov2Model"), ("siglip", "SiglipVisionModel")])
 def test_bench_hf_dinov2_and_siglip(which, cls, run_cli, hf_models, tmp_path):
-    """Dense always; ToMe where transformers' adapter knows the family (hf_more, another part of issue 28)."""
+    """Dense, then ToMe through transformers' adapter (hf_more registers both families)."""
     row = _bench(run_cli, tmp_path, "-m", f"hf:{hf_models[which]}", "--method", "dense")
     assert row["method"] == "dense" and row["gmacs"] > 0
-    from leanvit.reduce.adapters import hf_vit
-
-    if cls not in hf_vit.SUPPORTED:
-        pytest.skip(f"the transformers adapter does not know {cls} yet")
+    assert _has_adapter("hf_vit", cls)
     row = _bench(run_cli, tmp_path, "-m", f"hf:{hf_models[which]}", "--method", "tome", "--r", "8")
     assert row["method"] == "tome" and row["macs_fraction"] < 1.0
 
 
 def test_bench_open_clip_dense_then_with_a_method(run_cli, clip_arch, tmp_path):
-    """``open_clip:ARCH --weights FILE``: dense always; ToMe once the open_clip adapter exists."""
+    """``open_clip:ARCH --weights FILE``: dense, then ToMe through the open_clip adapter."""
     name, weights, _ = clip_arch
     row = _bench(run_cli, tmp_path, "-m", f"open_clip:{name}", "--weights", weights, "--method", "dense")
     assert row["method"] == "dense" and row["gmacs"] > 0
-    if not _has_adapter("open_clip"):
-        pytest.skip("no open_clip adapter yet (leanvit.reduce.adapters.open_clip)")
     row = _bench(run_cli, tmp_path, "-m", f"open_clip:{name}", "--weights", weights, "--method", "tome", "--r", "8")
-    # the MACs fraction is not checked here: the dense count misses nn.MultiheadAttention's fused eval path
-    # (aten._native_multi_head_attention is not counted by torch's FlopCounter), reported with issue 28
     assert row["method"] == "tome" and row["schedule"] == [8, 8]
 
 
