@@ -74,9 +74,9 @@ def heads(attn: nn.Module, x: torch.Tensor, size_bias: torch.Tensor | None = Non
     """Queries, keys and values of ``x`` ``(B, N, C)``; ``size_bias`` ``(B, N)`` is added to every query's logit
     for key j (``log s_j``, proportional attention)."""
     B, N, _ = x.shape
-    split = getattr(attn, "project_heads", None)  # a layout with three projections (an adapter's view)
-    if split is not None:
-        q, k, v = split(x)  # (B, H, N, Dh) each, without concatenating the three projections first
+    if getattr(attn, "projections", None) is not None:  # three Linears (an adapter's view): no concatenated output
+        shape = (B, N, attn.num_heads, _head_dim(attn))
+        q, k, v = (_project(attn, x, i).view(shape).transpose(1, 2) for i in range(3))
     else:
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, _head_dim(attn)).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -296,7 +296,7 @@ def explicit_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     compile), and without it inductor streams the whole ``(B, H, N, N)`` map through memory several times (slower
     than the eager slices at batch 32 on CPU; BENCHMARKS.md, "Design measurements behind code defaults"). As a
     custom op the compiled graph calls this eager, cache-blocked code as one extern kernel."""
-    out, _, stats = _explicit_attention(q, k, v, bias, scale, _identity, 1.0, _diag_colsum, sliced=True)
+    out, _, stats = _explicit_attention(q, k, v, bias, scale, _identity, 1.0, diag_colsum, sliced=True)
     diag, col = stats.unbind(1)
     return out, diag.contiguous(), col.contiguous()
 
@@ -305,8 +305,9 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _diag_colsum(probs: torch.Tensor) -> torch.Tensor:
-    """``(b, 2, H, N)``: the diagonal and the column sums of a slice of the map, stacked."""
+def diag_colsum(probs: torch.Tensor) -> torch.Tensor:
+    """``(b, 2, H, N)``: the diagonal and the column sums of a slice of the map, stacked (the statistics GTP's
+    attention scores are combined from)."""
     return torch.stack((probs.diagonal(dim1=-2, dim2=-1), probs.sum(-2)), 1)
 
 

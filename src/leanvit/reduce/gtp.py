@@ -224,7 +224,7 @@ class GTPReducer(TokenReducer):
             # per slice of the map only its diagonal and column sums, combined into the score once for the whole
             # batch: two reductions per slice instead of the score's half-dozen small ops (the same values: the
             # maxima and products of the same numbers)
-            out, _, stats = attention.explicit(h, self.theta, _diag_colsum)  # stats (B, 2, H, N)
+            out, _, stats = attention.explicit(h, self.theta, attention.diag_colsum)  # stats (B, 2, H, N)
             score = combine_scores(stats[:, 0], stats[:, 1], self.info.num_prefix, self.score)
         return AttnOut(attention.output(h, out), score=score)
 
@@ -309,8 +309,3 @@ class GTPReducer(TokenReducer):
             self._passed = (removed_source & (edges.sum(1) > 0)[..., None]).any(1)
             self.source = gather_tokens(self.source.float(), kept).bool()
         return out
-
-
-def _diag_colsum(probs: torch.Tensor) -> torch.Tensor:
-    """``(b, 2, H, N)``: the diagonal and the column sums of a slice of the attention map ``(b, H, N, N)``."""
-    return torch.stack((probs.diagonal(dim1=-2, dim2=-1), probs.sum(-2)), 1)

@@ -259,7 +259,7 @@ class AttentionView:
         lay = _Layout(layer)
         self.layer = layer
         self.qkv = _QKV(lay.q, lay.k, lay.v)
-        self.projections = (lay.q, lay.k, lay.v)  # read one at a time (attention.py): no concatenated weight
+        self.projections = (lay.q, lay.k, lay.v)  # used one at a time (attention._project): no concatenation
         self.q_norm = self.k_norm = _identity
         self.proj = lay.o
         self.num_heads = lay.num_heads
@@ -267,14 +267,6 @@ class AttentionView:
         self.scale = lay.scale
         self.attn_drop = _Dropout(layer, lay.attn_p)
         self.proj_drop = lay.proj_drop  # the layer's dropout after the output projection (identity if none)
-
-    def project_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values ``(B, H, N, Dh)`` from the three projections, as the layer computes them: the
-        same values as splitting ``qkv(x)``, without writing the ``(B, N, 3 * A)`` concatenation (a full copy of
-        the projections per block; measured at 2% of a CLIP ViT-B/16 forward at batch 32 on CPU)."""
-        B, N, _ = x.shape
-        return tuple(p(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-                     for p in self.projections)
 
     @property
     def training(self) -> bool:
