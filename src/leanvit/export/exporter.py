@@ -19,7 +19,16 @@ What runs differently while exporting (the same values, checked by ``tests/test_
   and the cache-blocked ``leanvit::explicit_attention_stats`` of compiled CPU forwards) have no ONNX form; they are
   decomposed into plain ATen ops, their math written out on the whole batch (:data:`DECOMPOSITIONS`);
 * the explicit attention map is computed for the whole batch at once instead of a cache-sized slice at a time
-  (``leanvit.reduce.attention``: the slice count depends on the batch size).
+  (``leanvit.reduce.attention``: the slice count depends on the batch size);
+* attention with a mask or a size bias (ToMe's and GTP's proportional attention) is written as the product, the
+  softmax and the product with V (``attention.fused``), which ONNX Runtime fuses, instead of torch's ONNX form of
+  masked ``scaled_dot_product_attention``; ToMe's size-weighted merge writes its merged rows with one scatter
+  instead of three (``BipartiteMerge.weighted``): ONNX Runtime copies the whole tensor a scatter writes into.
+
+Elsewhere the forward is written once for both, in ops that export to the ONNX form ONNX Runtime runs fastest (the
+map's diagonal as a strided slice, GTP's edge weights by ``gather``, no in-place writes into slices of the tokens);
+the comment at each says what the alternative cost. These were found with ONNX Runtime's profiler on DeiT-S at
+batch 32 and 1 (``BENCHMARKS.md``, "Deploying").
 
 Every file is checked with ``onnx.checker`` (full check, with shape inference), run by ONNX Runtime on two batch
 sizes and compared with the PyTorch model before it is written, and written atomically (a temporary file renamed
@@ -42,6 +51,7 @@ from torch import nn
 from .. import __version__
 from ..errors import ConfigError, LeanvitError, UnsupportedModelError
 from ..io import atomic_write
+from ..ops.select import map_diagonal
 from ..reduce import get_reducer
 from .deps import require
 from .quantize import check_quantize, quantize_int8
@@ -101,7 +111,7 @@ def _diag_colsum(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, sc
     if bias is not None:
         logits = logits + bias[:, None, None, :].float()
     p = (logits - logits.logsumexp(-1, keepdim=True)).exp()  # (B, H, N, N)
-    return p.diagonal(dim1=-2, dim2=-1), p.sum(-2)
+    return map_diagonal(p), p.sum(-2)
 
 
 def _explicit_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
@@ -112,7 +122,7 @@ def _explicit_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     if bias is not None:
         logits = logits + bias
     p = logits.softmax(-1)
-    return p @ v, p.diagonal(dim1=-2, dim2=-1), p.sum(-2)
+    return p @ v, map_diagonal(p), p.sum(-2)
 
 
 def _decompositions() -> dict:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .host import probs_chunk_bytes
-from .select import combine_scores
+from .select import combine_scores, map_diagonal
 
 try:  # Triton ships with CUDA builds of PyTorch; the CPU-only build lacks it
     import triton
@@ -55,7 +55,7 @@ def torch_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, sc
         lse = logits.logsumexp(-1, keepdim=True)
         p = (logits - lse).exp_()
         cols.append(p.sum(-2))
-        diags.append(p.diagonal(dim1=-2, dim2=-1))
+        diags.append(map_diagonal(p))
     return torch.cat(diags), torch.cat(cols)
 
 

@@ -39,7 +39,9 @@ def _normalized_spatial(h: int, w: int, device: str, dtype: torch.dtype) -> torc
 def _set_knn_(graph: torch.Tensor, x: torch.Tensor, k: int, value: float) -> torch.Tensor:
     """Write ``value`` into ``graph (B, N, N)`` at row i's ``k`` most cosine-similar tokens (self excluded)."""
     if k > 0:
-        xn = torch.nn.functional.normalize(x.float(), dim=-1)
+        xf = x.float()
+        # F.normalize's values; written out because its ONNX form materialises the norms broadcast to x's shape
+        xn = xf / torch.linalg.vector_norm(xf, dim=-1, keepdim=True).clamp_min(1e-12)
         sim = xn @ xn.transpose(1, 2)  # (B, N, N)
         # self excluded by a masked fill of the whole map, not ``sim.diagonal().fill_``: an in-place write through a
         # diagonal view does not functionalise, which torch.export (and so ONNX export) needs; same values

@@ -259,8 +259,11 @@ class GTPReducer(TokenReducer):
         rows_rm = (removed + (P + base)).view(-1)
         kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
         # A_hat[kept, removed], read from the original graph (the restricted graph is never built)
-        w = self._graph_flat.take(torch.add(self._graph_rows, kept_orig, alpha=N0).unsqueeze(-1)
-                                  + removed_orig.unsqueeze(1))
+        # (``gather`` on the flat graph, not ``take`` or ``index_select``: ONNX writes those as GatherND and Gather,
+        # which ONNX Runtime runs a copy call per value, about 1 ms a block on DeiT-S at batch 32; ``gather`` becomes
+        # GatherElements, a fifth of that)
+        edge = torch.add(self._graph_rows, kept_orig, alpha=N0).unsqueeze(-1) + removed_orig.unsqueeze(1)
+        w = torch.gather(self._graph_flat, 0, edge.view(-1)).view(B, K, r)
         xf = x.reshape(B * N, C)
         out = xf.index_select(0, rows_keep).view(B, P + K, C)
         x_rm = xf.index_select(0, rows_rm).view(B, r, C)
@@ -271,13 +274,17 @@ class GTPReducer(TokenReducer):
             fallback, orphan = fallback_edges(w, out[:, P:], x_rm, weight)  # (B, K, r), (B, r)
             if self.orphans == "nearest":
                 w.add_(fallback)
-        out[:, P:].baddbmm_(w, x_rm, alpha=self.alpha)
+        # on every row of ``out``, the prefix rows with zero edges (they add nothing), not on the view ``out[:, P:]``:
+        # an in-place write into a slice exports as a scatter, which ONNX Runtime runs as a copy of the whole tensor
+        # and two transposes (about 1 ms a block on DeiT-S at batch 32)
+        w_all = torch.nn.functional.pad(w, (0, 0, P, 0)) if P else w  # (B, P + K, r)
+        out.baddbmm_(w_all, x_rm, alpha=self.alpha)
         if self.prop_attn or self.orphans == "merge":
             sf = self._sizes_or_ones(x).reshape(B * N, 1)
             size = sf.index_select(0, rows_keep).view(B, P + K, 1)
             s_rm = sf.index_select(0, rows_rm).view(B, r, 1)
             if self.prop_attn:
-                size[:, P:].baddbmm_(w, s_rm, alpha=self.alpha)
+                size.baddbmm_(w_all, s_rm, alpha=self.alpha)
             if self.orphans == "merge":
                 # x_k <- (s_k x_k + sum_j s_j x_j) / (s_k + sum_j s_j) over the orphans j merged into k
                 s_kept = size[:, P:]  # (B, K, 1)
