@@ -157,6 +157,36 @@ def test_int8_teacher_keeps_its_top1(teacher_onnx):
     assert abs(res["int8"].top1 - res["float"].top1) <= INT8_MARGIN, (res["int8"].top1, res["float"].top1)
 
 
+def _weight_products(proto) -> list[str]:
+    """Names of the float MatMul / Gemm nodes whose second input is computed from initializers alone (a weight,
+    possibly sliced or transposed in the graph): what int8 should have quantized."""
+    const = {i.name for i in proto.graph.initializer}
+    for node in proto.graph.node:  # nodes are in topological order
+        if node.op_type == "Constant" or (node.input and all(i in const for i in node.input if i)):
+            const.update(node.output)
+    return [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in const]
+
+
+@pytest.mark.parametrize("method, kw", [("idle", dict(keep=0.7)), ("gtp", dict(r=2)), ("tome", dict(r=2))],
+                         ids=["idle", "gtp", "tome"])
+def test_int8_quantizes_every_linear_layer(method, kw):
+    """No product with a weight stays float32 in the int8 model, including the weights a forward slices at run time
+    (IdleViT projects the selected tokens with rows of the fused qkv weight), and the int8 output stays close to
+    PyTorch's float output."""
+    from leanvit.export import build_onnx, quantize_int8
+
+    model = leanvit.patch(make("deit"), method, **kw)
+    data, _ = build_onnx(model)
+    assert _weight_products(onnx.load_from_string(data))  # the float export has weight products
+    int8 = onnx.load_from_string(quantize_int8(data))
+    assert _weight_products(int8) == []
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    out = make_session(int8.SerializeToString()).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x)
+    assert float((torch.from_numpy(out) - ref).abs().max()) < 0.1 * float(ref.abs().max())
+
+
 # ------------------------------------------------------------------------------------------------ the export ops
 def test_export_forms_of_the_custom_ops_give_the_same_values():
     """The decompositions the exporter substitutes for leanvit's custom ops compute what the ops compute."""

@@ -2,7 +2,8 @@
 
 What is quantized: every MatMul and Gemm whose second input is a weight (``MatMulConstBOnly``), i.e. the linear
 layers (qkv, attention projection, MLP, head). Their weights are stored in int8, symmetric, one scale per output
-channel; their input activations are quantized to uint8 on the fly, per tensor and per batch
+channel (a weight the forward computes from a parameter, such as IdleViT's rows of the fused ``qkv`` weight for
+the selected tokens, is folded to a weight first, :func:`fold_constants`); their input activations are quantized to uint8 on the fly, per tensor and per batch
 (``DynamicQuantizeLinear``), and the products run as integer kernels (``MatMulInteger`` / ``DynamicQuantizeMatMul``).
 Not quantized: the attention's own products of two activations (``q k^T``, ``attn v``), softmax, norms, the
 token-reduction ops (scores, top-k, gathers, merges) and the convolutional stem, which stay float32. Token reduction
@@ -41,7 +42,7 @@ def quantize_int8(model: bytes, per_channel: bool = True) -> bytes:
 
     with tempfile.TemporaryDirectory(prefix="leanvit-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(model)
+        src.write_bytes(fold_constants(model))
         try:
             with _quiet_root_logger():
                 quantize_dynamic(src, dst, op_types_to_quantize=OP_TYPES, per_channel=per_channel,
@@ -52,6 +53,26 @@ def quantize_int8(model: bytes, per_channel: bool = True) -> bytes:
         data = dst.read_bytes()
     onnx.checker.check_model(onnx.load_from_string(data))
     return data
+
+
+def fold_constants(model: bytes) -> bytes:
+    """``model`` after ONNX Runtime's basic graph optimisations (constant folding and redundant-node removal: no
+    hardware-specific fusion, so the result is portable), so that every weight is an initializer.
+
+    Why: the quantizer quantizes a MatMul only when its weight is an initializer. IdleViT projects the selected
+    tokens with rows of the fused ``qkv`` weight (``attention._project``), which the exported graph slices from the
+    parameter at run time; unfolded, those products stayed float32 in the int8 model and it ran slower than the
+    int8 model of its ideal truncation (BENCHMARKS.md, "Deploying"). torch's exporter does not fold them (its
+    optimiser leaves large constants alone)."""
+    ort, = require("onnxruntime", what="int8 quantization")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="leanvit-fold-") as tmp:
+        out = Path(tmp) / "folded.onnx"
+        opts.optimized_model_filepath = str(out)
+        ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+        return out.read_bytes()
 
 
 @contextmanager
