@@ -54,11 +54,10 @@ class BipartiteMerge:
         token by its size, gathers the unmerged A tokens with an index expanded over the channels (slow on CPU),
         scatters the merged ones into a copy of the B tokens and concatenates: about five passes over ``x`` per
         block. Here the output is one row gather of ``x`` (every token that stays, in output order), and only the
-        rows that merged tokens land in are rewritten, with ToMe's own arithmetic, ``(s_b x_b + sum_j s_j x_j) /
-        (s_b + sum_j s_j)`` (the sources added in order, as ToMe's scatter adds them): the rest of the work touches
-        ``r`` rows, not the ``T / 2`` B tokens. A token that takes no other keeps ``x`` itself, where ToMe computes
-        ``(s x) / s``: equal up to one rounding. A destination that takes several tokens appears several times in
-        the row index; every write to it writes the same value (the same inputs, the same arithmetic)."""
+        rows that merged tokens land in are changed, by ``sum_j s_j (x_j - x_b) / (s_b + sum_j s_j)``, which is
+        ToMe's ``(s_b x_b + sum_j s_j x_j) / (s_b + sum_j s_j)`` up to rounding: the rest of the work touches ``r``
+        rows, not the ``T / 2`` B tokens. A token that takes no other keeps ``x`` itself, where ToMe computes
+        ``(s x) / s``: equal up to one rounding."""
         B, T, C = x.shape
         r, P = self.r, self.protected
         n = T - r
@@ -78,14 +77,16 @@ class BipartiteMerge:
             # One scatter instead of three: ONNX Runtime copies the whole tensor a scatter writes into (about a
             # millisecond a block on DeiT-S at batch 32, where the in-place scatters of eager PyTorch cost nothing).
             # ``same`` (B, r, r) says which merged tokens share a destination; its product with the merged tokens
-            # gives each the sum of its destination's sources (a sum in another order than ToMe's: rounding).
+            # gives each the sum of its destination's sources (a sum in another order than ToMe's: rounding), so a
+            # destination written by several of them gets the same value from each (an exported graph is inference
+            # only: no gradient goes through these duplicate writes).
             same = (j[:, :, None] == j[:, None, :]).to(x.dtype)
             taken = same @ (x_in.index_select(0, src) * s_src).view(B, r, C)  # (B, r, C)
             out.index_put_((dst,), (x_b * s_b + taken.view(B * r, C)) / s_new.index_select(0, dst))
             return out.view(B, n, C), s_new.view(B, n, 1)
-        out.index_put_((dst,), x_b * s_b)  # s_b x_b
-        out.index_add_(0, dst, x_in.index_select(0, src) * s_src)  # + s_j x_j, in order
-        out.index_put_((dst,), out.index_select(0, dst) / s_new.index_select(0, dst))  # / (s_b + sum_j s_j)
+        # x_b + sum_j s_j (x_j - x_b) / (s_b + sum_j s_j), which is ToMe's average: one index_add of the r merged
+        # tokens, which sums a destination's sources (and their gradients) however many there are
+        out.index_add_(0, dst, (x_in.index_select(0, src) - x_b) * (s_src / s_new.index_select(0, dst)))
         return out.view(B, n, C), s_new.view(B, n, 1)
 
     def sources(self, T: int, B: int, device: torch.device) -> torch.Tensor:

@@ -274,17 +274,19 @@ class GTPReducer(TokenReducer):
             fallback, orphan = fallback_edges(w, out[:, P:], x_rm, weight)  # (B, K, r), (B, r)
             if self.orphans == "nearest":
                 w.add_(fallback)
-        # on every row of ``out``, the prefix rows with zero edges (they add nothing), not on the view ``out[:, P:]``:
-        # an in-place write into a slice exports as a scatter, which ONNX Runtime runs as a copy of the whole tensor
-        # and two transposes (about 1 ms a block on DeiT-S at batch 32)
-        w_all = torch.nn.functional.pad(w, (0, 0, P, 0)) if P else w  # (B, P + K, r)
-        out.baddbmm_(w_all, x_rm, alpha=self.alpha)
+        # exported, on every row of ``out`` with zero edges for the prefix rows (they add nothing), not on the view
+        # ``out[:, P:]``: an in-place write into a slice exports as a scatter, which ONNX Runtime runs as a copy of
+        # the whole tensor and two transposes (about 1 ms a block on DeiT-S at batch 32); eager, on the view (no
+        # product of zeros, which the MACs would count)
+        whole = P > 0 and torch.compiler.is_exporting()
+        target, w_all = (out, torch.nn.functional.pad(w, (0, 0, P, 0))) if whole else (out[:, P:], w)
+        target.baddbmm_(w_all, x_rm, alpha=self.alpha)
         if self.prop_attn or self.orphans == "merge":
             sf = self._sizes_or_ones(x).reshape(B * N, 1)
             size = sf.index_select(0, rows_keep).view(B, P + K, 1)
             s_rm = sf.index_select(0, rows_rm).view(B, r, 1)
             if self.prop_attn:
-                size.baddbmm_(w_all, s_rm, alpha=self.alpha)
+                (size if whole else size[:, P:]).baddbmm_(w_all, s_rm, alpha=self.alpha)
             if self.orphans == "merge":
                 # x_k <- (s_k x_k + sum_j s_j x_j) / (s_k + sum_j s_j) over the orphans j merged into k
                 s_kept = size[:, P:]  # (B, K, 1)
