@@ -3,8 +3,8 @@
 What is quantized: every MatMul and Gemm whose second input is a weight (``MatMulConstBOnly``), i.e. the linear
 layers (qkv, attention projection, MLP, head). Their weights are stored in int8, symmetric, one scale per output
 channel (a weight the forward computes from a parameter, such as IdleViT's rows of the fused ``qkv`` weight for
-the selected tokens, is folded to a weight first, :func:`fold_constants`); their input activations are quantized to uint8 on the fly, per tensor and per batch
-(``DynamicQuantizeLinear``), and the products run as integer kernels (``MatMulInteger`` / ``DynamicQuantizeMatMul``).
+the selected tokens, is folded to a weight first, :func:`fold_constants`); their input activations are quantized
+to uint8 on the fly, per tensor and per batch (``DynamicQuantizeLinear``), and the products run as integer kernels (``MatMulInteger`` / ``DynamicQuantizeMatMul``).
 Not quantized: the attention's own products of two activations (``q k^T``, ``attn v``), softmax, norms, the
 token-reduction ops (scores, top-k, gathers, merges) and the convolutional stem, which stay float32. Token reduction
 fixes every block's token count, so it stacks with int8 unchanged: the quantized MatMuls simply see fewer rows.

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .select import map_diagonal
+from .select import diag_colsum
 
 KIB, MIB = 1 << 10, 1 << 20
 # where the host reports no level-2 cache: the L2 of one core of the host the rule was found on (AMD EPYC, 1 MiB)
@@ -258,7 +258,7 @@ def _sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
                                alpha=D ** -0.5)
         probs = logits.view(b, H, N, N).softmax(dim=-1)
         probs @ v[s:s + b]
-        torch.stack((map_diagonal(probs), probs.sum(-2)), 1)
+        diag_colsum(probs)
 
 
 def calibrate(n_threads: int | None = None, repeats: int = 3, save: bool = True) -> dict:

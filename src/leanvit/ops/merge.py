@@ -72,7 +72,7 @@ class BipartiteMerge:
         s_src = s_in.index_select(0, src)  # (B * r, 1)
         s_new = s_in.index_select(0, keep).index_add_(0, dst, s_src)  # (B * n, 1) summed sizes
         out = x_in.index_select(0, keep)  # (B * n, C)
-        s_b, x_b = s_in.index_select(0, dst_in), x_in.index_select(0, dst_in)  # (B * r, 1), (B * r, C)
+        x_b = x_in.index_select(0, dst_in)  # (B * r, C) the destinations before merging
         if torch.compiler.is_exporting():
             # One scatter instead of three: ONNX Runtime copies the whole tensor a scatter writes into (about a
             # millisecond a block on DeiT-S at batch 32, where the in-place scatters of eager PyTorch cost nothing).
@@ -82,6 +82,7 @@ class BipartiteMerge:
             # only: no gradient goes through these duplicate writes).
             same = (j[:, :, None] == j[:, None, :]).to(x.dtype)
             taken = same @ (x_in.index_select(0, src) * s_src).view(B, r, C)  # (B, r, C)
+            s_b = s_in.index_select(0, dst_in)  # (B * r, 1)
             out.index_put_((dst,), (x_b * s_b + taken.view(B * r, C)) / s_new.index_select(0, dst))
             return out.view(B, n, C), s_new.view(B, n, 1)
         # x_b + sum_j s_j (x_j - x_b) / (s_b + sum_j s_j), which is ToMe's average: one index_add of the r merged

@@ -44,6 +44,12 @@ def map_diagonal(probs: torch.Tensor) -> torch.Tensor:
     return probs.flatten(-2)[..., ::probs.shape[-1] + 1]
 
 
+def diag_colsum(probs: torch.Tensor) -> torch.Tensor:
+    """``(b, 2, H, N)``: the diagonal and the column sums of a slice of the map ``(b, H, N, N)``, stacked (the
+    statistics GTP's attention scores are combined from)."""
+    return torch.stack((map_diagonal(probs), probs.sum(-2)), 1)
+
+
 def combine_scores(diag: torch.Tensor, col: torch.Tensor, num_prefix: int, kind: str) -> torch.Tensor:
     """The ``mixed``, ``mixed_mean``, ``colsum`` or ``diag`` score of each image token from the attention map's
     diagonal and column sums ``(B, H, N)`` (all tokens; the prefix is dropped here)."""

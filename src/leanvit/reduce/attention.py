@@ -28,7 +28,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..ops.host import probs_chunk_bytes
-from ..ops.select import gather_tokens, map_diagonal, sparsify_attention
+from ..ops.select import diag_colsum, gather_tokens, sparsify_attention
 from .types import AttnOut
 
 
@@ -311,12 +311,6 @@ def explicit_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
-
-
-def diag_colsum(probs: torch.Tensor) -> torch.Tensor:
-    """``(b, 2, H, N)``: the diagonal and the column sums of a slice of the map, stacked (the statistics GTP's
-    attention scores are combined from)."""
-    return torch.stack((map_diagonal(probs), probs.sum(-2)), 1)
 
 
 @explicit_attention_stats.register_fake

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.graph import GRAPHS, build_graph, fallback_edges, spatial_adjacency
 from ..ops.fused_score import FUSABLE, fused_score
-from ..ops.select import SCORES, cls_score, combine_scores, gather_tokens, split_topk
+from ..ops.select import SCORES, cls_score, combine_scores, diag_colsum, gather_tokens, split_topk
 from . import attention
 from .attention import label
 from .base import TokenReducer
@@ -224,7 +224,7 @@ class GTPReducer(TokenReducer):
             # per slice of the map only its diagonal and column sums, combined into the score once for the whole
             # batch: two reductions per slice instead of the score's half-dozen small ops (the same values: the
             # maxima and products of the same numbers)
-            out, _, stats = attention.explicit(h, self.theta, attention.diag_colsum)  # stats (B, 2, H, N)
+            out, _, stats = attention.explicit(h, self.theta, diag_colsum)  # stats (B, 2, H, N)
             score = combine_scores(stats[:, 0], stats[:, 1], self.info.num_prefix, self.score)
         return AttnOut(attention.output(h, out), score=score)
 
