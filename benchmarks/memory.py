@@ -13,7 +13,8 @@ Two measures, because on CPU no single figure is both exact and what the operati
   On CUDA that is ``torch.cuda.max_memory_allocated`` (reset before the step). The CPU allocator keeps no such
   statistic, but with ``torch.profiler`` recording memory it reports every allocation and every free with its size
   (c10's allocator hook; the kineto ``[memory]`` events): the running sum of those sizes in time order is the bytes
-  alive, and its maximum is the peak. One thread, so that every allocation is made on the profiled thread. It is
+  alive, and its maximum is the peak. One thread, so that every allocation is made on the profiled thread; a fresh
+  process per row (the profiler's records of a training step at batch 64 are gigabytes). It is
   deterministic and does not depend on how ``malloc`` reuses or returns memory: it is the memory a method's own
   tensors need, the figure its code controls.
 * **rss** (``--rss``; CPU): the peak resident set of a fresh process per row, above its resident set just before
@@ -164,8 +165,8 @@ def rss_row(model_name: str, variant: str, batch: int, mode: str, budget: float)
 
 def tensor_group(model_name: str, variants: list[str], batch: int, mode: str, budget: float,
                  device: torch.device) -> dict[str, int]:
-    """The tensors measure of every variant at one model, batch and mode, in this process (run by a fresh process
-    per group, so that what ``malloc`` keeps from one group's steps never adds to the next one's footprint)."""
+    """The tensors measure of every variant at one model, batch and mode, in this process (``main`` runs a fresh
+    process per variant, so that what ``malloc`` keeps from one step never adds to the next one's footprint)."""
     models = {k: m.to(device) for k, m in build(model_name, budget, tuple(variants)).items()}
     x = torch.randn(batch, 3, 224, 224, device=device)
     found = {}
@@ -221,15 +222,17 @@ def main() -> None:
         for batch in args.batch_sizes:
             for mode in args.modes:
                 try:
-                    if args.rss:
-                        found = {v: _in_subprocess(args, "--row", name, v, str(batch), mode, env=env)["rss_bytes"]
-                                 for v in args.variants}
-                    else:
-                        found = _in_subprocess(args, "--group", name, str(batch), mode, "--variants", *args.variants)
-                except subprocess.CalledProcessError as e:  # e.g. killed for memory: the other groups still run
-                    print(f"{name} b{batch} {mode}: the measuring process failed (exit status {e.returncode})",
-                          flush=True)
-                    found = {}
+                found = {}
+                for v in args.variants:  # a fresh process per row: a training step at batch 64 with every
+                    # allocation recorded, for seven models in one process, exceeded this host's 24 GiB
+                    try:
+                        if args.rss:
+                            found[v] = _in_subprocess(args, "--row", name, v, str(batch), mode, env=env)["rss_bytes"]
+                        else:
+                            found[v] = _in_subprocess(args, "--group", name, str(batch), mode, "--variants", v)[v]
+                    except subprocess.CalledProcessError as e:  # e.g. killed for memory: the other rows still run
+                        print(f"{name} b{batch} {mode} {v}: the measuring process failed (exit status "
+                              f"{e.returncode})", flush=True)
                 for variant in args.variants:
                     peak = found.get(variant)
                     ratio = peak / found["dense"] if peak is not None and found.get("dense") else None

@@ -102,6 +102,65 @@ def test_other_layouts_export(tmp_path, label, variant, method, kw):
     assert _ort_vs_torch(report.path, model, (3, 64, 64)) <= ATOL
 
 
+# ------------------------------------------------------------------------------------------------ other libraries
+def _library_model(kind: str) -> nn.Module:
+    """A tiny random model of another library, built by that library's own test helpers (the test is skipped
+    where the library is not installed)."""
+    if kind.startswith("hf-"):
+        import test_hf
+
+        if kind == "hf-clip":
+            return test_hf.make_clip("CLIPVisionModelWithProjection")
+        return test_hf.make_hf({"hf-vit": "ViTForImageClassification",
+                                "hf-deit-teacher": "DeiTForImageClassificationWithTeacher"}[kind])
+    if kind == "open_clip":
+        import test_open_clip
+
+        return test_open_clip.make_tower(base=test_open_clip.WIDE)
+    import test_eva  # timm's Eva with rotary position embeddings (EVA-02 style)
+
+    return test_eva.make("cls_rope")
+
+
+# transformers' ViT (its forward returns a ModelOutput; under torch.export it passes an all-visible mask to every
+# layer), DeiT with its distillation token, CLIP's vision tower (image embeddings), an open_clip tower and a RoPE Eva
+LIBRARIES = [
+    ("hf-vit", "idle", dict(keep=0.7)), ("hf-vit", "tome", dict(r=2)), ("hf-deit-teacher", "gtp", dict(r=2)),
+    ("hf-clip", "evit", dict(r=2)), ("open_clip", "idle", dict(keep=0.7)), ("open_clip", "gtp", dict(r=2)),
+    ("eva-rope", "idle", dict(keep=0.7)), ("eva-rope", "tome", dict(r=2)),
+]
+
+
+@pytest.mark.parametrize("kind, method, kw", LIBRARIES, ids=[f"{c[0]}-{c[1]}" for c in LIBRARIES])
+def test_other_libraries_export(tmp_path, kind, method, kw):
+    model = leanvit.patch(_library_model(kind), method, **kw)
+    report = export_onnx(model, tmp_path / "m.onnx")
+    _check_file(report.path)
+    size = report.input_size
+    with torch.no_grad():
+        out = model(torch.zeros(1, *size))
+    expected = out if isinstance(out, torch.Tensor) else (getattr(out, "logits", None)
+                                                          if getattr(out, "logits", None) is not None
+                                                          else getattr(out, "image_embeds", None))
+    session = make_session(report.path)
+    got = session.run(None, {session.get_inputs()[0].name: torch.zeros(1, *size).numpy()})[0]
+    assert got.shape == tuple(expected.shape)
+    assert report.max_abs_diff <= ATOL
+
+
+class _TwoOutputs(nn.Module):
+    """A forward that returns a pair: no single tensor for an ONNX graph's output."""
+
+    def forward(self, x):
+        return x.mean((2, 3)), x.amax((2, 3))
+
+
+def test_a_forward_without_one_tensor_is_one_clear_error(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="returns a tuple with no logits or image features"):
+        export_onnx(_TwoOutputs().eval(), tmp_path / "m.onnx", input_size=(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------------ the shipped models
 @pytest.fixture(scope="module")
 def teacher_onnx(tmp_path_factory):

@@ -51,8 +51,10 @@ from torch import nn
 from .. import __version__
 from ..errors import ConfigError, LeanvitError, UnsupportedModelError
 from ..io import atomic_write
+from ..models.external import output_tensor
 from ..ops.select import map_diagonal
 from ..reduce import get_reducer
+from ..reduce.adapters.base import images_only
 from .deps import require
 from .quantize import check_quantize, quantize_int8
 from .session import make_session
@@ -193,9 +195,23 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {_first_line(e)}"
 
 
-def _check_deterministic(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """The model's output on ``x``, refused when a second forward differs (a random selection: an exported graph
-    draws its own numbers, so ONNX Runtime could never give the PyTorch model's output)."""
+class _TensorOutput(nn.Module):
+    """A model whose forward returns a structure (a transformers ``ModelOutput``), as one that returns the tensor
+    it stands for (:func:`leanvit.models.external.output_tensor`: the logits, else the image features): an ONNX
+    graph's output is a tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return output_tensor(self.model(x))
+
+
+def _check_deterministic(model: nn.Module, x: torch.Tensor, name: str) -> nn.Module:
+    """The model to export: ``model``, or ``model`` wrapped to return one tensor where its output is a structure;
+    refused when two forwards of ``x`` differ (a random selection: an exported graph draws its own numbers, so ONNX
+    Runtime could never give the PyTorch model's output) or when its output stands for no single tensor."""
     try:
         with torch.no_grad():
             a, b = model(x), model(x)
@@ -204,11 +220,18 @@ def _check_deterministic(model: nn.Module, x: torch.Tensor, name: str) -> torch.
     except Exception as e:  # a model that does not run on a batch of its own input size
         raise UnsupportedModelError(f"cannot export {name}: it does not run on a batch of shape {tuple(x.shape)} "
                                     f"({type(e).__name__}: {_first_line(e)}); give input_size") from None
+    if not isinstance(a, torch.Tensor):
+        kind = type(a).__name__
+        a, b = output_tensor(a), output_tensor(b)
+        if a is None:
+            raise UnsupportedModelError(f"cannot export {name}: its forward returns a {kind} with no logits or image "
+                                        f"features; export a model whose forward returns a tensor")
+        model = _TensorOutput(model)
     if not torch.equal(a, b):
         raise UnsupportedModelError(
             f"cannot export {name}: two forwards of the same images differ (random token selection?), so no exported "
             f"graph can reproduce it; export a deterministic patch")
-    return a
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -240,11 +263,12 @@ def export_program(model: nn.Module, input_size: tuple[int, int, int] | None = N
     if dtype != torch.float32:
         raise ConfigError(f"{name} has {dtype} weights; export a float32 model (int8 comes from --quantize int8)")
     x = torch.randn(EXAMPLE_BATCH, *size, generator=torch.Generator().manual_seed(0))
-    _check_deterministic(net, x, name)
+    net = _check_deterministic(net, x, name)
     batch = torch.export.Dim("batch", min=1)
     try:
         with torch.no_grad():
-            program = torch.export.export(net, (x,), dynamic_shapes=({0: batch},), strict=False)
+            with images_only():  # no caller mask: a mask transformers builds for itself hides nothing
+                program = torch.export.export(net, (x,), dynamic_shapes=({0: batch},), strict=False)
         custom = _decompositions()
         if any(n.target in custom for n in program.graph.nodes):
             program = program.run_decompositions(custom)

@@ -62,6 +62,7 @@ from inspect import signature
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -357,6 +358,19 @@ def _features_of(module: nn.Module, args: Any, output: Any) -> Any:
         if value is not None:
             return value
     return output.last_hidden_state[:, 0]
+
+
+def output_tensor(output: Any) -> torch.Tensor | None:
+    """The one tensor a model's output stands for: the output itself, a transformers output's logits (a
+    classifier), else its image features as :func:`_features_of` picks them (an encoder); None when there is no
+    such tensor (a tuple, a text-and-image output)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    if any(getattr(output, k, None) is not None for k in ("image_embeds", "pooler_output", "last_hidden_state")):
+        return _features_of(None, None, output)
+    return None
 
 
 def _field(obj: Any, key: str) -> Any:

@@ -142,12 +142,18 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0, ke
         a, b = m[:, ::2][:, pa:], m[:, 1::2][:, pb:]  # (B, Na, D), (B, Nb, D): the unprotected tokens of each set
         scores = a @ b.transpose(-1, -2)  # (B, Na, Nb) cosine similarity
         best_val, best_b = scores.max(dim=-1)  # (B, Na): every A token's most similar B token
-        order = best_val.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1), most similar first
+        # exported, a sort is a top-k whose k torch writes as a shape read at run time (three nodes each, a cost
+        # at batch 1 in ONNX Runtime); top-k with a Python k is the same sort with k a constant of the graph
+        exporting = torch.compiler.is_exporting()
+        na = best_val.shape[-1]
+        order = (best_val.topk(na, dim=-1).indices if exporting
+                 else best_val.argsort(dim=-1, descending=True))[..., None]  # (B, Na, 1), most similar first
         unm_idx = order[:, r:]  # (B, Na - r, 1) A tokens that stay
         src_idx = order[:, :r]  # (B, r, 1) A tokens merged away
         dst_idx = best_b[..., None].gather(1, src_idx)  # (B, r, 1) their B partners
-        if keep_order:
-            unm_idx = unm_idx.sort(dim=1).values  # (B, Na - r, 1) in original order
+        if keep_order:  # (B, Na - r, 1) in original order
+            unm_idx = (unm_idx.topk(na - r, dim=1, largest=False).values if exporting
+                       else unm_idx.sort(dim=1).values)
     return BipartiteMerge(protected, pa, pb, r, unm_idx, src_idx, dst_idx)
 
 

@@ -82,6 +82,14 @@ def split_topk(score: torch.Tensor, num_remove: int) -> tuple[torch.Tensor, torc
     return kept, removed
 
 
+def flat_rows(idx: torch.Tensor, N: int, offset: int = 0) -> torch.Tensor:
+    """Rows ``b * N + offset + idx[b]`` ``(B * K,)`` of a ``(B, N, ...)`` tensor flattened over the batch, for
+    ``idx (B, K)``: one expression for every gather and write-back of token rows, so that an exported graph computes
+    it once (ONNX Runtime merges identical nodes)."""
+    B = idx.shape[0]
+    return (idx + (offset + torch.arange(B, device=idx.device) * N)[:, None]).reshape(-1)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """``x[b, offset + idx[b]]`` for ``x (B, N, C)`` or ``(B, N)`` and ``idx (B, K)``.
 
@@ -91,7 +99,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, offset: int = 0) -> torch.
     """
     B, N = x.shape[:2]
     K = idx.shape[1]
-    flat = (idx + (offset + torch.arange(B, device=idx.device) * N)[:, None]).reshape(-1)
+    flat = flat_rows(idx, N, offset)
     if x.dim() == 2:
         return x.reshape(B * N).index_select(0, flat).view(B, K)
     return x.reshape(B * N, x.shape[-1]).index_select(0, flat).view(B, K, x.shape[-1])

@@ -107,8 +107,17 @@ def fused(h: Heads, mask: torch.Tensor | None = None) -> torch.Tensor:
         # torch's ONNX form of masked scaled_dot_product_attention scales queries and transposed keys separately,
         # so ONNX Runtime writes the keys transposed in memory every block; this form (the same values up to
         # rounding) it runs as one fused product with the transpose and the scale folded in
-        return (torch.matmul(h.q, h.k.transpose(-2, -1)) * h.attn.scale + attn_mask).softmax(-1) @ h.v
+        return _product_attention(h.q, h.k.transpose(-2, -1), h.v, h.attn.scale, attn_mask)
     return F.scaled_dot_product_attention(h.q, h.k, h.v, attn_mask=attn_mask, dropout_p=_dropout(h.attn))
+
+
+def _product_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, scale: float,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(scale q k_t + bias) v`` written as products, for export only (``k_t`` the keys transposed,
+    ``(B, H, Dh, M)``): ONNX Runtime fuses the scale and a transpose of the keys into the first product, where torch's
+    ONNX form of ``scaled_dot_product_attention`` builds the transposed keys through a dozen shape nodes."""
+    logits = torch.matmul(q, k_t) * scale
+    return (logits if bias is None else logits + bias).softmax(-1) @ v
 
 
 def explicit(h: Heads, theta: float = 1.0, score: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -227,7 +236,7 @@ def subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], to
     index = select(cls_logits)  # (B, M)
     M = index.shape[1]
     xs = gather_tokens(x, index)
-    ks = gather_tokens(k, index).view(B, M, heads, head_dim).transpose(1, 2)  # (B, H, M, Dh)
+    ks = gather_tokens(k, index).view(B, M, heads, head_dim)
     # queries and values of the selected tokens
     q = attn.q_norm(_project(attn, xs, 0).view(B, M, heads, head_dim).transpose(1, 2))
     q = _rotate(attn, q, index)
@@ -235,8 +244,11 @@ def subset(attn: nn.Module, x: torch.Tensor, select: Callable[[torch.Tensor], to
     bias = None
     if size_bias is not None:
         bias = size_bias.gather(1, index)[:, None, None, :].to(q.dtype)
-    out = F.scaled_dot_product_attention(q, ks, v, attn_mask=bias,
-                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    if torch.compiler.is_exporting() and not attn.training:
+        out = _product_attention(q, ks.permute(0, 2, 3, 1), v, attn.scale, bias)  # keys (B, H, Dh, M)
+    else:
+        out = F.scaled_dot_product_attention(q, ks.transpose(1, 2), v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(B, M, A)
     out = _norm(attn, out)
     gate_layer = getattr(attn, "gate", None)

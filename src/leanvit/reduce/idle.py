@@ -40,6 +40,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ops.schedule import BlockTokens, tokens_macs
+from ..ops.select import flat_rows
 from . import attention
 from .base import TokenReducer
 from .registry import register_method
@@ -196,7 +197,7 @@ class IdleReducer(TokenReducer):
         full, self._full = self._full, None
         B, N, C = full.shape
         # computed tokens back in place as rows of the flattened batch (one index_copy); idle ones unchanged
-        rows = (self._index + torch.arange(B, device=full.device)[:, None] * N).reshape(-1)
+        rows = flat_rows(self._index, N)
         return full.reshape(B * N, C).index_copy(0, rows, x.reshape(-1, C)).view(B, N, C)
 
     def _trace_idle(self, i: int, computed: torch.Tensor) -> None:

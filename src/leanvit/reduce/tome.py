@@ -97,6 +97,10 @@ def _mean_over_heads(k: torch.Tensor) -> torch.Tensor:
     """``(B, 1, N, Dh)``: the mean over heads of ``k`` ``(B, H, N, Dh)``, as one sum of head slices then one division
     (ToMe's ``k.mean(1)`` up to rounding). On CPU a reduction over the head dimension of the strided ``qkv`` view
     took about twice the time of these ``H`` adds (DeiT-S, batch 32, one thread, AMD EPYC)."""
+    if torch.compiler.is_exporting():
+        # exported, each slice and add is a graph node (about 11 a block for DeiT-S), which at batch 1 costs
+        # ONNX Runtime more than the reduction: one mean
+        return k.mean(1, keepdim=True)
     with torch.no_grad():  # only the matching reads it, under no_grad: no autograd record in training
         acc = k[:, :1] + k[:, 1:2] if k.shape[1] > 1 else k[:, :1].clone()
         for h in range(2, k.shape[1]):

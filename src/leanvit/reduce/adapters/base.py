@@ -7,6 +7,8 @@ module with a :class:`ModelAdapter` subclass decorated with :func:`register_adap
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +21,28 @@ from ..base import TokenReducer
 from ..types import ViTInfo
 
 REDUCER_ATTR = "_leanvit_reducer"
+# set while a forward runs on images alone with no mask from the caller (an export): the attention masks a model
+# builds for itself are then all-visible (see :func:`images_only`)
+_IMAGES_ONLY = contextvars.ContextVar("leanvit_images_only", default=False)
+
+
+@contextlib.contextmanager
+def images_only():
+    """Declare that the forwards inside are called on images alone, the caller passing no attention mask (what
+    :func:`leanvit.export.export_onnx` does). transformers builds an all-visible mask for a mask-free call and,
+    under ``torch.export``, cannot check its values, so it passes the mask to every layer instead of dropping it;
+    inside this context a reducing layer knows that mask hides nothing and runs without it."""
+    token = _IMAGES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _IMAGES_ONLY.reset(token)
+
+
+def builtin_mask_only() -> bool:
+    """Whether an attention mask a layer receives is one its model built for a mask-free call (see
+    :func:`images_only`): true only while exporting inside that context."""
+    return _IMAGES_ONLY.get() and torch.compiler.is_exporting()
 
 ADAPTERS: list["ModelAdapter"] = []
 

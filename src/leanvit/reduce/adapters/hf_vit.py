@@ -71,7 +71,7 @@ from ...ops.schedule import BlockShape
 from ...ops.select import gather_tokens
 from ..base import TokenReducer
 from ..types import ViTInfo
-from .base import REDUCER_ATTR, ModelAdapter, block_reducer, register_adapter
+from .base import REDUCER_ATTR, ModelAdapter, block_reducer, builtin_mask_only, register_adapter
 
 VIEW_ATTR = "_leanvit_view"
 ORIG_CLASS_ATTR = "_leanvit_orig_class"  # a model whose own class a family swapped (its head): the original class
@@ -331,7 +331,7 @@ class _ReducingLayer5(_ReducingHFLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:
-        if attention_mask is not None:
+        if attention_mask is not None and not builtin_mask_only():
             raise UnsupportedModelError("token reduction cannot be combined with attention masks")
         self._refuse_outputs(self.attention.config, kwargs)
         return self._run(hidden_states)
@@ -351,7 +351,7 @@ class _ReducingCLIPLayer(_ReducingHFLayer):
 
     @staticmethod
     def _refuse_masks(attention_mask: torch.Tensor | None, causal_attention_mask: torch.Tensor | None) -> None:
-        if attention_mask is not None or causal_attention_mask is not None:
+        if (attention_mask is not None or causal_attention_mask is not None) and not builtin_mask_only():
             raise UnsupportedModelError("token reduction cannot be combined with attention masks (CLIP's and "
                                         "SigLIP's vision towers pass none)")
 
