@@ -221,7 +221,6 @@ def main() -> None:
     for name in args.models:
         for batch in args.batch_sizes:
             for mode in args.modes:
-                try:
                 found = {}
                 for v in args.variants:  # a fresh process per row: a training step at batch 64 with every
                     # allocation recorded, for seven models in one process, exceeded this host's 24 GiB

@@ -169,3 +169,11 @@ def test_write_is_atomic(results, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         common.write("bench", {"v": 2}, "new")
     assert {p.name: p.read_text() for p in results.iterdir()} == before
+
+
+# ------------------------------------------------------------------ every script at least parses
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_compiles(script):
+    """A benchmark is run by hand, rarely: a syntax error would otherwise be found by whoever reruns it next."""
+    source = (ROOT / "benchmarks" / script).read_text()
+    compile(source, script, "exec")
