@@ -20,10 +20,18 @@ What runs differently while exporting (the same values, checked by ``tests/test_
   decomposed into plain ATen ops, their math written out on the whole batch (:data:`DECOMPOSITIONS`);
 * the explicit attention map is computed for the whole batch at once instead of a cache-sized slice at a time
   (``leanvit.reduce.attention``: the slice count depends on the batch size);
-* attention with a mask or a size bias (ToMe's and GTP's proportional attention) is written as the product, the
-  softmax and the product with V (``attention.fused``), which ONNX Runtime fuses, instead of torch's ONNX form of
-  masked ``scaled_dot_product_attention``; ToMe's size-weighted merge writes its merged rows with one scatter
-  instead of three (``BipartiteMerge.weighted``): ONNX Runtime copies the whole tensor a scatter writes into.
+* attention with a mask or a size bias (ToMe's and GTP's proportional attention) and IdleViT's attention among its
+  selected tokens are written as the product, the softmax and the product with V (``attention.fused``,
+  ``attention.subset``), which ONNX Runtime fuses, instead of torch's ONNX form of
+  ``scaled_dot_product_attention``; ToMe's matching sorts by top-k with a constant k and averages the heads' keys
+  with one mean (``bipartite_soft_matching``, ``tome._mean_over_heads``: fewer graph nodes, the cost at batch 1);
+  ToMe's size-weighted merge writes its merged rows with one scatter
+  instead of three (``BipartiteMerge.weighted``): ONNX Runtime copies the whole tensor a scatter writes into;
+* a transformers model builds an all-visible attention mask for a call without one and, unable to check a traced
+  mask's values, passes it to every layer; the export declares that the graph's only input is the images
+  (:func:`leanvit.reduce.adapters.base.images_only`), so the reducing layers run without it instead of refusing it.
+  A model whose forward returns a structure (transformers' ``ModelOutput``) is exported returning its logits, else
+  its image features (:func:`leanvit.models.external.output_tensor`).
 
 Elsewhere the forward is written once for both, in ops that export to the ONNX form ONNX Runtime runs fastest (the
 map's diagonal as a strided slice, GTP's edge weights by ``gather``, no in-place writes into slices of the tokens);
