@@ -104,22 +104,31 @@ def test_other_layouts_export(tmp_path, label, variant, method, kw):
 
 # ------------------------------------------------------------------------------------------------ other libraries
 def _library_model(kind: str) -> nn.Module:
-    """A tiny random model of another library, built by that library's own test helpers (the test is skipped
-    where the library is not installed)."""
+    """A tiny random model of another library, built from a small config (the test is skipped where the library
+    is not installed)."""
+    torch.manual_seed(0)
     if kind.startswith("hf-"):
-        import test_hf
-
+        transformers = pytest.importorskip("transformers")
+        size = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=128)
         if kind == "hf-clip":
-            return test_hf.make_clip("CLIPVisionModelWithProjection")
-        return test_hf.make_hf({"hf-vit": "ViTForImageClassification",
-                                "hf-deit-teacher": "DeiTForImageClassificationWithTeacher"}[kind])
+            config = transformers.CLIPVisionConfig(**size, projection_dim=16)
+            return transformers.CLIPVisionModelWithProjection._from_config(config, attn_implementation="sdpa").eval()
+        cls, config_cls = {"hf-vit": ("ViTForImageClassification", "ViTConfig"),
+                           "hf-deit-teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig")}[kind]
+        config = getattr(transformers, config_cls)(**size, num_labels=10)
+        return getattr(transformers, cls)._from_config(config, attn_implementation="sdpa").eval()
     if kind == "open_clip":
-        import test_open_clip
+        pytest.importorskip("open_clip")
+        from open_clip.transformer import VisionTransformer as OpenClipTower
 
-        return test_open_clip.make_tower(base=test_open_clip.WIDE)
-    import test_eva  # timm's Eva with rotary position embeddings (EVA-02 style)
+        return OpenClipTower(image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp_ratio=2.0,
+                             output_dim=16).eval()
+    from timm.models.eva import Eva  # EVA-02 style: cls token, rotary position embeddings, SwiGLU
 
-    return test_eva.make("cls_rope")
+    return Eva(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5, mlp_ratio=4 * 2 / 3,
+               swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(3, 3),
+               global_pool="avg").eval()
 
 
 # transformers' ViT (its forward returns a ModelOutput; under torch.export it passes an all-visible mask to every
