@@ -23,7 +23,8 @@ What runs differently while exporting (the same values, checked by ``tests/test_
 * attention with a mask or a size bias (ToMe's and GTP's proportional attention) and IdleViT's attention among its
   selected tokens are written as the product, the softmax and the product with V (``attention.fused``,
   ``attention.subset``), which ONNX Runtime fuses, instead of torch's ONNX form of
-  ``scaled_dot_product_attention``; ToMe's matching sorts by top-k with a constant k and averages the heads' keys
+  ``scaled_dot_product_attention``; sorts are top-k with a constant k (``ops.select.split_topk`` of GTP and EViT,
+  ToMe's matching), and ToMe averages the heads' keys
   with one mean (``bipartite_soft_matching``, ``tome._mean_over_heads``: fewer graph nodes, the cost at batch 1);
   ToMe's size-weighted merge writes its merged rows with one scatter
   instead of three (``BipartiteMerge.weighted``): ONNX Runtime copies the whole tensor a scatter writes into;

@@ -76,6 +76,11 @@ def split_topk(score: torch.Tensor, num_remove: int) -> tuple[torch.Tensor, torc
     Kept indices are returned in ascending order so that kept tokens keep their relative order.
     """
     N = score.shape[1]
+    if torch.compiler.is_exporting():
+        # exported, a sort is a top-k whose k torch writes as a shape read at run time (three graph nodes each, the
+        # cost that counts at batch 1 in ONNX Runtime); top-k with a Python k is the same sort with k a constant
+        order = score.topk(N, dim=1).indices
+        return order[:, : N - num_remove].topk(N - num_remove, dim=1, largest=False).values, order[:, N - num_remove:]
     order = score.argsort(dim=1, descending=True)
     kept = order[:, : N - num_remove].sort(dim=1).values
     removed = order[:, N - num_remove:]
