@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .select import ascending, descending_order, flat_rows
+
 Merge = Callable[..., torch.Tensor]
 
 
@@ -62,12 +64,11 @@ class BipartiteMerge:
         r, P = self.r, self.protected
         n = T - r
         first_b = P + len(range(2 * self.pa, T, 2)) - r  # output position of the first unprotected B token
-        offset = torch.arange(B, device=x.device)[:, None]  # (B, 1)
         j = self.dst_idx[..., 0]  # (B, r) index of each merged token's destination among the unprotected B tokens
-        keep = (self.sources(T, B, x.device) + offset * T).reshape(-1)  # (B * n) input rows of the output tokens
-        src = (2 * (self.pa + self.src_idx[..., 0]) + offset * T).reshape(-1)  # (B * r) input rows merged away
-        dst_in = (2 * (self.pb + j) + 1 + offset * T).reshape(-1)  # (B * r) input rows of their destinations
-        dst = (first_b + j + offset * n).reshape(-1)  # (B * r) output rows of their destinations
+        keep = flat_rows(self.sources(T, B, x.device), T)  # (B * n) input rows of the output tokens
+        src = flat_rows(2 * (self.pa + self.src_idx[..., 0]), T)  # (B * r) input rows merged away
+        dst_in = flat_rows(2 * (self.pb + j) + 1, T)  # (B * r) input rows of their destinations
+        dst = flat_rows(first_b + j, n)  # (B * r) output rows of their destinations
         s_in, x_in = size.reshape(B * T, 1), x.reshape(B * T, C)
         s_src = s_in.index_select(0, src)  # (B * r, 1)
         s_new = s_in.index_select(0, keep).index_add_(0, dst, s_src)  # (B * n, 1) summed sizes
@@ -142,18 +143,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0, ke
         a, b = m[:, ::2][:, pa:], m[:, 1::2][:, pb:]  # (B, Na, D), (B, Nb, D): the unprotected tokens of each set
         scores = a @ b.transpose(-1, -2)  # (B, Na, Nb) cosine similarity
         best_val, best_b = scores.max(dim=-1)  # (B, Na): every A token's most similar B token
-        # exported, a sort is a top-k whose k torch writes as a shape read at run time (three nodes each, a cost
-        # at batch 1 in ONNX Runtime); top-k with a Python k is the same sort with k a constant of the graph
-        exporting = torch.compiler.is_exporting()
-        na = best_val.shape[-1]
-        order = (best_val.topk(na, dim=-1).indices if exporting
-                 else best_val.argsort(dim=-1, descending=True))[..., None]  # (B, Na, 1), most similar first
+        order = descending_order(best_val, -1)[..., None]  # (B, Na, 1), most similar first
         unm_idx = order[:, r:]  # (B, Na - r, 1) A tokens that stay
         src_idx = order[:, :r]  # (B, r, 1) A tokens merged away
         dst_idx = best_b[..., None].gather(1, src_idx)  # (B, r, 1) their B partners
-        if keep_order:  # (B, Na - r, 1) in original order
-            unm_idx = (unm_idx.topk(na - r, dim=1, largest=False).values if exporting
-                       else unm_idx.sort(dim=1).values)
+        if keep_order:
+            unm_idx = ascending(unm_idx, 1)  # (B, Na - r, 1) in original order
     return BipartiteMerge(protected, pa, pb, r, unm_idx, src_idx, dst_idx)
 
 

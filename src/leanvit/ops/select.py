@@ -76,15 +76,25 @@ def split_topk(score: torch.Tensor, num_remove: int) -> tuple[torch.Tensor, torc
     Kept indices are returned in ascending order so that kept tokens keep their relative order.
     """
     N = score.shape[1]
+    order = descending_order(score, 1)
+    return ascending(order[:, : N - num_remove], 1), order[:, N - num_remove:]
+
+
+def descending_order(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.argsort(dim, descending=True)``. Exported, a sort is a top-k whose k torch writes as a shape read at run
+    time (three graph nodes each, the cost that counts at batch 1 in ONNX Runtime): top-k with a Python k there, the
+    same sort with k a constant of the graph."""
     if torch.compiler.is_exporting():
-        # exported, a sort is a top-k whose k torch writes as a shape read at run time (three graph nodes each, the
-        # cost that counts at batch 1 in ONNX Runtime); top-k with a Python k is the same sort with k a constant
-        order = score.topk(N, dim=1).indices
-        return order[:, : N - num_remove].topk(N - num_remove, dim=1, largest=False).values, order[:, N - num_remove:]
-    order = score.argsort(dim=1, descending=True)
-    kept = order[:, : N - num_remove].sort(dim=1).values
-    removed = order[:, N - num_remove:]
-    return kept, removed
+        return x.topk(x.shape[dim], dim=dim).indices
+    return x.argsort(dim=dim, descending=True)
+
+
+def ascending(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` sorted ascending along ``dim`` (values), as a constant-k top-k when exporting (see
+    :func:`descending_order`)."""
+    if torch.compiler.is_exporting():
+        return x.topk(x.shape[dim], dim=dim, largest=False).values
+    return x.sort(dim=dim).values
 
 
 def flat_rows(idx: torch.Tensor, N: int, offset: int = 0) -> torch.Tensor:
