@@ -3,12 +3,11 @@
 Three parts (``--parts``), each a BENCHMARKS.md section and a results file:
 
 * ``deit`` (``deploy_deit``): DeiT-S at 224 with random weights (speed does not depend on them), batch 32 and 1:
-  dense, the ideal truncations and every method at budget 0.74, in PyTorch eager, in ONNX Runtime float32 and in
-  ONNX Runtime int8 (dynamic, the library's choice; and static, calibrated, for dense and GTP, to justify the
+  dense, every method at budget 0.74 and the ideal truncation of each one's token counts, in PyTorch eager, in ONNX
+  Runtime float32 and in ONNX Runtime int8 (dynamic, the library's choice; and static, calibrated, for dense and GTP, to justify the
   choice). All rows of a batch size are timed in one interleaved run. Reported: images/s (median), speed-up over
-  the dense model of the same runtime, the share of the ideal truncation's gain a method keeps in that runtime
-  ((speed-up - 1) / (ideal - 1); IdleViT against its own ideal), and the speed-up over PyTorch's dense float32
-  model.
+  the dense model of the same runtime, the share of its ideal truncation's gain a method keeps in that runtime
+  ((speed-up - 1) / (ideal - 1)), and the speed-up over PyTorch's dense float32 model.
 * ``teacher`` (``deploy_teacher``): the shipped teacher on the Fashion-MNIST test set, in ONNX Runtime: top-1 (all
   images, and the first 2,000) and images/s at batch 32 of dense, GTP, ToMe and EViT at budget 0.74 (options as
   tuned on the held-out split, ``benchmarks/results/tune_gtp.json``), each in float32 and int8 (dynamic), plus
@@ -92,24 +91,30 @@ def runtimes_of(name: str, model, calib: list[np.ndarray] | None, static: bool, 
 
 # ------------------------------------------------------------------------------------------------ part: deit
 def deit_models(name: str, budget: float) -> dict[str, torch.nn.Module]:
+    """Dense, every method at ``budget`` and each method's ideal truncation: the same token counts dropped with
+    nothing computed to choose them (``common.ideal_truncation``), one model per schedule, named after the methods
+    that share it (at 0.74 on DeiT-S, GTP removes one token more in block 1 than ToMe and EViT)."""
     torch.manual_seed(0)  # the same random weights in every part (their exports are shared)
     dense = timm.create_model(name, pretrained=False).eval()
+    methods = {m: leanvit.patch(copy.deepcopy(dense), m, budget=budget) for m in METHODS}
     models = {"dense": dense}
-    gtp = leanvit.patch(copy.deepcopy(dense), "gtp", budget=budget)
-    models["ideal (truncate)"] = ideal_truncation(dense, gtp)
-    models["gtp"] = gtp
-    models["tome"] = leanvit.patch(copy.deepcopy(dense), "tome", budget=budget)
-    models["evit"] = leanvit.patch(copy.deepcopy(dense), "evit", budget=budget)
-    idle = leanvit.patch(copy.deepcopy(dense), "idle", budget=budget)
-    models["ideal (idle)"] = ideal_truncation(dense, idle)
-    models["idle"] = idle
-    return models
+    for m in METHODS:
+        row = ideal_name(m, methods)
+        if row not in models:
+            models[row] = ideal_truncation(dense, methods[m])
+    return {**models, **methods}
 
 
-def _ideal_of(method: str) -> str | None:
-    if method.startswith("ideal") or method == "dense":
-        return None
-    return "ideal (idle)" if method == "idle" else "ideal (truncate)"
+METHODS = ("gtp", "tome", "evit", "idle")
+
+
+def ideal_name(method: str, models: dict[str, torch.nn.Module]) -> str:
+    """The row name of ``method``'s ideal truncation in :func:`deit_models`: ``ideal (...)`` with every method of
+    ``models`` whose token counts are the same (IdleViT's are computed tokens, truncated before the attention)."""
+    def key(m: str) -> tuple:
+        return m == "idle", tuple(leanvit.get_reducer(models[m]).schedule)
+
+    return f"ideal ({', '.join(m for m in METHODS if m in models and key(m) == key(method))})"
 
 
 def part_deit(args) -> None:
@@ -137,7 +142,7 @@ def part_deit(args) -> None:
                    "macs_ratio": macs[k] / macs["dense"], "schedule": red.schedule if red else []}
             for stat, ips in (("", med), ("_best", best)):
                 speed = ips[key] / ips[f"dense | {rt}"]
-                ideal = _ideal_of(k)
+                ideal = ideal_name(k, models) if k in METHODS else None
                 eff = (None if ideal is None or f"{ideal} | {rt}" not in ips
                        else share_of_ideal(speed, ips[f"{ideal} | {rt}"] / ips[f"dense | {rt}"]))
                 row.update({f"images_per_s{stat}": ips[key], f"speedup{stat}": speed, f"efficiency{stat}": eff,
@@ -146,8 +151,9 @@ def part_deit(args) -> None:
     md = [f"{args.model} (random weights), budget {args.budget} of dense MACs, {threads_phrase(args.threads)}; "
           f"every row of a batch size timed in one interleaved run of {args.rounds} rounds of {args.runs} runs (x10 "
           "at batch 1), median. *Speed-up*: over the dense model in the same runtime; *efficiency*: (speed-up - 1) / "
-          "(ideal speed-up - 1) in the same runtime, the share of the ideal truncation's gain a method keeps "
-          "(IdleViT: of its own ideal, the same token counts truncated before the attention); *vs PyTorch dense*: "
+          "(ideal speed-up - 1) in the same runtime, the share of its ideal truncation's gain a method keeps (the "
+          "row `ideal (...)` that names it: the same token counts dropped with nothing computed to choose them; "
+          "IdleViT's truncated before the attention); *vs PyTorch dense*: "
           "over the dense float32 model in PyTorch eager. *ort int8*: the linear layers in int8 by ONNX Runtime's "
           "dynamic quantization (the library's `--quantize int8`); *ort int8 static*: calibrated on 8 random "
           "images, QDQ, for comparison. The last three columns are the same from each model's best run (on a "
@@ -224,8 +230,10 @@ def part_teacher(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ part: breakeven
 def part_breakeven(args) -> None:
-    models = {k: v for k, v in deit_models(args.model, args.budget).items() if k != "ideal (idle)"}
-    models["truncate (ideal)"] = models.pop("ideal (truncate)")
+    models = deit_models(args.model, args.budget)
+    gtp_ideal = ideal_name("gtp", models)
+    models = {k: v for k, v in models.items() if not k.startswith("ideal")}
+    models["truncate (ideal)"] = ideal_truncation(models["dense"], models["gtp"])  # GTP's token counts
     macs = {k: count_macs(m).macs for k, m in models.items()}
     runtimes = {}
     for rt in args.runtimes:
@@ -240,7 +248,7 @@ def part_breakeven(args) -> None:
                 torch._dynamo.config.accumulated_recompile_limit, n)
             runtimes[rt] = {k: torch.compile(m, fullgraph=True) for k, m in models.items()}
         else:
-            runtimes[rt] = {k: OrtModel(exported("ideal (truncate)" if k == "truncate (ideal)" else k, m)[0],
+            runtimes[rt] = {k: OrtModel(exported(gtp_ideal if k == "truncate (ideal)" else k, m)[0],
                                         pretrained_cfg=m.pretrained_cfg) for k, m in models.items()}
     rows = []
     for rt, runners in runtimes.items():

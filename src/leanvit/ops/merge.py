@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .select import ascending, descending_order, flat_rows
+from .select import ascending, batch_rows, descending_order, flat_rows, take_rows
 
 Merge = Callable[..., torch.Tensor]
 
@@ -34,18 +34,20 @@ class BipartiteMerge:
     """A planned bipartite merge: call it on ``(B, T, C)`` to merge (see :func:`bipartite_soft_matching`); its
     :meth:`sources` and :meth:`destinations` say where every token went (for token positions and grid restores)."""
 
-    def __init__(self, protected: int, pa: int, pb: int, r: int, unm_idx: torch.Tensor, src_idx: torch.Tensor,
-                 dst_idx: torch.Tensor):
+    def __init__(self, protected: int, pa: int, pb: int, r: int, unm: torch.Tensor, src: torch.Tensor,
+                 dst: torch.Tensor):
         self.protected, self.pa, self.pb, self.r = protected, pa, pb, r
-        self.unm_idx, self.src_idx, self.dst_idx = unm_idx, src_idx, dst_idx  # (B, Na - r, 1), (B, r, 1), (B, r, 1)
+        # (B, Na - r) unmerged A tokens, (B, r) merged A tokens, (B, r) their destinations among the unprotected
+        # B tokens
+        self.unm, self.src, self.dst = unm, src, dst
 
     def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         pa, pb, r = self.pa, self.pb, self.r
         xa, xb = x[:, ::2][:, pa:], x[:, 1::2][:, pb:]  # (B, Na, C), (B, Nb, C)
         n, na, c = xa.shape
-        unm = xa.gather(1, self.unm_idx.expand(n, na - r, c))  # (B, Na - r, C)
-        src = xa.gather(1, self.src_idx.expand(n, r, c))  # (B, r, C)
-        xb = xb.scatter_reduce(1, self.dst_idx.expand(n, r, c), src, reduce=mode)  # (B, Nb, C)
+        unm = xa.gather(1, self.unm[..., None].expand(n, na - r, c))  # (B, Na - r, C)
+        src = xa.gather(1, self.src[..., None].expand(n, r, c))  # (B, r, C)
+        xb = xb.scatter_reduce(1, self.dst[..., None].expand(n, r, c), src, reduce=mode)  # (B, Nb, C)
         return torch.cat([x[:, :self.protected], unm, xb], dim=1)  # (B, T - r, C)
 
     def weighted(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,41 +62,54 @@ class BipartiteMerge:
         ToMe's ``(s_b x_b + sum_j s_j x_j) / (s_b + sum_j s_j)`` up to rounding: the rest of the work touches ``r``
         rows, not the ``T / 2`` B tokens. A token that takes no other keeps ``x`` itself, where ToMe computes
         ``(s x) / s``: equal up to one rounding."""
+        if torch.compiler.is_exporting():
+            return self._weighted_exported(x, size)
         B, T, C = x.shape
         r, P = self.r, self.protected
         n = T - r
         first_b = P + len(range(2 * self.pa, T, 2)) - r  # output position of the first unprotected B token
-        j = self.dst_idx[..., 0]  # (B, r) index of each merged token's destination among the unprotected B tokens
         keep = flat_rows(self.sources(T, B, x.device), T)  # (B * n) input rows of the output tokens
-        src = flat_rows(2 * (self.pa + self.src_idx[..., 0]), T)  # (B * r) input rows merged away
-        dst_in = flat_rows(2 * (self.pb + j) + 1, T)  # (B * r) input rows of their destinations
-        dst = flat_rows(first_b + j, n)  # (B * r) output rows of their destinations
+        src = flat_rows(2 * (self.pa + self.src), T)  # (B * r) input rows merged away
+        dst_in = flat_rows(2 * (self.pb + self.dst) + 1, T)  # (B * r) input rows of their destinations
+        dst = flat_rows(first_b + self.dst, n)  # (B * r) output rows of their destinations
         s_in, x_in = size.reshape(B * T, 1), x.reshape(B * T, C)
         s_src = s_in.index_select(0, src)  # (B * r, 1)
         s_new = s_in.index_select(0, keep).index_add_(0, dst, s_src)  # (B * n, 1) summed sizes
         out = x_in.index_select(0, keep)  # (B * n, C)
         x_b = x_in.index_select(0, dst_in)  # (B * r, C) the destinations before merging
-        if torch.compiler.is_exporting():
-            # One scatter instead of three: ONNX Runtime copies the whole tensor a scatter writes into (about a
-            # millisecond a block on DeiT-S at batch 32, where the in-place scatters of eager PyTorch cost nothing).
-            # ``same`` (B, r, r) says which merged tokens share a destination; its product with the merged tokens
-            # gives each the sum of its destination's sources (a sum in another order than ToMe's: rounding), so a
-            # destination written by several of them gets the same value from each (an exported graph is inference
-            # only: no gradient goes through these duplicate writes).
-            same = (j[:, :, None] == j[:, None, :]).to(x.dtype)
-            taken = same @ (x_in.index_select(0, src) * s_src).view(B, r, C)  # (B, r, C)
-            s_b = s_in.index_select(0, dst_in)  # (B * r, 1)
-            out.index_put_((dst,), (x_b * s_b + taken.view(B * r, C)) / s_new.index_select(0, dst))
-            return out.view(B, n, C), s_new.view(B, n, 1)
         # x_b + sum_j s_j (x_j - x_b) / (s_b + sum_j s_j), which is ToMe's average: one index_add of the r merged
         # tokens, which sums a destination's sources (and their gradients) however many there are
         out.index_add_(0, dst, (x_in.index_select(0, src) - x_b) * (s_src / s_new.index_select(0, dst)))
         return out.view(B, n, C), s_new.view(B, n, 1)
 
+    def _weighted_exported(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`weighted` as exported (inference only): no scatter into the output. ONNX Runtime runs a scatter as
+        a copy of the whole tensor it writes into (slower than the gather that made it), so the merged rows are
+        appended to the input rows and the output is one gather from them, whose index points each destination at
+        its merged row. ``same`` ``(B, r, r)`` says which merged tokens share a destination; its products with the
+        merged tokens give each the sum over its destination's sources (the same sums as ToMe's, in another order:
+        rounding), so a destination that several of them name gets the same row from each."""
+        B, T, C = x.shape
+        r, P = self.r, self.protected
+        first_b = P + len(range(2 * self.pa, T, 2)) - r  # output position of the first unprotected B token
+        j = self.dst
+        s_in, x_in = size.reshape(B * T, 1), x.reshape(B * T, C)
+        src = batch_rows(2 * (self.pa + self.src), T)  # (B, r) input rows merged away
+        dst_in = batch_rows(2 * (self.pb + j) + 1, T)  # (B, r) input rows of their destinations
+        s_src, s_b = take_rows(s_in, src), take_rows(s_in, dst_in)  # (B, r, 1)
+        same = (j[:, :, None] == j[:, None, :]).to(x.dtype)
+        s_tot = s_b + same @ s_src  # (B, r, 1) each destination's summed size
+        x_tot = take_rows(x_in, dst_in) * s_b + same @ (take_rows(x_in, src) * s_src)  # (B, r, C)
+        # the output's input rows, each destination's replaced by its merged row (appended after the B * T rows)
+        merged = B * T + torch.arange(B * r, device=x.device).view(B, r)
+        rows = batch_rows(self.sources(T, B, x.device), T).scatter(1, first_b + j, merged)  # (B, T - r)
+        out = take_rows(torch.cat([x_in, (x_tot / s_tot).view(B * r, C)]), rows)
+        return out, take_rows(torch.cat([s_in, s_tot.view(B * r, 1)]), rows)
+
     def sources(self, T: int, B: int, device: torch.device) -> torch.Tensor:
         """``(B, T - r)``: the position among the ``T`` input tokens of each output token (a merged token is its
         B-set destination, which it continues)."""
-        a = 2 * (self.pa + self.unm_idx[..., 0])  # (B, Na - r) input positions of the unmerged A tokens
+        a = 2 * (self.pa + self.unm)  # (B, Na - r) input positions of the unmerged A tokens
         b = torch.arange(2 * self.pb + 1, T, 2, device=device).expand(B, -1)  # (B, Nb) the B tokens
         return torch.cat([torch.arange(self.protected, device=device).expand(B, -1), a, b], dim=1)
 
@@ -105,8 +120,8 @@ class BipartiteMerge:
         nb = len(range(2 * pb + 1, T, 2))
         first_b = P + na - r  # output position of the first unprotected B token
         dest_a = torch.empty(B, na, dtype=torch.long, device=device)
-        dest_a.scatter_(1, self.unm_idx[..., 0], torch.arange(P, first_b, device=device).expand(B, -1))
-        dest_a.scatter_(1, self.src_idx[..., 0], self.dst_idx[..., 0] + first_b)
+        dest_a.scatter_(1, self.unm, torch.arange(P, first_b, device=device).expand(B, -1))
+        dest_a.scatter_(1, self.src, self.dst + first_b)
         out = torch.empty(B, T, dtype=torch.long, device=device)
         out[:, :P] = torch.arange(P, device=device)
         out[:, 2 * pa::2] = dest_a
@@ -143,13 +158,13 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0, ke
         a, b = m[:, ::2][:, pa:], m[:, 1::2][:, pb:]  # (B, Na, D), (B, Nb, D): the unprotected tokens of each set
         scores = a @ b.transpose(-1, -2)  # (B, Na, Nb) cosine similarity
         best_val, best_b = scores.max(dim=-1)  # (B, Na): every A token's most similar B token
-        order = descending_order(best_val, -1)[..., None]  # (B, Na, 1), most similar first
-        unm_idx = order[:, r:]  # (B, Na - r, 1) A tokens that stay
-        src_idx = order[:, :r]  # (B, r, 1) A tokens merged away
-        dst_idx = best_b[..., None].gather(1, src_idx)  # (B, r, 1) their B partners
+        order = descending_order(best_val, -1)  # (B, Na), most similar first
+        unm = order[:, r:]  # (B, Na - r) A tokens that stay
+        src = order[:, :r]  # (B, r) A tokens merged away
+        dst = best_b.gather(1, src)  # (B, r) their B partners
         if keep_order:
-            unm_idx = ascending(unm_idx, 1)  # (B, Na - r, 1) in original order
-    return BipartiteMerge(protected, pa, pb, r, unm_idx, src_idx, dst_idx)
+            unm = ascending(unm, 1)  # (B, Na - r) in original order
+    return BipartiteMerge(protected, pa, pb, r, unm, src, dst)
 
 
 def merge_weighted(merge: Merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,27 +97,39 @@ def ascending(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.sort(dim=dim).values
 
 
-def flat_rows(idx: torch.Tensor, N: int, offset: int = 0) -> torch.Tensor:
-    """Rows ``b * N + offset + idx[b]`` ``(B * K,)`` of a ``(B, N, ...)`` tensor flattened over the batch, for
+def batch_rows(idx: torch.Tensor, N: int, offset: int = 0) -> torch.Tensor:
+    """Rows ``b * N + offset + idx[b]`` ``(B, K)`` of a ``(B, N, ...)`` tensor flattened over the batch, for
     ``idx (B, K)``: one expression for every gather and write-back of token rows, so that an exported graph computes
     it once (ONNX Runtime merges identical nodes)."""
     B = idx.shape[0]
-    return (idx + (offset + torch.arange(B, device=idx.device) * N)[:, None]).reshape(-1)
+    return idx + (offset + torch.arange(B, device=idx.device) * N)[:, None]
+
+
+def flat_rows(idx: torch.Tensor, N: int, offset: int = 0) -> torch.Tensor:
+    """:func:`batch_rows` as one vector ``(B * K,)`` (for ``index_add_`` / ``index_put_`` on the flattened rows)."""
+    return batch_rows(idx, N, offset).reshape(-1)
+
+
+def take_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``table[rows]``: the rows ``rows (B, K)`` of ``table (M, C)``, ``(B, K, C)``, copied with one
+    ``index_select`` (several times faster on CPU than ``gather`` with an index expanded over channels).
+
+    Exported, as ``embedding`` (the same rows): ONNX writes it as one Gather with the ``(B, K)`` index as it is, where
+    ``index_select`` needs the index flattened, reshaped again by the exporter, and the result viewed back (three
+    graph nodes a gather, which ONNX Runtime pays for at batch 1)."""
+    if torch.compiler.is_exporting():
+        return torch.nn.functional.embedding(rows, table)
+    return table.index_select(0, rows.reshape(-1)).view(*rows.shape, table.shape[-1])
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """``x[b, offset + idx[b]]`` for ``x (B, N, C)`` or ``(B, N)`` and ``idx (B, K)``.
-
-    Rows are copied with one ``index_select`` on the flattened batch, several times faster on CPU than
-    ``gather`` with an index expanded over channels. The result is viewed with ``K`` from ``idx`` rather than -1,
-    which an empty batch (B = 0) leaves undetermined.
-    """
+    """``x[b, offset + idx[b]]`` for ``x (B, N, C)`` or ``(B, N)`` and ``idx (B, K)``: one row gather on the
+    flattened batch (:func:`take_rows`)."""
     B, N = x.shape[:2]
-    K = idx.shape[1]
-    flat = flat_rows(idx, N, offset)
+    rows = batch_rows(idx, N, offset)
     if x.dim() == 2:
-        return x.reshape(B * N).index_select(0, flat).view(B, K)
-    return x.reshape(B * N, x.shape[-1]).index_select(0, flat).view(B, K, x.shape[-1])
+        return take_rows(x.reshape(B * N, 1), rows)[..., 0]
+    return take_rows(x.reshape(B * N, x.shape[-1]), rows)
 
 
 def sparsify_attention(attn: torch.Tensor, theta: float) -> torch.Tensor:

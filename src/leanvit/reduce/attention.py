@@ -116,8 +116,14 @@ def _product_attention(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, scal
     """``softmax(scale q k_t + bias) v`` written as products, for export only (``k_t`` the keys transposed,
     ``(B, H, Dh, M)``): ONNX Runtime fuses the scale and a transpose of the keys into the first product, where torch's
     ONNX form of ``scaled_dot_product_attention`` builds the transposed keys through a dozen shape nodes."""
+    return _product_probs(q, k_t, scale, bias) @ v
+
+
+def _product_probs(q: torch.Tensor, k_t: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(scale q k_t + bias)`` as products, the bias broadcast (``(B, 1, 1, M)``), for export only (see
+    :func:`_product_attention`)."""
     logits = torch.matmul(q, k_t) * scale
-    return (logits if bias is None else logits + bias).softmax(-1) @ v
+    return (logits if bias is None else logits + bias).softmax(-1)
 
 
 def explicit(h: Heads, theta: float = 1.0, score: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -334,6 +340,11 @@ def _(q, k, v, bias, scale):
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """softmax(scale * q @ k^T + bias), ``(B, H, N, N)``; scale, product and bias in one baddbmm kernel."""
     B, H, N, Dh = q.shape
+    if torch.compiler.is_exporting():
+        # products with the bias broadcast: ONNX Runtime folds the scale and the keys' transpose into one product,
+        # where the batched form below exports as eleven nodes a block (the bias expanded and the operands reshaped
+        # around a product and a separate scale)
+        return _product_probs(q, k.transpose(-2, -1), scale, bias)
     if bias is None:
         return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
     logits = torch.baddbmm(bias.expand(B, H, 1, N).reshape(B * H, 1, N), q.reshape(B * H, N, Dh),

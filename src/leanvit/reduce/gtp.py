@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.graph import GRAPHS, build_graph, fallback_edges, spatial_adjacency
 from ..ops.fused_score import FUSABLE, fused_score
-from ..ops.select import SCORES, cls_score, combine_scores, diag_colsum, gather_tokens, split_topk
+from ..ops.select import SCORES, cls_score, combine_scores, diag_colsum, gather_tokens, split_topk, take_rows
 from . import attention
 from .attention import label
 from .base import TokenReducer
@@ -255,8 +255,8 @@ class GTPReducer(TokenReducer):
         N0 = self.graph.shape[1]
         K, r = kept.shape[1], removed.shape[1]  # views take these sizes, not -1, which an empty batch leaves open
         base = self._batch * N  # row offset of each image in the flattened (B * N, C) tokens
-        rows_keep = (torch.cat([self._prefix_rows, kept + P], dim=1) + base).view(-1)  # prefix + kept tokens
-        rows_rm = (removed + (P + base)).view(-1)
+        rows_keep = torch.cat([self._prefix_rows, kept + P], dim=1) + base  # (B, P + K) prefix + kept tokens
+        rows_rm = removed + (P + base)  # (B, r)
         kept_orig, removed_orig = self.index.gather(1, kept), self.index.gather(1, removed)
         # A_hat[kept, removed], read from the original graph (the restricted graph is never built)
         # (``gather`` on the flat graph, not ``take`` or ``index_select``: ONNX writes those as GatherND and Gather,
@@ -265,8 +265,8 @@ class GTPReducer(TokenReducer):
         edge = torch.add(self._graph_rows, kept_orig, alpha=N0).unsqueeze(-1) + removed_orig.unsqueeze(1)
         w = torch.gather(self._graph_flat, 0, edge.view(-1)).view(B, K, r)
         xf = x.reshape(B * N, C)
-        out = xf.index_select(0, rows_keep).view(B, P + K, C)
-        x_rm = xf.index_select(0, rows_rm).view(B, r, C)
+        out = take_rows(xf, rows_keep)  # (B, P + K, C)
+        x_rm = take_rows(xf, rows_rm)  # (B, r, C)
         fallback = orphan = None
         if self.orphans != "drop":
             # merge: a 0/1 assignment of each orphan to its kept token; nearest: edges weighted like the graph's
@@ -278,15 +278,19 @@ class GTPReducer(TokenReducer):
         # ``out[:, P:]``: an in-place write into a slice exports as a scatter, which ONNX Runtime runs as a copy of
         # the whole tensor and two transposes (about 1 ms a block on DeiT-S at batch 32); eager, on the view (no
         # product of zeros, which the MACs would count)
-        whole = P > 0 and torch.compiler.is_exporting()
+        exporting = torch.compiler.is_exporting()
+        whole = P > 0 and exporting
         target, w_all = (out, torch.nn.functional.pad(w, (0, 0, P, 0))) if whole else (out[:, P:], w)
-        target.baddbmm_(w_all, x_rm, alpha=self.alpha)
+        alpha = self.alpha
+        if exporting:  # alpha on the (B, K, r) weights once: torch writes baddbmm's alpha as a Mul of each product
+            w_all, alpha = w_all * alpha, 1.0
+        target.baddbmm_(w_all, x_rm, alpha=alpha)
         if self.prop_attn or self.orphans == "merge":
             sf = self._sizes_or_ones(x).reshape(B * N, 1)
-            size = sf.index_select(0, rows_keep).view(B, P + K, 1)
-            s_rm = sf.index_select(0, rows_rm).view(B, r, 1)
+            size = take_rows(sf, rows_keep)  # (B, P + K, 1)
+            s_rm = take_rows(sf, rows_rm)  # (B, r, 1)
             if self.prop_attn:
-                (size if whole else size[:, P:]).baddbmm_(w_all, s_rm, alpha=self.alpha)
+                (size if whole else size[:, P:]).baddbmm_(w_all, s_rm, alpha=alpha)
             if self.orphans == "merge":
                 # x_k <- (s_k x_k + sum_j s_j x_j) / (s_k + sum_j s_j) over the orphans j merged into k
                 s_kept = size[:, P:]  # (B, K, 1)

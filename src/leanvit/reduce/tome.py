@@ -71,7 +71,7 @@ class ToMeReducer(TokenReducer):
         attn.x = None  # the block has added it to the residual: not held through the MLP (memory above dense)
         P = self.info.num_prefix
         keys, attn.keys = attn.keys, None  # (B, H, N, Dh); H = 1 when attend averaged them
-        metric = keys[:, 0] if keys.shape[1] == 1 else _mean_over_heads(keys)[:, 0]  # (B, N, Dh), prefix included
+        metric = (keys if keys.shape[1] == 1 else _mean_over_heads(keys)).squeeze(1)  # (B, N, Dh), prefix included
         merge = bipartite_soft_matching(metric, r, protected=P, keep_order=self.info.has_cls)
         if self.tracking:  # a merged token continues its destination (its position); its patches go there too
             B, T = x.shape[:2]
