@@ -43,7 +43,7 @@ class BipartiteMerge:
 
     def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         pa, pb, r = self.pa, self.pb, self.r
-        xa, xb = x[:, ::2][:, pa:], x[:, 1::2][:, pb:]  # (B, Na, C), (B, Nb, C)
+        xa, xb = x[:, 2 * pa::2], x[:, 2 * pb + 1::2]  # (B, Na, C), (B, Nb, C): the unprotected tokens of each set
         n, na, c = xa.shape
         unm = xa.gather(1, self.unm[..., None].expand(n, na - r, c))  # (B, Na - r, C)
         src = xa.gather(1, self.src[..., None].expand(n, r, c))  # (B, r, C)
@@ -155,7 +155,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 0, ke
     pa, pb = (protected + 1) // 2, protected // 2  # protected tokens in A (positions 0, 2, ..) and in B (1, 3, ..)
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, T, D)
-        a, b = m[:, ::2][:, pa:], m[:, 1::2][:, pb:]  # (B, Na, D), (B, Nb, D): the unprotected tokens of each set
+        # (B, Na, D), (B, Nb, D): the unprotected tokens of each set (one slice each: one graph node exported)
+        a, b = m[:, 2 * pa::2], m[:, 2 * pb + 1::2]
         scores = a @ b.transpose(-1, -2)  # (B, Na, Nb) cosine similarity
         best_val, best_b = scores.max(dim=-1)  # (B, Na): every A token's most similar B token
         order = descending_order(best_val, -1)  # (B, Na), most similar first
