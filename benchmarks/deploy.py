@@ -4,10 +4,10 @@ Three parts (``--parts``), each a BENCHMARKS.md section and a results file:
 
 * ``deit`` (``deploy_deit``): DeiT-S at 224 with random weights (speed does not depend on them), batch 32 and 1:
   dense, every method at budget 0.74 and the ideal truncation of each one's token counts, in PyTorch eager, in ONNX
-  Runtime float32 and in ONNX Runtime int8 (dynamic, the library's choice; and static, calibrated, for dense and GTP, to justify the
-  choice). All rows of a batch size are timed in one interleaved run. Reported: images/s (median), speed-up over
-  the dense model of the same runtime, the share of its ideal truncation's gain a method keeps in that runtime
-  ((speed-up - 1) / (ideal - 1)), and the speed-up over PyTorch's dense float32 model.
+  Runtime float32 and in ONNX Runtime int8 (dynamic, the library's choice; and static, calibrated, for dense and
+  GTP, to justify the choice). All rows of a batch size are timed in one interleaved run. Reported: images/s
+  (median), speed-up over the dense model of the same runtime, the share of its ideal truncation's gain a method
+  keeps in that runtime ((speed-up - 1) / (ideal - 1)), and the speed-up over PyTorch's dense float32 model.
 * ``teacher`` (``deploy_teacher``): the shipped teacher on the Fashion-MNIST test set, in ONNX Runtime: top-1 (all
   images, and the first 2,000) and images/s at batch 32 of dense, GTP, ToMe and EViT at budget 0.74 (options as
   tuned on the held-out split, ``benchmarks/results/tune_gtp.json``), each in float32 and int8 (dynamic), plus
