@@ -232,8 +232,9 @@ def part_teacher(args) -> None:
 def part_breakeven(args) -> None:
     models = deit_models(args.model, args.budget)
     gtp_ideal = ideal_name("gtp", models)
+    truncate = models[gtp_ideal]  # GTP's token counts
     models = {k: v for k, v in models.items() if not k.startswith("ideal")}
-    models["truncate (ideal)"] = ideal_truncation(models["dense"], models["gtp"])  # GTP's token counts
+    models["truncate (ideal)"] = truncate
     macs = {k: count_macs(m).macs for k, m in models.items()}
     runtimes = {}
     for rt in args.runtimes:

@@ -65,9 +65,8 @@ class BipartiteMerge:
         if torch.compiler.is_exporting():
             return self._weighted_exported(x, size)
         B, T, C = x.shape
-        r, P = self.r, self.protected
-        n = T - r
-        first_b = P + len(range(2 * self.pa, T, 2)) - r  # output position of the first unprotected B token
+        n = T - self.r
+        first_b = self._first_b(T)
         keep = flat_rows(self.sources(T, B, x.device), T)  # (B * n) input rows of the output tokens
         src = flat_rows(2 * (self.pa + self.src), T)  # (B * r) input rows merged away
         dst_in = flat_rows(2 * (self.pb + self.dst) + 1, T)  # (B * r) input rows of their destinations
@@ -90,8 +89,8 @@ class BipartiteMerge:
         merged tokens give each the sum over its destination's sources (the same sums as ToMe's, in another order:
         rounding), so a destination that several of them name gets the same row from each."""
         B, T, C = x.shape
-        r, P = self.r, self.protected
-        first_b = P + len(range(2 * self.pa, T, 2)) - r  # output position of the first unprotected B token
+        r = self.r
+        first_b = self._first_b(T)
         j = self.dst
         s_in, x_in = size.reshape(B * T, 1), x.reshape(B * T, C)
         src = batch_rows(2 * (self.pa + self.src), T)  # (B, r) input rows merged away
@@ -106,6 +105,10 @@ class BipartiteMerge:
         out = take_rows(torch.cat([x_in, (x_tot / s_tot).view(B * r, C)]), rows)
         return out, take_rows(torch.cat([s_in, s_tot.view(B * r, 1)]), rows)
 
+    def _first_b(self, T: int) -> int:
+        """The output position of the first unprotected B token (after the protected and the unmerged A tokens)."""
+        return self.protected + len(range(2 * self.pa, T, 2)) - self.r
+
     def sources(self, T: int, B: int, device: torch.device) -> torch.Tensor:
         """``(B, T - r)``: the position among the ``T`` input tokens of each output token (a merged token is its
         B-set destination, which it continues)."""
@@ -115,10 +118,10 @@ class BipartiteMerge:
 
     def destinations(self, T: int, B: int, device: torch.device) -> torch.Tensor:
         """``(B, T)``: the output token each input token's features went to (itself, or its merge destination)."""
-        P, pa, pb, r = self.protected, self.pa, self.pb, self.r
+        P, pa, pb = self.protected, self.pa, self.pb
         na = len(range(2 * pa, T, 2))
         nb = len(range(2 * pb + 1, T, 2))
-        first_b = P + na - r  # output position of the first unprotected B token
+        first_b = self._first_b(T)
         dest_a = torch.empty(B, na, dtype=torch.long, device=device)
         dest_a.scatter_(1, self.unm, torch.arange(P, first_b, device=device).expand(B, -1))
         dest_a.scatter_(1, self.src, self.dst + first_b)
